@@ -1,0 +1,1 @@
+"""The bus: every wire format (bus.protocol), endpoint and topic (bus.endpoints), codec (bus.codec)."""

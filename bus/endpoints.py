@@ -1,0 +1,79 @@
+"""Socket addresses and topic names. ipc endpoints live in a private (0700) run directory."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+from urllib.parse import quote
+
+CONTROL_SOCK = "control.sock"  # supervisor ROUTER: commands and replies
+METRICS_IN_SOCK = "metrics-in.sock"  # supervisor XSUB: publishers connect here
+METRICS_SOCK = "metrics.sock"  # supervisor XPUB: the public metrics bus, subscribers connect here
+SUPERVISOR_PID = "supervisor.pid"
+
+
+def default_run_dir() -> Path:
+    """A short private directory (ipc paths are limited to ~100 bytes)."""
+    base = os.environ.get("XDG_RUNTIME_DIR")
+    if base and Path(base).is_dir():
+        return Path(base) / "llama-runner"
+    uid = os.getuid() if hasattr(os, "getuid") else 0
+    return Path(tempfile.gettempdir()) / f"llama-runner-{uid}"
+
+
+def prepare_run_dir(run_dir: Path) -> Path:
+    run_dir = run_dir.expanduser().resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if os.name != "nt":
+        os.chmod(run_dir, 0o700)
+    return run_dir
+
+
+def _ipc(run_dir: Path | str, name: str) -> str:
+    return f"ipc://{Path(run_dir) / name}"
+
+
+def control(run_dir: Path | str) -> str:
+    return _ipc(run_dir, CONTROL_SOCK)
+
+
+def metrics_in(run_dir: Path | str) -> str:
+    return _ipc(run_dir, METRICS_IN_SOCK)
+
+
+def metrics(run_dir: Path | str) -> str:
+    return _ipc(run_dir, METRICS_SOCK)
+
+
+def worker(run_dir: Path | str, name: str) -> str:
+    """A worker's job ROUTER. Hashed: model names never become paths."""
+    digest = hashlib.sha1(name.encode()).hexdigest()[:16]
+    return _ipc(run_dir, f"w-{digest}.sock")
+
+
+# --------------------------------------------------------------------------- topics
+# Every topic ends with "/" so that "metrics/worker/a/" never prefix-matches "metrics/worker/ab/".
+TOPIC_STATE = "state/"
+TOPIC_METRICS = "metrics/"
+
+
+def _part(name: str) -> str:
+    return quote(name, safe="")
+
+
+def topic_worker_state(name: str) -> str:
+    return f"{TOPIC_STATE}worker/{_part(name)}/"
+
+
+def topic_process_state(name: str) -> str:
+    return f"{TOPIC_STATE}process/{_part(name)}/"
+
+
+def topic_worker_metrics(name: str) -> str:
+    return f"{TOPIC_METRICS}worker/{_part(name)}/"
+
+
+def topic_system_metrics() -> str:
+    return f"{TOPIC_METRICS}system/"

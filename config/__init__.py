@@ -1,0 +1,1 @@
+"""Configuration: the schema (config.schema), loading with clear errors (config.loader), runtime paths."""

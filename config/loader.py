@@ -1,0 +1,109 @@
+"""Load and validate config/app_config.json and config/models_config.json.
+
+Every error names the file and the key path (``$.proxies.ollama.port``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import msgspec
+
+from config import runtime
+from config.schema import AppConfig, ModelConfig, ModelsConfig
+
+DEFAULT_CONFIG_DIR = Path(__file__).resolve().parent
+APP_FILE = "app_config.json"
+MODELS_FILE = "models_config.json"
+
+
+class ConfigError(Exception):
+    """A config file is missing, is not JSON, or breaks the schema."""
+
+
+@dataclass(frozen=True)
+class Config:
+    app: AppConfig
+    models: ModelsConfig
+    config_dir: Path
+
+    @property
+    def models_root(self) -> Path:
+        root = self.app.models_root
+        return Path(root).expanduser() if root else runtime.default_models_root()
+
+    def model_path(self, model: ModelConfig) -> Path:
+        """Absolute path of a model file; relative paths are under the models root."""
+        path = Path(model.model_path).expanduser()
+        return path if path.is_absolute() else self.models_root / path
+
+    def logs_dir(self) -> Path:
+        path = Path(self.app.logs_dir).expanduser()
+        return path if path.is_absolute() else Path.cwd() / path
+
+    def resolve_model(self, name: str) -> str | None:
+        """The configured name for ``name`` (a name, an alias, or ``name:latest``), else None."""
+        if not name:
+            return self.models.default_model
+        candidates = [name]
+        if name.endswith(":latest"):
+            candidates.append(name[: -len(":latest")])
+        for cand in candidates:
+            if cand in self.models.models:
+                return cand
+            for key, model in self.models.models.items():
+                if cand in model.aliases:
+                    return key
+        return None
+
+
+def _decode(path: Path, kind: type[msgspec.Struct]) -> msgspec.Struct:
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    try:
+        return msgspec.json.decode(raw, type=kind)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"{path}: {_name_dict_keys(raw, str(exc))}") from None
+    except msgspec.DecodeError as exc:
+        raise ConfigError(f"{path}: not valid JSON: {exc}") from None
+
+
+def _name_dict_keys(raw: bytes, message: str) -> str:
+    """msgspec says ``$.models[...]`` for a dict key: find which model entry is wrong and name it."""
+    if "$.models[...]" not in message:
+        return message
+    try:
+        doc = msgspec.json.decode(raw)
+        for name, entry in (doc.get("models") or {}).items():
+            try:
+                msgspec.convert(entry, ModelConfig)
+            except msgspec.ValidationError:
+                return message.replace("$.models[...]", f"$.models.{name}")
+    except Exception:
+        pass
+    return message
+
+
+def load_config(config_dir: Path | str | None = None) -> Config:
+    cdir = Path(config_dir).expanduser() if config_dir else DEFAULT_CONFIG_DIR
+    app = _decode(cdir / APP_FILE, AppConfig)
+    models = _decode(cdir / MODELS_FILE, ModelsConfig)
+    assert isinstance(app, AppConfig) and isinstance(models, ModelsConfig)
+    _check_models(cdir / MODELS_FILE, models)
+    return Config(app=app, models=models, config_dir=cdir)
+
+
+def _check_models(path: Path, models: ModelsConfig) -> None:
+    seen: dict[str, str] = {}
+    for name, model in models.models.items():
+        for alias in [name, *model.aliases]:
+            if alias in seen and seen[alias] != name:
+                raise ConfigError(f"{path}: name `{alias}` is used by both `{seen[alias]}` and `{name}` - at $.models")
+            seen[alias] = name
+    if models.default_model is not None and models.default_model not in models.models:
+        raise ConfigError(f"{path}: default_model `{models.default_model}` is not a configured model - at $.default_model")

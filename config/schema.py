@@ -1,0 +1,83 @@
+"""The two config files, decoded into msgspec Structs with constraints. All defaults live here."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import msgspec
+
+Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
+PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
+PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
+# Model names: what clients send. No path separators or control characters: names never become paths.
+ModelName = Annotated[str, msgspec.Meta(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:@+-]*$")]
+
+
+class _Cfg(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    pass
+
+
+class ProxyConfig(_Cfg):
+    enabled: bool = True
+    port: Port = 0
+
+
+def _ollama() -> ProxyConfig:
+    return ProxyConfig(enabled=True, port=11434)
+
+
+def _lmstudio() -> ProxyConfig:
+    return ProxyConfig(enabled=True, port=1234)
+
+
+class ProxiesConfig(_Cfg):
+    ollama: ProxyConfig = msgspec.field(default_factory=_ollama)
+    lmstudio: ProxyConfig = msgspec.field(default_factory=_lmstudio)
+
+
+class DashboardConfig(_Cfg):
+    enabled: bool = True
+    port: Port = 8585
+
+
+class LimitsConfig(_Cfg):
+    max_loaded_models: PositiveInt = 2
+    queue_size: Annotated[int, msgspec.Meta(ge=0)] = 8
+    load_timeout_s: PositiveFloat = 120.0
+    request_timeout_s: PositiveFloat = 600.0
+    idle_ttl_s: Annotated[float, msgspec.Meta(ge=0)] = 300.0
+    restart_backoff_s: PositiveFloat = 1.0
+    restart_backoff_max_s: PositiveFloat = 30.0
+    max_restarts: PositiveInt = 5
+    shutdown_grace_s: PositiveFloat = 5.0
+
+
+class AppConfig(_Cfg):
+    host: str = "127.0.0.1"
+    proxies: ProxiesConfig = msgspec.field(default_factory=ProxiesConfig)
+    dashboard: DashboardConfig = msgspec.field(default_factory=DashboardConfig)
+    llama_server_path: str | None = None
+    models_root: str | None = None
+    run_dir: str | None = None
+    logs_dir: str = "logs"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
+
+
+class ModelParameters(_Cfg):
+    ctx_size: PositiveInt = 2048
+    threads: PositiveInt = 1
+    parallel: PositiveInt = 1
+    extra_args: list[str] = []
+
+
+class ModelConfig(_Cfg):
+    model_path: Annotated[str, msgspec.Meta(min_length=1)]
+    type: Literal["llama", "whisper"] = "llama"
+    aliases: list[ModelName] = []
+    parameters: ModelParameters = msgspec.field(default_factory=ModelParameters)
+
+
+class ModelsConfig(_Cfg):
+    models: dict[ModelName, ModelConfig] = {}
+    default_model: str | None = None

@@ -1,0 +1,1 @@
+"""The dashboard: an aiohttp app serving the web UI, fed live from the metrics bus."""

@@ -1,0 +1,1 @@
+"""Gateways: one aiohttp process per protocol (Ollama, OpenAI/LM Studio), translating HTTP to bus jobs."""

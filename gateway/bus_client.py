@@ -1,0 +1,189 @@
+"""A gateway's side of the bus: acquire a worker from the supervisor, send jobs, receive streams.
+
+One DEALER per worker endpoint, read by one task that drains everything queued (bounded) and hands it to
+per-request channels; a request handler wakes once per batch and writes it in one go.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Iterable
+from pathlib import Path
+
+import structlog
+import zmq
+import zmq.asyncio
+
+from bus import endpoints
+from bus.codec import EVENTS, JOBS, STREAM, BusDecodeError
+from bus.control_client import ControlClient, ControlTimeout, new_id
+from bus.protocol import (
+    Acquire,
+    Cancel,
+    ErrorReply,
+    Fail,
+    HttpJob,
+    StreamItem,
+    WorkerEndpoint,
+    WorkerState,
+    WorkerStateEvent,
+)
+from gateway.errors import ApiError
+
+log = structlog.get_logger()
+
+DRAIN_CAP = 512
+
+
+class Channel:
+    """The stream of one request: items arrive from the worker link, the handler takes them in batches."""
+
+    __slots__ = ("request_id", "worker", "link", "_items", "_event", "finished")
+
+    def __init__(self, request_id: str, worker: str, link: WorkerLink) -> None:
+        self.request_id = request_id
+        self.worker = worker
+        self.link = link
+        self._items: list[StreamItem] = []
+        self._event = asyncio.Event()
+        self.finished = False
+
+    def push(self, item: StreamItem) -> None:
+        self._items.append(item)
+        self._event.set()
+
+    async def batch(self, timeout: float) -> list[StreamItem]:
+        if not self._items:
+            try:
+                await asyncio.wait_for(self._event.wait(), timeout)
+            except TimeoutError:
+                raise ApiError(504, f"no answer from model {self.worker!r} within {timeout:.0f}s",
+                               code="timeout") from None
+        items, self._items = self._items, []
+        self._event.clear()
+        return items
+
+
+class WorkerLink:
+    def __init__(self, ctx: zmq.asyncio.Context, name: str, endpoint: str) -> None:
+        self.name = name
+        self.endpoint = endpoint
+        self.sock = ctx.socket(zmq.DEALER)
+        self.sock.linger = 0
+        self.sock.rcvhwm = 100000
+        self.sock.connect(endpoint)
+        self.channels: dict[str, Channel] = {}
+        self.reader = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        sock = self.sock
+        while True:
+            frame = await sock.recv(copy=False)
+            self._dispatch(frame.buffer)
+            for _ in range(DRAIN_CAP):
+                try:
+                    frame = await sock.recv(zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    break
+                self._dispatch(frame.buffer)
+
+    def _dispatch(self, payload: memoryview) -> None:
+        try:
+            item = STREAM.decode(payload)
+        except BusDecodeError as exc:
+            log.warning("bad_stream_item", worker=self.name, error=str(exc))
+            return
+        ch = self.channels.get(item.request_id)
+        if ch is not None:
+            ch.push(item)
+
+    def fail_all(self, status: int, code: str, message: str) -> None:
+        for ch in list(self.channels.values()):
+            ch.push(Fail(request_id=ch.request_id, status=status, code=code, message=message))
+
+    def close(self) -> None:
+        self.reader.cancel()
+        self.sock.close(0)
+
+
+class GatewayBus:
+    def __init__(self, run_dir: Path | str, load_timeout: float) -> None:
+        self.run_dir = run_dir
+        self.load_timeout = load_timeout
+        self.ctx = zmq.asyncio.Context()
+        self.control = ControlClient(run_dir, self.ctx)
+        self.links: dict[str, WorkerLink] = {}  # by worker name
+        self._events: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._events = asyncio.create_task(self._watch_states())
+
+    async def _watch_states(self) -> None:
+        sub = self.ctx.socket(zmq.SUB)
+        sub.linger = 0
+        sub.connect(endpoints.metrics(self.run_dir))
+        sub.setsockopt_string(zmq.SUBSCRIBE, endpoints.TOPIC_STATE + "worker/")
+        try:
+            while True:
+                frames = await sub.recv_multipart()
+                if len(frames) != 2:
+                    continue
+                try:
+                    event = EVENTS.decode(frames[1])
+                except BusDecodeError:
+                    continue
+                if isinstance(event, WorkerStateEvent) and event.state != WorkerState.READY:
+                    link = self.links.get(event.name)
+                    if link is not None and event.state != WorkerState.STARTING:
+                        link.fail_all(502, "worker_" + event.state.value,
+                                      f"model {event.name!r} worker {event.state.value}: {event.message}".rstrip(": "))
+        finally:
+            sub.close(0)
+
+    async def acquire(self, model: str) -> WorkerEndpoint:
+        try:
+            reply = await self.control.request(Acquire(request_id=new_id(), model=model,
+                                                       timeout_s=self.load_timeout), self.load_timeout + 5)
+        except ControlTimeout as exc:
+            raise ApiError(503, f"llama-runner supervisor unavailable: {exc}", code="unavailable") from None
+        if isinstance(reply, ErrorReply):
+            raise ApiError(reply.status, reply.message, code=reply.code)
+        if not isinstance(reply, WorkerEndpoint):
+            raise ApiError(500, f"unexpected reply {type(reply).__name__}", code="internal")
+        return reply
+
+    async def open(self, model: str, path: str, body: bytes, stream: bool) -> Channel:
+        """Acquire a worker for ``model`` and send it the job; returns the channel of its answer."""
+        we = await self.acquire(model)
+        link = self.links.get(we.model)
+        if link is None or link.endpoint != we.endpoint:
+            if link is not None:
+                link.close()
+            link = self.links[we.model] = WorkerLink(self.ctx, we.model, we.endpoint)
+        rid = new_id()
+        ch = Channel(rid, we.model, link)
+        link.channels[rid] = ch
+        await link.sock.send(JOBS.encode(HttpJob(request_id=rid, path=path, body=body, stream=stream)))
+        return ch
+
+    async def close_channel(self, ch: Channel) -> None:
+        """Forget a channel; if its stream did not finish, cancel it at the worker (frees the slot)."""
+        ch.link.channels.pop(ch.request_id, None)
+        if not ch.finished:
+            with contextlib.suppress(zmq.ZMQError):
+                await ch.link.sock.send(JOBS.encode(Cancel(request_id=ch.request_id)), zmq.NOBLOCK)
+
+    async def close(self) -> None:
+        if self._events:
+            self._events.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._events
+        for link in self.links.values():
+            link.close()
+        await self.control.close()
+        self.ctx.term()
+
+
+def joined(items: Iterable[bytes]) -> bytes:
+    return b"".join(items)

@@ -1,0 +1,96 @@
+"""The OpenAI / LM Studio API (port 1234): routes only parse, call the translators, and relay SSE."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+from aiohttp import web
+
+from bus.protocol import GatewayLaunch
+from gateway import openai_translate as tr
+from gateway.errors import ApiError, openai_error_body
+from gateway.server import CONFIG, json_response, make_app, model_files, open_job, read_json
+from gateway.sse import SSEParser
+
+_enc = msgspec.json.Encoder()
+
+
+async def models(request: web.Request) -> web.Response:
+    data = [{"id": name, "object": "model", "created": int(mtime), "owned_by": "llama-runner"}
+            for name, (_path, mtime, _size) in model_files(request.app[CONFIG]).items()]
+    return json_response({"object": "list", "data": data})
+
+
+def _model(request: web.Request, req: dict[str, Any]) -> str:
+    model = req.get("model")
+    if isinstance(model, str) and model:
+        return model
+    default = request.app[CONFIG].models.default_model
+    if default:
+        return default
+    raise ApiError(400, "model is required", param="model")
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    req = await read_json(request)
+    breq = tr.chat_to_backend(req)
+    return await _relay(request, _model(request, req), breq.path, breq.body, breq.stream)
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    req = await read_json(request)
+    breq = tr.completions_to_backend(req)
+    return await _relay(request, _model(request, req), breq.path, breq.body, breq.stream)
+
+
+async def _relay(request: web.Request, model: str, path: str, body: dict[str, Any], stream: bool
+                 ) -> web.StreamResponse:
+    relay = await open_job(request, model, path, body, stream)
+    try:
+        rename = model != relay.worker  # the backend answers with the configured name
+        if not stream:
+            raw = await relay.body()
+            if rename:
+                try:
+                    raw = _enc.encode(tr.rewrite_model(msgspec.json.decode(raw), model))
+                except msgspec.DecodeError:
+                    pass
+            return web.Response(body=raw, content_type="application/json")
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await resp.prepare(request)
+        parser = SSEParser() if rename else None
+        try:
+            async for chunk in relay.chunks():
+                if parser is not None:
+                    chunk = _renamed(parser, chunk, model)
+                await resp.write(chunk)
+        except ApiError as err:
+            await resp.write(b"data: " + _enc.encode(openai_error_body(err)) + b"\n\n")
+        await resp.write_eof()
+        return resp
+    finally:
+        await relay.close()
+
+
+def _renamed(parser: SSEParser, chunk: bytes, model: str) -> bytes:
+    out = []
+    for payload in parser.feed(chunk):
+        try:
+            doc = msgspec.json.decode(payload)
+            payload = _enc.encode(tr.rewrite_model(doc, model)) if isinstance(doc, dict) else payload
+        except msgspec.DecodeError:
+            pass
+        out.append(b"data: " + payload + b"\n\n")
+    if parser.done:
+        out.append(b"data: [DONE]\n\n")
+    return b"".join(out)
+
+
+def build(launch: GatewayLaunch) -> web.Application:
+    app = make_app(launch, openai_error_body)
+    r = app.router
+    r.add_get("/v1/models", models)
+    r.add_post("/v1/chat/completions", chat_completions)
+    r.add_post("/v1/completions", completions)
+    return app

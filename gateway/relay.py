@@ -1,0 +1,84 @@
+"""Reading one job's answer from its channel: the backend's head, then its body in batches."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import msgspec
+
+from bus.protocol import Data, End, Fail, Head
+from gateway.bus_client import Channel, GatewayBus
+from gateway.errors import ApiError
+
+
+def _fail_error(item: Fail) -> ApiError:
+    return ApiError(item.status, item.message, code=item.code, source=item.source)
+
+
+class Relay:
+    def __init__(self, bus: GatewayBus, ch: Channel, timeout: float) -> None:
+        self.bus, self.ch, self.timeout = bus, ch, timeout
+        self._pending: list[bytes] = []
+        self._ended = False
+        self._fail: ApiError | None = None
+        self.load_ns = 0  # time to get a READY worker (includes a cold start)
+
+    async def head(self) -> Head:
+        while True:
+            items = await self.ch.batch(self.timeout)
+            for i, item in enumerate(items):
+                if isinstance(item, Head):
+                    self._absorb(items[i + 1:])
+                    return item
+                if isinstance(item, Fail):
+                    self.ch.finished = True
+                    raise _fail_error(item)
+
+    def _absorb(self, items: list[object]) -> None:
+        for item in items:
+            if isinstance(item, Data):
+                self._pending.append(item.data)
+            elif isinstance(item, End):
+                self._ended = True
+                self.ch.finished = True
+            elif isinstance(item, Fail):
+                self._ended = True
+                self.ch.finished = True
+                self._fail = _fail_error(item)
+
+    @property
+    def worker(self) -> str:
+        return self.ch.worker
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        """Everything the backend sent since the last wakeup, joined: one piece per wakeup."""
+        while True:
+            if self._pending:
+                data, self._pending = b"".join(self._pending), []
+                yield data
+            if self._fail is not None:
+                raise self._fail
+            if self._ended:
+                return
+            self._absorb(await self.ch.batch(self.timeout))
+
+    async def body(self) -> bytes:
+        return b"".join([c async for c in self.chunks()])
+
+    async def close(self) -> None:
+        await self.bus.close_channel(self.ch)
+
+
+def backend_error(status: int, body: bytes) -> ApiError:
+    """An error answer of llama-server, as an ApiError marked as coming from the backend."""
+    message = body.decode(errors="replace").strip() or f"HTTP {status}"
+    try:
+        doc = msgspec.json.decode(body)
+        err = doc.get("error") if isinstance(doc, dict) else None
+        if isinstance(err, dict) and isinstance(err.get("message"), str):
+            message = err["message"]
+        elif isinstance(err, str):
+            message = err
+    except msgspec.DecodeError:
+        pass
+    return ApiError(status, message, code="backend_error", source="backend")

@@ -1,0 +1,150 @@
+"""What both gateways share: the aiohttp app around the bus, error middleware, run until stopped."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import structlog
+from aiohttp import web
+
+from bus.protocol import GatewayLaunch
+from config.loader import Config, ConfigError, load_config
+from gateway.bus_client import GatewayBus
+from gateway.errors import ApiError
+from gateway.relay import Relay, backend_error
+from supervisor.child import install_stop_signals, watch_parent
+
+log = structlog.get_logger()
+
+BUS: web.AppKey[GatewayBus] = web.AppKey("bus", GatewayBus)
+LAUNCH: web.AppKey[GatewayLaunch] = web.AppKey("launch", GatewayLaunch)
+CONFIG: web.AppKey[Config] = web.AppKey("config", Config)
+
+ErrorShape = Callable[[ApiError], dict[str, Any]]
+MAX_BODY = 32 * 1024 * 1024
+
+
+async def read_json(request: web.Request) -> dict[str, Any]:
+    raw = await request.read()
+    if not raw.strip():
+        raise ApiError(400, "request body is empty; expected a JSON object")
+    try:
+        doc = msgspec.json.decode(raw)
+    except msgspec.DecodeError as exc:
+        raise ApiError(400, f"invalid JSON in request body: {exc}") from None
+    if not isinstance(doc, dict):
+        raise ApiError(400, "request body must be a JSON object")
+    return doc
+
+
+def json_response(doc: Any, status: int = 200) -> web.Response:
+    return web.Response(body=msgspec.json.encode(doc), status=status, content_type="application/json")
+
+
+def error_middleware(shape: ErrorShape) -> Any:
+    @web.middleware
+    async def middleware(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+                         ) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except ApiError as err:
+            return json_response(shape(err), err.status)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            reason = {404: f"path {request.path} not found", 405: f"method {request.method} not allowed on "
+                      f"{request.path}", 413: "request body too large"}.get(exc.status, exc.reason)
+            return json_response(shape(ApiError(exc.status, reason)), exc.status)
+        except (ConnectionResetError, asyncio.CancelledError):
+            raise
+        except Exception:
+            log.exception("handler_failed", path=request.path)
+            return json_response(shape(ApiError(500, "internal error in llama-runner")), 500)
+
+    return middleware
+
+
+async def open_job(request: web.Request, model: str, path: str, body: dict[str, Any], stream: bool) -> Relay:
+    """Send a job for ``model``; returns its relay with the backend's head already checked (< 400)."""
+    bus = request.app[BUS]
+    launch = request.app[LAUNCH]
+    t0 = time.monotonic_ns()
+    ch = await bus.open(model, path, msgspec.json.encode(body), stream)
+    relay = Relay(bus, ch, launch.request_timeout_s)
+    relay.load_ns = time.monotonic_ns() - t0
+    try:
+        head = await relay.head()
+        if head.status >= 400:
+            raise backend_error(head.status, await relay.body())
+    except BaseException:
+        await relay.close()
+        raise
+    return relay
+
+
+def started_ns() -> int:
+    return time.monotonic_ns()
+
+
+def make_app(launch: GatewayLaunch, shape: ErrorShape) -> web.Application:
+    app = web.Application(middlewares=[error_middleware(shape)], client_max_size=MAX_BODY)
+    app[LAUNCH] = launch
+    try:
+        app[CONFIG] = load_config(launch.config_dir or None)
+    except ConfigError as exc:
+        raise SystemExit(f"config error: {exc}") from None
+    bus = GatewayBus(launch.run_dir, launch.load_timeout_s)
+    app[BUS] = bus
+
+    async def on_startup(_: web.Application) -> None:
+        bus.start()
+
+    async def on_cleanup(_: web.Application) -> None:
+        await bus.close()
+
+    app.on_startup.append(on_startup)
+    app.on_cleanup.append(on_cleanup)
+    return app
+
+
+async def serve(app: web.Application, launch: GatewayLaunch) -> int:
+    stop = asyncio.Event()
+    install_stop_signals(stop.set)
+    parent = asyncio.create_task(watch_parent(launch.supervisor_pid, stop.set))
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, launch.host, launch.port, reuse_address=True)
+    try:
+        await site.start()
+    except OSError as exc:
+        log.error("bind_failed", host=launch.host, port=launch.port, error=str(exc))
+        await runner.cleanup()
+        return 1
+    log.info("gateway_listening", protocol=launch.protocol, host=launch.host, port=launch.port)
+    await stop.wait()
+    parent.cancel()
+    with contextlib.suppress(Exception):
+        await runner.shutdown()
+    await runner.cleanup()
+    return 0
+
+
+def model_files(config: Config) -> dict[str, tuple[Path, float, int]]:
+    """name -> (path, mtime, size) of every configured llama model (missing files: mtime 0, size 0)."""
+    out: dict[str, tuple[Path, float, int]] = {}
+    for name, model in config.models.models.items():
+        if model.type != "llama":
+            continue
+        path = config.model_path(model)
+        try:
+            st = path.stat()
+            out[name] = (path, st.st_mtime, st.st_size)
+        except OSError:
+            out[name] = (path, 0.0, 0)
+    return out

@@ -1,0 +1,65 @@
+"""What every supervised child process does: die with its parent, and run on uvloop where available.
+
+Imported by workers, gateways and the dashboard at start (never by the supervisor itself).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import os
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
+
+PR_SET_PDEATHSIG = 1
+
+
+def set_parent_death_signal(sig: int = signal.SIGTERM) -> None:
+    """Linux: ask the kernel to send ``sig`` when our parent dies (no-op elsewhere)."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
+def kill_with_parent_preexec() -> None:
+    """preexec_fn for grandchildren (llama-server): SIGKILL when the worker that started it dies."""
+    set_parent_death_signal(signal.SIGKILL)
+
+
+async def watch_parent(parent_pid: int, on_gone: Callable[[], Awaitable[None] | None], interval: float = 0.5) -> None:
+    """Portable fallback to the death signal: poll until the parent is gone, then call ``on_gone``."""
+    import psutil
+
+    while True:
+        await asyncio.sleep(interval)
+        if os.getppid() != parent_pid and not psutil.pid_exists(parent_pid):
+            result = on_gone()
+            if asyncio.iscoroutine(result):
+                await result
+            return
+
+
+def run(main: Callable[[], Coroutine[Any, Any, int]]) -> int:
+    """Run ``main`` on uvloop if installed; return its exit code."""
+    try:
+        import uvloop
+
+        return uvloop.run(main())
+    except ImportError:
+        return asyncio.run(main())
+
+
+def install_stop_signals(stop: Callable[[], None]) -> None:
+    """SIGTERM/SIGINT only enqueue a stop; the main loop acts."""
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(sig, stop)
+        except (NotImplementedError, RuntimeError):
+            signal.signal(sig, lambda *_: loop.call_soon_threadsafe(stop))

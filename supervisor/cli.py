@@ -1,0 +1,174 @@
+"""The `llama-runner` command: `up` runs an instance; status/start/stop/restart/shutdown talk to one."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from pathlib import Path
+
+import msgspec
+
+from bus import endpoints
+from bus.control_client import ControlClient, ControlTimeout, new_id
+from bus.protocol import ErrorReply, RestartWorker, Shutdown, StartWorker, Status, StatusReply, StopWorker
+from config.loader import Config, ConfigError, load_config
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="llama-runner", description="Local model runner and proxy.")
+    sub = p.add_subparsers(dest="command", required=True)
+    up = sub.add_parser("up", help="run llama-runner in the foreground")
+    up.add_argument("--config-dir", help="folder holding app_config.json and models_config.json")
+    up.add_argument("--ollama-port", type=int)
+    up.add_argument("--lmstudio-port", type=int)
+    up.add_argument("--dashboard-port", type=int)
+    up.add_argument("--run-dir", help="private folder for the bus sockets (one per instance)")
+    up.add_argument("--logs-dir")
+    for name, help_ in (("status", "show the state of every worker and process"),
+                        ("start", "start a model's worker"), ("stop", "stop a model's worker"),
+                        ("restart", "restart a model's worker (others are untouched)"),
+                        ("shutdown", "stop a running instance")):
+        sp = sub.add_parser(name, help=help_)
+        if name in ("start", "stop", "restart"):
+            sp.add_argument("name", help="model name")
+        sp.add_argument("--config-dir")
+        sp.add_argument("--run-dir")
+        sp.add_argument("--json", action="store_true", help="print the raw reply as JSON")
+        sp.add_argument("--timeout", type=float, default=30.0)
+    return p
+
+
+def _run_dir(args: argparse.Namespace, config: Config | None) -> Path:
+    if args.run_dir:
+        return Path(args.run_dir)
+    if config is not None and config.app.run_dir:
+        return Path(config.app.run_dir)
+    return endpoints.default_run_dir()
+
+
+def _load(args: argparse.Namespace) -> Config:
+    try:
+        return load_config(args.config_dir)
+    except ConfigError as exc:
+        print(f"llama-runner: config error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "up":
+        return _up(args)
+    return _client(args)
+
+
+def _up(args: argparse.Namespace) -> int:
+    from supervisor.logs import setup_logging
+    from supervisor.main import Supervisor
+
+    config = _load(args)
+    app = config.app
+    overrides = {}
+    proxies = app.proxies
+    if args.ollama_port is not None:
+        proxies = msgspec.structs.replace(proxies, ollama=msgspec.structs.replace(proxies.ollama, port=args.ollama_port))
+    if args.lmstudio_port is not None:
+        proxies = msgspec.structs.replace(proxies, lmstudio=msgspec.structs.replace(proxies.lmstudio,
+                                                                                   port=args.lmstudio_port))
+    overrides["proxies"] = proxies
+    if args.dashboard_port is not None:
+        overrides["dashboard"] = msgspec.structs.replace(app.dashboard, port=args.dashboard_port)
+    if args.logs_dir:
+        overrides["logs_dir"] = args.logs_dir
+    config = Config(app=msgspec.structs.replace(app, **overrides), models=config.models, config_dir=config.config_dir)
+    run_dir = endpoints.prepare_run_dir(_run_dir(args, config))
+    pid_file = run_dir / endpoints.SUPERVISOR_PID
+    if pid_file.exists():
+        try:
+            other = int(pid_file.read_text().strip())
+            os.kill(other, 0)
+            print(f"llama-runner: another instance (pid {other}) uses run dir {run_dir}; "
+                  "stop it or pass --run-dir", file=sys.stderr)
+            return 1
+        except (ValueError, ProcessLookupError, PermissionError):
+            pid_file.unlink(missing_ok=True)
+    logs_dir = config.logs_dir()
+    setup_logging("supervisor", logs_dir, level=config.app.log_level, console=True)
+    from config import runtime
+
+    if runtime.find_llama_server(config.app.llama_server_path) is None:
+        print("llama-runner: warning: no llama-server found (set LLAMA_SERVER or llama_server_path, or run "
+              "`make setup`); models will fail to load", file=sys.stderr)
+    host = config.app.host
+    print(f"llama-runner: ollama API on http://{host}:{config.app.proxies.ollama.port}, "
+          f"OpenAI/LM Studio API on http://{host}:{config.app.proxies.lmstudio.port}/v1, "
+          f"dashboard on http://{host}:{config.app.dashboard.port}, run dir {run_dir}, logs {logs_dir}",
+          file=sys.stderr, flush=True)
+
+    async def _main() -> int:
+        sup = Supervisor(config, run_dir, logs_dir)
+        from supervisor.child import install_stop_signals
+
+        install_stop_signals(sup.request_stop)
+        return await sup.run()
+
+    try:
+        import uvloop
+
+        return uvloop.run(_main())
+    except ImportError:
+        return asyncio.run(_main())
+
+
+def _client(args: argparse.Namespace) -> int:
+    config = None
+    if args.config_dir or not args.run_dir:
+        try:
+            config = load_config(args.config_dir)
+        except ConfigError:
+            config = None
+    run_dir = _run_dir(args, config)
+    if not (run_dir / endpoints.CONTROL_SOCK).exists():
+        print(f"llama-runner: no running instance in {run_dir} (start one with `llama-runner up`)", file=sys.stderr)
+        return 1
+    rid = new_id()
+    cmd = {
+        "status": lambda: Status(request_id=rid),
+        "start": lambda: StartWorker(request_id=rid, name=args.name),
+        "stop": lambda: StopWorker(request_id=rid, name=args.name),
+        "restart": lambda: RestartWorker(request_id=rid, name=args.name),
+        "shutdown": lambda: Shutdown(request_id=rid),
+    }[args.command]()
+
+    async def _ask() -> object:
+        client = ControlClient(run_dir)
+        try:
+            return await client.request(cmd, args.timeout)
+        finally:
+            await client.close()
+
+    try:
+        reply = asyncio.run(_ask())
+    except ControlTimeout as exc:
+        print(f"llama-runner: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(msgspec.to_builtins(reply), indent=2))
+    elif isinstance(reply, StatusReply):
+        print(f"supervisor pid {reply.pid}")
+        for w in reply.workers:
+            extra = f"  {w.message}" if w.message else ""
+            print(f"  model {w.name:<24} {w.state.value:<9} pid {w.pid or '-':<8} restarts {w.restarts}{extra}")
+        for p in reply.processes:
+            print(f"  {p.name:<30} {p.state:<9} pid {p.pid or '-':<8} restarts {p.restarts} port {p.port}")
+    elif isinstance(reply, ErrorReply):
+        print(f"llama-runner: {reply.message}", file=sys.stderr)
+    else:
+        print(getattr(reply, "message", "") or "ok")
+    return 1 if isinstance(reply, ErrorReply) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

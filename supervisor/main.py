@@ -1,0 +1,317 @@
+"""The supervisor process: control socket, metrics proxy, gateways, workers on demand, clean shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import psutil
+import structlog
+import zmq
+import zmq.asyncio
+
+from bus import endpoints
+from bus.codec import COMMANDS, REPLIES, BusDecodeError, encode_event
+from bus.protocol import (
+    Acquire,
+    ErrorReply,
+    GatewayLaunch,
+    ModelParams,
+    Ok,
+    ProcessInfo,
+    ProcessStateEvent,
+    Reply,
+    RestartWorker,
+    Shutdown,
+    StartWorker,
+    Status,
+    StatusReply,
+    StopWorker,
+    SystemMetrics,
+    WorkerEndpoint,
+    WorkerHello,
+    WorkerInfo,
+    WorkerLaunch,
+    WorkerStateEvent,
+)
+from config import runtime
+from config.loader import Config
+from supervisor.processes import python_module, spawn, terminate
+from supervisor.states import backoff_delay
+from supervisor.worker_manager import Policy, WorkerManager, WorkerUnavailable
+
+log = structlog.get_logger()
+
+
+class ManagedProcess:
+    """A gateway or the dashboard: kept running, restarted with backoff when it dies."""
+
+    def __init__(self, name: str, argv: list[str], log_path: Path, sup: Supervisor, port: int = 0) -> None:
+        self.name, self.argv, self.log_path, self.sup, self.port = name, argv, log_path, sup, port
+        self.proc: asyncio.subprocess.Process | None = None
+        self.restarts = 0
+        self.state = "stopped"
+
+    def info(self) -> ProcessInfo:
+        return ProcessInfo(name=self.name, pid=self.proc.pid if self.proc else 0, state=self.state,
+                           restarts=self.restarts, port=self.port)
+
+    async def run(self) -> None:
+        failures = 0
+        limits = self.sup.config.app.limits
+        while not self.sup.stopping:
+            started = time.monotonic()
+            self.proc = await spawn(self.argv, self.log_path)
+            self._set("running")
+            code = await self.proc.wait()
+            if self.sup.stopping:
+                break
+            failures = failures + 1 if time.monotonic() - started < 30 else 1
+            self.restarts += 1
+            delay = backoff_delay(failures, limits.restart_backoff_s, limits.restart_backoff_max_s)
+            self._set("backoff", f"exited with code {code}; restarting in {delay:.1f}s")
+            log.warning("process_exited", process=self.name, code=code, restart_in=delay)
+            await asyncio.sleep(delay)
+        self._set("stopped")
+
+    def _set(self, state: str, message: str = "") -> None:
+        self.state = state
+        self.sup.publish(endpoints.topic_process_state(self.name), ProcessStateEvent(
+            name=self.name, state=state, pid=self.proc.pid if self.proc else 0, restarts=self.restarts,
+            message=message))
+
+    async def stop(self, grace: float) -> None:
+        if self.proc is not None:
+            await terminate(self.proc, grace)
+
+
+class Supervisor:
+    def __init__(self, config: Config, run_dir: Path, logs_dir: Path) -> None:
+        self.config = config
+        self.run_dir = run_dir
+        self.logs_dir = logs_dir
+        self.ctx = zmq.asyncio.Context()
+        self.stopping = False
+        self.stop_requested = asyncio.Event()
+        self.workers: dict[str, WorkerManager] = {}
+        self.processes: list[ManagedProcess] = []
+        self._tasks: set[asyncio.Task[Any]] = set()
+        limits = config.app.limits
+        self.policy = Policy(grace_s=limits.shutdown_grace_s, backoff_s=limits.restart_backoff_s,
+                             backoff_max_s=limits.restart_backoff_max_s, max_failures=limits.max_restarts)
+        self.llama_server = runtime.find_llama_server(config.app.llama_server_path)
+
+    # ------------------------------------------------------------------ setup
+    def _bind(self) -> None:
+        self.control = self.ctx.socket(zmq.ROUTER)
+        self.control.linger = 0
+        self.control.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        for name in (endpoints.CONTROL_SOCK, endpoints.METRICS_IN_SOCK, endpoints.METRICS_SOCK):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.run_dir / name)
+        self.control.bind(endpoints.control(self.run_dir))
+        self._proxy_thread = threading.Thread(target=self._metrics_proxy, name="metrics-proxy", daemon=True)
+        self._proxy_ready = threading.Event()
+        self._proxy_thread.start()
+        self._proxy_ready.wait(5)
+        self.pub = self.ctx.socket(zmq.PUB)
+        self.pub.linger = 0
+        self.pub.sndhwm = 1000
+        self.pub.connect(endpoints.metrics_in(self.run_dir))
+
+    def _metrics_proxy(self) -> None:
+        """XSUB (publishers connect) -> XPUB (subscribers connect). Runs in its own thread."""
+        xsub = self.ctx.socket(zmq.XSUB)
+        xpub = self.ctx.socket(zmq.XPUB)
+        try:
+            for s in (xsub, xpub):
+                s.linger = 0
+            xpub.sndhwm = 1000
+            xsub.bind(endpoints.metrics_in(self.run_dir))
+            xpub.bind(endpoints.metrics(self.run_dir))
+            self._proxy_ready.set()
+            zmq.proxy(xsub, xpub)
+        except zmq.ContextTerminated:
+            pass
+        finally:
+            xsub.close(0)
+            xpub.close(0)
+
+    def publish(self, topic: str, event: Any) -> None:
+        with contextlib.suppress(zmq.ZMQError):
+            self.pub.send_multipart(encode_event(topic, event), zmq.NOBLOCK)
+
+    def _publish_worker(self, info: WorkerInfo) -> None:
+        self.publish(endpoints.topic_worker_state(info.name), WorkerStateEvent(
+            name=info.name, state=info.state, pid=info.pid, backend_pid=info.backend_pid,
+            restarts=info.restarts, message=info.message))
+
+    def _make_workers(self) -> None:
+        app = self.config.app
+        for name, model in self.config.models.models.items():
+            p = model.parameters
+            launch = WorkerLaunch(
+                name=name, kind=model.type, model_path=str(self.config.model_path(model)),
+                run_dir=str(self.run_dir), logs_dir=str(self.logs_dir), supervisor_pid=os.getpid(),
+                llama_server=str(self.llama_server or ""), alias=name, queue_size=app.limits.queue_size,
+                params=ModelParams(ctx_size=p.ctx_size, threads=p.threads, parallel=p.parallel,
+                                   extra_args=list(p.extra_args)),
+                load_timeout_s=app.limits.load_timeout_s,
+            )
+            mgr = WorkerManager(launch=launch, policy=self.policy, publish=self._publish_worker,
+                                log_path=self.logs_dir / f"worker-{name}.out")
+            self.workers[name] = mgr
+            self._track(mgr.run())
+
+    def _make_processes(self) -> None:
+        app = self.config.app
+        for proto, proxy in (("ollama", app.proxies.ollama), ("openai", app.proxies.lmstudio)):
+            if not proxy.enabled:
+                continue
+            launch = GatewayLaunch(
+                protocol=proto, host=app.host, port=proxy.port, run_dir=str(self.run_dir),
+                logs_dir=str(self.logs_dir), supervisor_pid=os.getpid(), config_dir=str(self.config.config_dir),
+                request_timeout_s=app.limits.request_timeout_s, load_timeout_s=app.limits.load_timeout_s,
+            )
+            argv = python_module("gateway", msgspec.json.encode(launch).decode())
+            self.processes.append(ManagedProcess(f"gateway-{proto}", argv, self.logs_dir / f"gateway-{proto}.out",
+                                                 self, proxy.port))
+        if app.dashboard.enabled:
+            launch = GatewayLaunch(
+                protocol="dashboard", host=app.host, port=app.dashboard.port, run_dir=str(self.run_dir),
+                logs_dir=str(self.logs_dir), supervisor_pid=os.getpid(), config_dir=str(self.config.config_dir),
+            )
+            argv = python_module("dashboard", msgspec.json.encode(launch).decode())
+            self.processes.append(ManagedProcess("dashboard", argv, self.logs_dir / "dashboard.out", self,
+                                                 app.dashboard.port))
+
+    def _track(self, coro: Any) -> asyncio.Task[Any]:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    # ------------------------------------------------------------------ run
+    async def run(self) -> int:
+        self._bind()
+        self._make_workers()
+        self._make_processes()
+        (self.run_dir / endpoints.SUPERVISOR_PID).write_text(str(os.getpid()))
+        receiver = self._track(self._receive())
+        self._track(self._system_metrics())
+        for proc in self.processes:
+            self._track(proc.run())
+        log.info("supervisor_up", run_dir=str(self.run_dir), llama_server=str(self.llama_server),
+                 models=list(self.workers))
+        await self.stop_requested.wait()
+        await self._shutdown()
+        receiver.cancel()
+        return 0
+
+    def request_stop(self) -> None:
+        self.stop_requested.set()
+
+    async def _shutdown(self) -> None:
+        log.info("supervisor_stopping")
+        self.stopping = True
+        grace = self.config.app.limits.shutdown_grace_s
+        await asyncio.gather(*(p.stop(grace) for p in self.processes), return_exceptions=True)
+        stops = [w.stop() for w in self.workers.values()]
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(asyncio.gather(*stops, return_exceptions=True), grace + 5)
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        with contextlib.suppress(FileNotFoundError):
+            (self.run_dir / endpoints.SUPERVISOR_PID).unlink()
+        self.control.close(0)
+        self.pub.close(0)
+        self.ctx.term()
+        self._proxy_thread.join(2)
+        log.info("supervisor_stopped")
+
+    # ------------------------------------------------------------------ control socket
+    async def _receive(self) -> None:
+        while True:
+            frames = await self.control.recv_multipart()
+            if len(frames) != 2:
+                log.warning("bad_control_frames", count=len(frames))
+                continue
+            ident, payload = frames
+            try:
+                cmd = COMMANDS.decode(payload)
+            except BusDecodeError as exc:
+                log.warning("bad_command", error=str(exc))
+                continue
+            if isinstance(cmd, WorkerHello):
+                mgr = self.workers.get(cmd.name)
+                if mgr is not None:
+                    mgr.hello(cmd)
+                continue
+            self._track(self._answer(ident, cmd))
+
+    async def _answer(self, ident: bytes, cmd: Any) -> None:
+        try:
+            reply = await self._handle(cmd)
+        except WorkerUnavailable as exc:
+            reply = ErrorReply(request_id=cmd.request_id, code=exc.code, message=exc.message, status=exc.status)
+        except Exception as exc:
+            log.exception("command_failed", command=type(cmd).__name__)
+            reply = ErrorReply(request_id=cmd.request_id, code="internal", message=repr(exc), status=500)
+        with contextlib.suppress(zmq.ZMQError):
+            await self.control.send_multipart([ident, REPLIES.encode(reply)])
+
+    def _worker(self, request_id: str, name: str) -> WorkerManager:
+        resolved = self.config.resolve_model(name)
+        if resolved is None or resolved not in self.workers:
+            raise WorkerUnavailable("unknown_model", f"model {name!r} not found", 404)
+        return self.workers[resolved]
+
+    async def _handle(self, cmd: Any) -> Reply:
+        rid = cmd.request_id
+        if isinstance(cmd, Status):
+            return StatusReply(request_id=rid, workers=[w.info() for w in self.workers.values()],
+                               processes=[p.info() for p in self.processes], pid=os.getpid())
+        if isinstance(cmd, Shutdown):
+            self.request_stop()
+            return Ok(request_id=rid, message="shutting down")
+        if self.stopping:
+            raise WorkerUnavailable("shutting_down", "llama-runner is shutting down", 503)
+        if isinstance(cmd, Acquire):
+            mgr = self._worker(rid, cmd.model)
+            if mgr.launch.kind != "llama":
+                raise WorkerUnavailable("unsupported", f"model {mgr.name!r} is a {mgr.launch.kind} model", 400)
+            fut = mgr.acquire()
+            try:
+                endpoint = await asyncio.wait_for(fut, cmd.timeout_s)
+            except TimeoutError:
+                raise WorkerUnavailable("timeout", f"model {mgr.name!r} did not load within {cmd.timeout_s:.0f}s",
+                                        503) from None
+            return WorkerEndpoint(request_id=rid, model=mgr.name, endpoint=endpoint)
+        if isinstance(cmd, StartWorker):
+            await self._worker(rid, cmd.name).start()
+            return Ok(request_id=rid, message=f"starting {cmd.name}")
+        if isinstance(cmd, StopWorker):
+            await asyncio.wait_for(self._worker(rid, cmd.name).stop(), self.policy.grace_s + 10)
+            return Ok(request_id=rid, message=f"stopped {cmd.name}")
+        if isinstance(cmd, RestartWorker):
+            await self._worker(rid, cmd.name).restart()
+            return Ok(request_id=rid, message=f"restarting {cmd.name}")
+        return ErrorReply(request_id=rid, code="bad_request", message=f"unknown command {type(cmd).__name__}",
+                          status=400)
+
+    async def _system_metrics(self) -> None:
+        psutil.cpu_percent()
+        while True:
+            await asyncio.sleep(2.0)
+            vm = psutil.virtual_memory()
+            load = list(os.getloadavg()) if hasattr(os, "getloadavg") else []
+            self.publish(endpoints.topic_system_metrics(), SystemMetrics(
+                cpu_percent=psutil.cpu_percent(), memory_percent=vm.percent, memory_used_bytes=vm.used,
+                memory_total_bytes=vm.total, load_avg=load))

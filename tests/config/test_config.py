@@ -1,0 +1,75 @@
+"""Config loading: the shipped defaults load; every error names the file and the key path."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from config.loader import DEFAULT_CONFIG_DIR, ConfigError, load_config
+
+
+def write(tmp: Path, app: object, models: object) -> Path:
+    (tmp / "app_config.json").write_text(app if isinstance(app, str) else json.dumps(app))
+    (tmp / "models_config.json").write_text(models if isinstance(models, str) else json.dumps(models))
+    return tmp
+
+
+MODELS = {"default_model": "m", "models": {"m": {"model_path": "m.gguf"}}}
+
+
+def test_shipped_defaults_load() -> None:
+    cfg = load_config(DEFAULT_CONFIG_DIR)
+    assert cfg.app.host == "127.0.0.1"
+    assert cfg.app.proxies.ollama.port == 11434 and cfg.app.proxies.lmstudio.port == 1234
+    assert cfg.models.default_model in cfg.models.models
+
+
+def test_defaults_fill_missing_keys(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, {}, MODELS))
+    assert cfg.app.dashboard.port == 8585
+    assert cfg.models.models["m"].parameters.threads == 1
+
+
+@pytest.mark.parametrize(("app", "needle"), [
+    ({"proxies": {"ollama": {"port": "x"}}}, "$.proxies.ollama.port"),
+    ({"proxies": {"ollama": {"port": 70000}}}, "$.proxies.ollama.port"),
+    ({"limits": {"queue_size": -1}}, "$.limits.queue_size"),
+    ({"unknown_key": 1}, "unknown_key"),
+])
+def test_app_errors_name_file_and_key(tmp_path: Path, app: dict[str, object], needle: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, app, MODELS))
+    assert "app_config.json" in str(err.value) and needle in str(err.value)
+
+
+@pytest.mark.parametrize(("models", "needle"), [
+    ({"models": {"m": {}}}, "model_path"),
+    ({"models": {"m": {"model_path": "x", "parameters": {"threads": 0}}}}, "$.models.m.parameters.threads"),
+    ({"models": {"../etc": {"model_path": "x"}}}, "$.models"),
+    ({"default_model": "nope", "models": {"m": {"model_path": "x"}}}, "$.default_model"),
+    ({"models": {"a": {"model_path": "x", "aliases": ["b"]}, "b": {"model_path": "y"}}}, "`b`"),
+])
+def test_model_errors_name_file_and_key(tmp_path: Path, models: dict[str, object], needle: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, {}, models))
+    assert "models_config.json" in str(err.value) and needle in str(err.value)
+
+
+def test_not_json_and_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        load_config(write(tmp_path, "{", MODELS))
+    with pytest.raises(ConfigError, match="file not found"):
+        load_config(tmp_path / "nowhere")
+
+
+def test_resolve_model_names_aliases_and_latest(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, {}, {"default_model": "m", "models": {
+        "m": {"model_path": "m.gguf", "aliases": ["mm"]}}}))
+    assert cfg.resolve_model("m") == "m"
+    assert cfg.resolve_model("m:latest") == "m"
+    assert cfg.resolve_model("mm") == "m"
+    assert cfg.resolve_model("") == "m"
+    assert cfg.resolve_model("other") is None
+    assert cfg.model_path(cfg.models.models["m"]) == cfg.models_root / "m.gguf"

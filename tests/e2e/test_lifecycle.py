@@ -1,0 +1,117 @@
+"""Lifecycle on the real system: on-demand start, operator restart, crash restarts, no orphans."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import openai
+import psutil
+import pytest
+
+from tests.conftest import ROOT, System, alive, start_system, stop_system, wait_for
+
+pytestmark = pytest.mark.e2e
+MODEL = "smollm2"
+
+
+def ask(system: System, max_tokens: int = 4) -> str:
+    c = openai.OpenAI(base_url=system.openai_url, api_key="x", max_retries=0, timeout=120)
+    r = c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=max_tokens)
+    return r.choices[0].message.content or ""
+
+
+def ready_pid(system: System, other_than: int = 0) -> int:
+    def check() -> int:
+        w = system.worker(MODEL)
+        return w["pid"] if w["state"] == "ready" and w["pid"] != other_than else 0
+
+    return wait_for(check, 120, f"{MODEL} READY (pid != {other_than})", interval=0.2)
+
+
+def test_worker_starts_on_demand_and_restarts_on_command(system: System) -> None:
+    assert system.worker(MODEL)["state"] in ("stopped", "ready")
+    ask(system)
+    pid = ready_pid(system)
+    backend = system.worker(MODEL)["backend_pid"]
+    assert backend and psutil.Process(backend).name().startswith("llama-server")
+    out = system.cli("restart", MODEL)
+    assert out.returncode == 0, out.stderr
+    new_pid = ready_pid(system, other_than=pid)
+    assert new_pid != pid
+    wait_for(lambda: not alive({pid, backend}), 10, "old worker and llama-server gone")
+    assert ask(system) is not None
+
+
+def test_killed_worker_is_restarted_and_serves_again(system: System) -> None:
+    ask(system)
+    w = system.worker(MODEL)
+    os.kill(w["pid"], signal.SIGKILL)
+    wait_for(lambda: not alive({w["backend_pid"]}), 10, "its llama-server gone with it")
+    new_pid = ready_pid(system, other_than=w["pid"])
+    assert system.worker(MODEL)["restarts"] >= 1
+    assert new_pid and ask(system) is not None
+
+
+def test_killed_llama_server_is_noticed_and_restarted(system: System) -> None:
+    ask(system)
+    w = system.worker(MODEL)
+    os.kill(w["backend_pid"], signal.SIGKILL)
+    ready_pid(system, other_than=w["pid"])
+    assert ask(system) is not None
+
+
+def test_stop_and_start_commands(system: System) -> None:
+    ask(system)
+    out = system.cli("stop", MODEL)
+    assert out.returncode == 0, out.stderr
+    assert system.worker(MODEL)["state"] == "stopped"
+    out = system.cli("stop", MODEL)  # idempotent
+    assert out.returncode == 0, out.stderr
+    out = system.cli("start", MODEL)
+    assert out.returncode == 0
+    ready_pid(system)
+    unknown = system.cli("restart", "no-such-model")
+    assert unknown.returncode == 1 and "not found" in unknown.stderr
+
+
+def test_supervisor_kill_9_leaves_no_process_behind() -> None:
+    sysm = start_system()
+    try:
+        ask(sysm)
+        sysm.status()
+        tree = {p.pid for p in sysm.descendants()}
+        assert len(tree) >= 4  # two gateways, the dashboard, a worker, its llama-server
+        sysm.proc.kill()
+        sysm.proc.wait()
+        wait_for(lambda: not alive(tree | sysm.seen_pids), 15, "every child gone after kill -9 of the supervisor")
+    finally:
+        if sysm.proc.poll() is None:
+            stop_system(sysm)
+
+
+def test_sigterm_shuts_down_cleanly_with_no_orphans() -> None:
+    sysm = start_system()
+    ask(sysm)
+    sysm.status()
+    tree = {p.pid for p in sysm.descendants()} | sysm.seen_pids
+    assert stop_system(sysm) == 0
+    wait_for(lambda: not alive(tree), 10, "no process of the instance left")
+
+
+def test_config_error_names_file_and_key(tmp_path) -> None:
+    (tmp_path / "app_config.json").write_text(json.dumps({"proxies": {"ollama": {"port": "11434"}}}))
+    (tmp_path / "models_config.json").write_text("{}")
+    out = subprocess.run([sys.executable, "-m", "supervisor", "up", "--config-dir", str(tmp_path)],
+                         capture_output=True, text=True, timeout=30, cwd=ROOT)
+    assert out.returncode == 2
+    assert "app_config.json" in out.stderr and "$.proxies.ollama.port" in out.stderr
+
+
+def test_cli_without_instance_says_so(tmp_path) -> None:
+    out = subprocess.run([sys.executable, "-m", "supervisor", "status", "--run-dir", str(tmp_path)],
+                         capture_output=True, text=True, timeout=30, cwd=ROOT)
+    assert out.returncode == 1 and "no running instance" in out.stderr

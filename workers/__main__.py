@@ -1,0 +1,31 @@
+"""Start a worker: ``python -m workers '<WorkerLaunch JSON>'`` (the supervisor does this)."""
+
+from __future__ import annotations
+
+import sys
+
+import msgspec
+
+from bus.protocol import WorkerLaunch
+from supervisor.child import run, set_parent_death_signal
+from supervisor.logs import setup_logging
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m workers '<WorkerLaunch JSON>'", file=sys.stderr)
+        return 2
+    launch = msgspec.json.decode(args[0], type=WorkerLaunch)
+    set_parent_death_signal()
+    setup_logging(f"worker-{launch.name}", launch.logs_dir)
+    if launch.kind != "llama":
+        print(f"worker kind {launch.kind!r} is not supported yet", file=sys.stderr)
+        return 2
+    from workers.service import LlamaWorker
+
+    return run(LlamaWorker(launch, launch.load_timeout_s).run)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,276 @@
+"""A llama worker process: serves Jobs from gateways on its ROUTER, relaying its llama-server's output.
+
+Hot path: one bus message per backend read (everything llama-server produced since the last read), never one
+message per token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+import uuid
+from pathlib import Path
+
+import aiohttp
+import psutil
+import structlog
+import zmq
+import zmq.asyncio
+
+from bus import endpoints
+from bus.codec import COMMANDS, JOBS, STREAM, BusDecodeError, encode_event
+from bus.protocol import (
+    Cancel,
+    Data,
+    End,
+    Fail,
+    Head,
+    HttpJob,
+    WorkerHello,
+    WorkerLaunch,
+    WorkerMetrics,
+    WorkerState,
+)
+from supervisor.child import install_stop_signals, watch_parent
+from workers.llama_server import BackendError, LlamaServer
+
+log = structlog.get_logger()
+
+READ_CHUNK = 64 * 1024
+
+
+class LlamaWorker:
+    def __init__(self, launch: WorkerLaunch, load_timeout: float = 120.0) -> None:
+        self.launch = launch
+        self.load_timeout = load_timeout
+        self.ctx = zmq.asyncio.Context()
+        self.endpoint = endpoints.worker(launch.run_dir, launch.name)
+        self.backend = LlamaServer(launch, Path(launch.logs_dir) / f"worker-{launch.name}.llama-server.log")
+        self.state = WorkerState.STARTING
+        self.stopping = asyncio.Event()
+        self.jobs: dict[str, asyncio.Task[None]] = {}
+        self.slots = asyncio.Semaphore(max(1, launch.params.parallel))
+        self.waiting = 0
+        self.in_flight = 0
+        self.requests_total = 0
+        self.errors_total = 0
+        self.started = time.monotonic()
+        self.session: aiohttp.ClientSession | None = None
+
+    # ------------------------------------------------------------------ bus plumbing
+    def _sockets(self) -> None:
+        self.control = self.ctx.socket(zmq.DEALER)
+        self.control.linger = 0
+        self.control.connect(endpoints.control(self.launch.run_dir))
+        self.pub = self.ctx.socket(zmq.PUB)
+        self.pub.linger = 0
+        self.pub.sndhwm = 1000
+        self.pub.connect(endpoints.metrics_in(self.launch.run_dir))
+        self.router = self.ctx.socket(zmq.ROUTER)
+        self.router.linger = 0
+        self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.router.sndhwm = 10000
+        path = self.endpoint.removeprefix("ipc://")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        self.router.bind(self.endpoint)
+
+    async def hello(self, state: WorkerState, message: str = "") -> None:
+        self.state = state
+        msg = WorkerHello(
+            request_id=uuid.uuid4().hex, name=self.launch.name, pid=os.getpid(), state=state,
+            endpoint=self.endpoint if state == WorkerState.READY else "", backend_pid=self.backend.pid,
+            message=message,
+        )
+        await self.control.send(COMMANDS.encode(msg))
+
+    # ------------------------------------------------------------------ main
+    async def run(self) -> int:
+        self._sockets()
+        install_stop_signals(self.stopping.set)
+        parent = asyncio.create_task(watch_parent(self.launch.supervisor_pid, self.stopping.set))
+        await self.hello(WorkerState.STARTING)
+        code = 0
+        try:
+            start = asyncio.create_task(self.backend.start(self.load_timeout))
+            stop_wait = asyncio.create_task(self.stopping.wait())
+            await asyncio.wait({start, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+            if not start.done():  # a stop during the start aborts the start
+                start.cancel()
+                return 0
+            stop_wait.cancel()
+            try:
+                start.result()
+            except BackendError as exc:
+                log.error("backend_start_failed", error=str(exc))
+                await self.hello(WorkerState.FATAL, str(exc))
+                return 3
+            self.session = aiohttp.ClientSession(
+                self.backend.base_url,
+                connector=aiohttp.TCPConnector(limit=0, force_close=False),
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),
+            )
+            await self.hello(WorkerState.READY)
+            log.info("worker_ready", port=self.backend.port, backend_pid=self.backend.pid)
+            code = await self._serve()
+        finally:
+            parent.cancel()
+            await self._shutdown()
+        return code
+
+    async def _serve(self) -> int:
+        receiver = asyncio.create_task(self._receive())
+        metrics = asyncio.create_task(self._metrics())
+        backend_exit = asyncio.create_task(self.backend.wait())
+        stop_wait = asyncio.create_task(self.stopping.wait())
+        done, _ = await asyncio.wait({receiver, backend_exit, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+        for t in (receiver, metrics, backend_exit, stop_wait):
+            t.cancel()
+        if backend_exit in done:
+            msg = f"llama-server exited unexpectedly (code {self.backend.proc.returncode if self.backend.proc else '?'})"
+            log.error("backend_exited", message=msg, output=self.backend.last_output())
+            await self._fail_all(502, "backend_exited", msg)
+            return 4
+        if receiver in done and receiver.exception():
+            log.error("receiver_failed", error=repr(receiver.exception()))
+            return 5
+        return 0
+
+    async def _shutdown(self) -> None:
+        self.state = WorkerState.STOPPING
+        await self._fail_all(503, "worker_stopping", f"model {self.launch.name!r} is stopping")
+        await self.backend.stop()
+        if self.session:
+            await self.session.close()
+        with contextlib.suppress(zmq.ZMQError):
+            await asyncio.wait_for(self.hello(WorkerState.STOPPED), 0.5)
+        for sock in (self.router, self.control, self.pub):
+            sock.close(linger=0)
+        self.ctx.term()
+
+    async def _fail_all(self, status: int, code: str, message: str) -> None:
+        tasks = list(self.jobs.values())
+        for task in tasks:
+            task.cancel(msg=f"{status}|{code}|{message}")
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    # ------------------------------------------------------------------ jobs
+    async def _receive(self) -> None:
+        while True:
+            frames = await self.router.recv_multipart(copy=False)
+            self._dispatch(frames)
+            # drain what is already queued without yielding per message (bounded)
+            for _ in range(256):
+                try:
+                    frames = await self.router.recv_multipart(zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    break
+                self._dispatch(frames)
+
+    def _dispatch(self, frames: list[zmq.Frame]) -> None:
+        if len(frames) != 2:
+            log.warning("bad_job_frames", count=len(frames))
+            return
+        ident, payload = frames[0].bytes, frames[1].buffer
+        try:
+            job = JOBS.decode(payload)
+        except BusDecodeError as exc:
+            log.warning("bad_job", error=str(exc))
+            return
+        if isinstance(job, Cancel):
+            task = self.jobs.get(job.request_id)
+            if task:
+                task.cancel(msg="cancel")
+            return
+        assert isinstance(job, HttpJob)
+        if job.request_id in self.jobs:
+            log.warning("duplicate_request_id", request_id=job.request_id)
+            return
+        self.jobs[job.request_id] = asyncio.create_task(self._run_job(ident, job))
+
+    async def _send(self, ident: bytes, item: Head | Data | End | Fail) -> bool:
+        try:
+            await self.router.send_multipart([ident, STREAM.encode(item)], copy=False)
+            return True
+        except zmq.ZMQError as exc:  # EHOSTUNREACH: that gateway is gone
+            log.info("gateway_unreachable", error=str(exc))
+            return False
+
+    async def _run_job(self, ident: bytes, job: HttpJob) -> None:
+        rid = job.request_id
+        self.requests_total += 1
+        try:
+            if self.waiting >= self.launch.queue_size and self.slots.locked():
+                await self._send(ident, Fail(request_id=rid, status=429, code="busy",
+                                             message=f"model {self.launch.name!r} is busy: queue is full"))
+                return
+            self.waiting += 1
+            try:
+                await self.slots.acquire()
+            finally:
+                self.waiting -= 1
+            try:
+                self.in_flight += 1
+                await self._forward(ident, job)
+            finally:
+                self.in_flight -= 1
+                self.slots.release()
+        except asyncio.CancelledError as exc:
+            reason = exc.args[0] if exc.args else ""
+            if isinstance(reason, str) and reason.count("|") >= 2:
+                status, code, message = reason.split("|", 2)
+                await self._send(ident, Fail(request_id=rid, status=int(status), code=code, message=message))
+        except Exception as exc:  # never let one request take the worker down
+            self.errors_total += 1
+            log.exception("job_failed", request_id=rid)
+            await self._send(ident, Fail(request_id=rid, status=500, code="internal", message=repr(exc)))
+        finally:
+            self.jobs.pop(rid, None)
+
+    async def _forward(self, ident: bytes, job: HttpJob) -> None:
+        assert self.session is not None
+        rid = job.request_id
+        headers = {"Content-Type": "application/json"} if job.body else {}
+        try:
+            async with self.session.request(job.method, job.path, data=job.body or None, headers=headers) as resp:
+                if not await self._send(ident, Head(request_id=rid, status=resp.status,
+                                                    content_type=resp.headers.get("Content-Type", ""))):
+                    return
+                while True:
+                    chunk = await resp.content.readany()
+                    if not chunk:
+                        break
+                    if not await self._send(ident, Data(request_id=rid, data=chunk)):
+                        return  # gateway gone: leaving the block closes the upstream response
+                await self._send(ident, End(request_id=rid))
+        except aiohttp.ClientError as exc:
+            self.errors_total += 1
+            await self._send(ident, Fail(request_id=rid, status=502, code="backend_error",
+                                         message=f"llama-server: {exc}", source="backend"))
+
+    # ------------------------------------------------------------------ metrics
+    async def _metrics(self) -> None:
+        me = psutil.Process()
+        topic = endpoints.topic_worker_metrics(self.launch.name)
+        backend = None
+        while True:
+            rss = me.memory_info().rss
+            cpu = me.cpu_percent()
+            try:
+                backend = backend or psutil.Process(self.backend.pid)
+                rss += backend.memory_info().rss
+                cpu += backend.cpu_percent()
+            except psutil.Error:
+                backend = None
+            event = WorkerMetrics(
+                name=self.launch.name, state=self.state, pid=os.getpid(), backend_pid=self.backend.pid,
+                cpu_percent=cpu, rss_bytes=rss, in_flight=self.in_flight, queued=self.waiting,
+                requests_total=self.requests_total, errors_total=self.errors_total,
+                uptime_s=time.monotonic() - self.started,
+            )
+            with contextlib.suppress(zmq.ZMQError):
+                await self.pub.send_multipart(encode_event(topic, event))
+            await asyncio.sleep(1.0)
