@@ -1,0 +1,80 @@
+"""Errors sent to clients in each protocol's own shape.
+
+An :class:`ApiError` carries the HTTP status, a message, and who produced it: the proxy itself
+(``source="proxy"``, e.g. a bad request or an unknown model) or the backend behind it
+(``source="backend"``, e.g. llama-server refused the request). The body builders tag the message
+with that source, so a user reading a client's error knows where to look.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["ApiError", "ollama_error_body", "openai_error_body", "source_tag"]
+
+_SOURCE_TAGS = {"proxy": "llama-runner", "backend": "backend"}
+
+
+class ApiError(Exception):
+    """An error to send to the client in the protocol's own shape."""
+
+    status: int
+    message: str
+    code: str
+    param: str | None
+    source: str
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        code: str = "",
+        param: str | None = None,
+        source: str = "proxy",
+    ) -> None:
+        super().__init__(message)
+        self.status = int(status)
+        self.message = str(message)
+        self.code = code
+        self.param = param
+        self.source = source
+
+    def __repr__(self) -> str:
+        return (
+            f"ApiError(status={self.status!r}, message={self.message!r}, code={self.code!r}, "
+            f"param={self.param!r}, source={self.source!r})"
+        )
+
+
+def source_tag(err: ApiError) -> str:
+    """``"(llama-runner)"`` for the proxy's own errors, ``"(backend)"`` for the backend's."""
+    return "(" + _SOURCE_TAGS.get(err.source, err.source or "llama-runner") + ")"
+
+
+def _tagged_message(err: ApiError) -> str:
+    tag = source_tag(err)
+    message = err.message.rstrip()
+    if message.endswith(tag):
+        return message
+    return f"{message} {tag}" if message else tag
+
+
+def ollama_error_body(err: ApiError) -> dict[str, Any]:
+    """Ollama's shape: ``{"error": "<message> (llama-runner|backend)"}``."""
+    return {"error": _tagged_message(err)}
+
+
+def openai_error_body(err: ApiError) -> dict[str, Any]:
+    """OpenAI's shape: ``{"error": {"message", "type", "param", "code"}}``.
+
+    ``type`` is ``invalid_request_error`` for 4xx and ``server_error`` otherwise; a 404 without an
+    explicit code is an unknown model (``model_not_found``), as OpenAI reports it.
+    """
+    if 400 <= err.status < 500:
+        kind = "invalid_request_error"
+        code: str | None = err.code or ("model_not_found" if err.status == 404 else None)
+    else:
+        kind = "server_error"
+        code = err.code or None
+    return {"error": {"message": _tagged_message(err), "type": kind, "param": err.param, "code": code}}

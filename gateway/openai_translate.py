@@ -1,0 +1,134 @@
+"""OpenAI / LM Studio ``/v1/chat/completions`` and ``/v1/completions`` -> llama-server, unchanged but checked.
+
+llama-server speaks this protocol itself, so a request is validated (enough to answer a bad one with
+a clear 400 in OpenAI's shape instead of a backend error) and passed on with every other field,
+llama.cpp-specific ones included. Pure functions, no I/O; invalid input raises only
+:class:`~gateway.errors.ApiError` (400, ``param`` naming the field).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from gateway.errors import ApiError
+from gateway.ollama_translate import CHAT_PATH, COMPLETIONS_PATH, BackendRequest
+
+__all__ = ["BackendRequest", "chat_to_backend", "completions_to_backend", "rewrite_model"]
+
+_ABSENT = object()
+
+
+def chat_to_backend(req: Any) -> BackendRequest:
+    """Validate an OpenAI chat completion request; ``max_completion_tokens`` becomes ``max_tokens``."""
+    body = _common(req)
+    messages = body.get("messages", _ABSENT)
+    if messages is _ABSENT or messages is None:
+        raise _missing("messages")
+    if not isinstance(messages, list) or not messages:
+        raise _bad("messages", "must be a non-empty list of messages")
+    for i, msg in enumerate(messages):
+        if not isinstance(msg, dict):
+            raise _bad(f"messages[{i}]", "must be an object with a role")
+        role = msg.get("role")
+        if not isinstance(role, str) or not role:
+            raise _bad(f"messages[{i}].role", "must be a non-empty string")
+        content = msg.get("content")
+        if content is not None and not isinstance(content, str | list):
+            raise _bad(f"messages[{i}].content", "must be a string or a list of content parts")
+    max_completion = body.pop("max_completion_tokens", None)
+    if max_completion is not None:
+        _check_int(max_completion, "max_completion_tokens")
+        if body.get("max_tokens") is None:
+            body["max_tokens"] = max_completion
+    for field in ("tools", "functions"):
+        _check(body, field, list, "a list")
+    _check(body, "response_format", dict, "an object")
+    _check(body, "tool_choice", str | dict, "a string or an object")
+    return BackendRequest(CHAT_PATH, body, bool(body.get("stream")))
+
+
+def completions_to_backend(req: Any) -> BackendRequest:
+    """Validate an OpenAI (legacy) text completion request: ``prompt`` is a string or a list."""
+    body = _common(req)
+    prompt = body.get("prompt", _ABSENT)
+    if prompt is _ABSENT or prompt is None:
+        raise _missing("prompt")
+    if isinstance(prompt, list):
+        if not prompt:
+            raise _bad("prompt", "must not be an empty list")
+        for i, item in enumerate(prompt):
+            # strings, token ids, token-id lists, or llama.cpp's {"prompt_string", ...} objects
+            if isinstance(item, bool) or not isinstance(item, str | int | list | dict):
+                raise _bad(f"prompt[{i}]", "must be a string, a token id or a list of token ids")
+    elif not isinstance(prompt, str):
+        raise _bad("prompt", "must be a string or a list")
+    _check(body, "suffix", str, "a string")
+    _check(body, "echo", bool, "a boolean")
+    return BackendRequest(COMPLETIONS_PATH, body, bool(body.get("stream")))
+
+
+def rewrite_model(chunk: dict[str, Any], model: str) -> dict[str, Any]:
+    """Set ``model`` to the name the client asked for (llama-server reports its own alias).
+
+    Changes ``chunk`` in place (it is a freshly decoded reply) and returns it; error objects are
+    left alone.
+    """
+    if isinstance(chunk, dict) and "error" not in chunk:
+        chunk["model"] = model
+    return chunk
+
+
+def _common(req: Any) -> dict[str, Any]:
+    """Checks shared by both endpoints; returns a shallow copy of the request to send on."""
+    if not isinstance(req, dict):
+        raise ApiError(400, "request body must be a JSON object")
+    model = req.get("model", _ABSENT)
+    if model is _ABSENT or model is None:
+        raise _missing("model", " (you must provide a model parameter)")
+    if not isinstance(model, str):
+        raise _bad("model", "must be a string")
+    body = dict(req)
+    _check(body, "stream", bool, "a boolean")
+    _check(body, "stream_options", dict, "an object")
+    for field in ("max_tokens", "n", "seed", "top_k", "top_logprobs"):
+        _check_int(body.get(field), field)
+    if not isinstance(body.get("logprobs"), bool):  # chat: a boolean; completions: an integer
+        _check_int(body.get("logprobs"), "logprobs")
+    for field in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repeat_penalty"):
+        _check_number(body.get(field), field)
+    stop = body.get("stop")
+    if stop is not None and not isinstance(stop, str):
+        if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+            raise _bad("stop", "must be a string or a list of strings")
+    return body
+
+
+def _check(body: dict[str, Any], field: str, kind: Any, what: str) -> None:
+    value = body.get(field)
+    if value is not None and not isinstance(value, kind):
+        raise _bad(field, f"must be {what}")
+
+
+def _check_int(value: Any, field: str) -> None:
+    if value is None or (isinstance(value, int) and not isinstance(value, bool)):
+        return
+    if not (isinstance(value, float) and math.isfinite(value) and value.is_integer()):
+        raise _bad(field, "must be an integer")
+
+
+def _check_number(value: Any, field: str) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise _bad(field, "must be a number")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise _bad(field, "must be a finite number")
+
+
+def _bad(field: str, what: str) -> ApiError:
+    return ApiError(400, f"invalid {field}: {what}", param=field)
+
+
+def _missing(field: str, hint: str = "") -> ApiError:
+    return ApiError(400, f"{field} is required{hint}", param=field)

@@ -1,0 +1,95 @@
+"""Incremental parser of a ``text/event-stream`` body (the WHATWG server-sent events format).
+
+llama-server streams ``/v1/chat/completions`` and ``/v1/completions`` as ``data: {json}\\n\\n``
+events ending with ``data: [DONE]``; a failure in the middle of a stream arrives as a ``data:``
+event whose JSON has an ``error`` key. The parser only frames events: it hands back each event's
+data payload and leaves the JSON to the caller. Pure, no I/O.
+"""
+
+from __future__ import annotations
+
+__all__ = ["SSEParser", "DONE"]
+
+DONE = b"[DONE]"
+_BOM = b"\xef\xbb\xbf"
+
+
+class SSEParser:
+    """Incremental parser of a text/event-stream byte stream (chunks split anywhere, \\n or \\r\\n).
+
+    ``feed`` returns the data payloads of the events completed by the bytes given (the lines of a
+    multi-line ``data`` field joined by ``\\n``); comments and the other fields (``event``, ``id``,
+    ``retry``, anything unknown) are ignored. ``done`` becomes True once a ``data: [DONE]`` payload is
+    seen; that payload itself is not returned.
+    """
+
+    __slots__ = ("done", "_buf", "_data", "_has_data", "_started")
+
+    def __init__(self) -> None:
+        self.done: bool = False
+        self._buf = b""  # bytes of an incomplete line
+        self._data: list[bytes] = []  # data lines of the event being read
+        self._has_data = False
+        self._started = False  # a leading BOM has been checked for
+
+    def feed(self, data: bytes) -> list[bytes]:
+        if not data:
+            return []
+        buf = self._buf + bytes(data) if self._buf else bytes(data)
+        if not self._started:
+            if len(buf) < len(_BOM) and _BOM.startswith(buf):
+                self._buf = buf  # could still be the start of a BOM
+                return []
+            self._started = True
+            if buf.startswith(_BOM):
+                buf = buf[len(_BOM) :]
+        lines = buf.splitlines(keepends=True)  # bytes split only on \r, \n and \r\n
+        if not lines:
+            self._buf = b""
+            return []
+        last = lines[-1]
+        # An unterminated last line waits for more bytes; so does one ending in a lone \r, which
+        # may be the first half of a \r\n split across two chunks.
+        if last.endswith(b"\n"):
+            self._buf = b""
+        else:
+            self._buf = last
+            lines.pop()
+        out: list[bytes] = []
+        for raw in lines:
+            self._line(raw.rstrip(b"\r\n"), out)
+        return out
+
+    def flush(self) -> list[bytes]:
+        """End of stream: the last line, even without its terminator, completes (for robustness).
+
+        Per the spec an event not followed by a blank line is discarded, but an upstream that
+        closes right after its last ``data:`` line has still sent that data; hand it over.
+        """
+        out: list[bytes] = []
+        if self._buf:
+            line, self._buf = self._buf.rstrip(b"\r\n"), b""
+            self._line(line, out)
+        self._line(b"", out)
+        return out
+
+    def _line(self, line: bytes, out: list[bytes]) -> None:
+        if not line:  # blank line: dispatch the event
+            if self._has_data:
+                payload = b"\n".join(self._data)
+                self._data = []
+                self._has_data = False
+                if payload == DONE:
+                    self.done = True
+                else:
+                    out.append(payload)
+            return
+        if line[0] == 0x3A:  # ":" comment (llama-server's keep-alive pings)
+            return
+        field, sep, value = line.partition(b":")
+        if field != b"data":
+            return
+        if sep and value[:1] == b" ":
+            value = value[1:]
+        self._data.append(value)
+        self._has_data = True

@@ -1,0 +1,733 @@
+"""Ollama /api/chat and /api/generate <-> llama-server translation (gateway/ollama_translate.py)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gateway.errors import ApiError, ollama_error_body
+from gateway.ollama_translate import (
+    BackendRequest,
+    OllamaStream,
+    chat_response,
+    chat_to_backend,
+    created_at,
+    generate_response,
+    generate_to_backend,
+    is_load_only,
+    load_response,
+    parse_keep_alive,
+)
+from gateway.sse import SSEParser
+
+GOLDEN = Path(__file__).parent / "golden"
+RFC3339 = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{1,9})?Z$")
+STATS = (
+    "total_duration",
+    "load_duration",
+    "prompt_eval_count",
+    "prompt_eval_duration",
+    "eval_count",
+    "eval_duration",
+)
+START = 1_000_000_000
+
+
+def clock_at(ns: int):
+    return lambda: ns
+
+
+def golden_chunks(name: str) -> list[dict[str, Any]]:
+    parser = SSEParser()
+    chunks = [msgspec.json.decode(p) for p in parser.feed((GOLDEN / name).read_bytes())]
+    assert parser.done
+    return chunks
+
+
+def golden_json(name: str) -> dict[str, Any]:
+    return msgspec.json.decode((GOLDEN / name).read_bytes())
+
+
+def validate_with_ollama_client(obj: dict[str, Any], kind: str) -> None:
+    """The official client's own models accept what we send."""
+    types = pytest.importorskip("ollama._types")
+    model = types.ChatResponse if kind == "chat" else types.GenerateResponse
+    model.model_validate(obj)
+
+
+# --- keep_alive --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [
+        (None, None),
+        ("", None),
+        ("5m", 300.0),
+        ("1h30m", 5400.0),
+        ("10s", 10.0),
+        ("1.5h", 5400.0),
+        ("500ms", 0.5),
+        ("0", 0.0),
+        ("0s", 0.0),
+        ("-1", -1.0),
+        ("-5m", -1.0),
+        ("-1s", -1.0),
+        ("300", 300.0),
+        (300, 300.0),
+        (2.5, 2.5),
+        (0, 0.0),
+        (-1, -1.0),
+        (-0.5, -1.0),
+        (10**30, -1.0),  # longer than Go's Duration: forever
+    ],
+)
+def test_keep_alive(value: Any, seconds: float | None) -> None:
+    assert parse_keep_alive(value) == seconds
+
+
+@pytest.mark.parametrize(
+    "value", ["abc", "5x", "m", "5 m", "--5m", "1h-30m", "nan", "inf", True, [], {}, [5], "1" * 100]
+)
+def test_keep_alive_invalid(value: Any) -> None:
+    with pytest.raises(ApiError) as info:
+        parse_keep_alive(value)
+    assert info.value.status == 400 and info.value.param == "keep_alive"
+
+
+# --- requests ----------------------------------------------------------------------------------
+
+
+def chat(**extra: Any) -> dict[str, Any]:
+    return {"model": "smollm2", "messages": [{"role": "user", "content": "hi"}], **extra}
+
+
+def test_chat_defaults_to_streaming_with_usage() -> None:
+    req = chat_to_backend(chat())
+    assert req == BackendRequest(
+        "/v1/chat/completions",
+        {
+            "model": "smollm2",
+            "messages": [{"role": "user", "content": "hi"}],
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        },
+        True,
+    )
+
+
+def test_chat_not_streaming() -> None:
+    req = chat_to_backend(chat(stream=False))
+    assert req.stream is False and req.body["stream"] is False and "stream_options" not in req.body
+
+
+def test_options_mapping() -> None:
+    options = {
+        "num_predict": 12,
+        "temperature": 0,
+        "top_k": 20,
+        "top_p": 0.9,
+        "min_p": 0.05,
+        "typical_p": 0.7,
+        "repeat_penalty": 1.2,
+        "repeat_last_n": 33,
+        "presence_penalty": 1.5,
+        "frequency_penalty": 1.0,
+        "seed": 42,
+        "stop": ["\n", "user:"],
+        "mirostat": 1,
+        "mirostat_tau": 0.8,
+        "mirostat_eta": 0.6,
+        "num_keep": 5,
+        # load-time and unknown options are not request fields for llama-server
+        "num_ctx": 1024,
+        "num_gpu": 1,
+        "num_thread": 8,
+        "use_mmap": True,
+        "penalize_newline": True,
+        "no_such_option": "x",
+    }
+    body = chat_to_backend(chat(options=options)).body
+    mapped = {k: v for k, v in body.items() if k not in ("model", "messages", "stream", "stream_options")}
+    assert mapped == {
+        "max_tokens": 12,
+        "temperature": 0.0,
+        "top_k": 20,
+        "top_p": 0.9,
+        "min_p": 0.05,
+        "typical_p": 0.7,
+        "repeat_penalty": 1.2,
+        "repeat_last_n": 33,
+        "presence_penalty": 1.5,
+        "frequency_penalty": 1.0,
+        "seed": 42,
+        "stop": ["\n", "user:"],
+        "mirostat": 1,
+        "mirostat_tau": 0.8,
+        "mirostat_eta": 0.6,
+        "n_keep": 5,
+    }
+    assert isinstance(body["temperature"], float)
+
+
+@pytest.mark.parametrize("num_predict", [-1, -2])
+def test_unlimited_num_predict_is_omitted(num_predict: int) -> None:
+    assert "max_tokens" not in chat_to_backend(chat(options={"num_predict": num_predict})).body
+
+
+def test_option_details() -> None:
+    body = chat_to_backend(
+        chat(options={"top_k": 40.0, "stop": "END", "temperature": None, "seed": 7.9})
+    ).body
+    assert body["top_k"] == 40 and isinstance(body["top_k"], int)
+    assert body["stop"] == ["END"]
+    assert "temperature" not in body
+    assert body["seed"] == 7  # Ollama truncates numbers given to integer options
+
+
+@pytest.mark.parametrize(
+    ("options", "param"),
+    [
+        ({"temperature": "hot"}, "options.temperature"),
+        ({"top_k": "40"}, "options.top_k"),
+        ({"num_predict": True}, "options.num_predict"),
+        ({"stop": [1]}, "options.stop"),
+        ([], "options"),
+        ("x", "options"),
+    ],
+)
+def test_bad_options(options: Any, param: str) -> None:
+    with pytest.raises(ApiError) as info:
+        chat_to_backend(chat(options=options))
+    assert info.value.status == 400 and info.value.param == param
+    assert param in info.value.message
+
+
+def test_format() -> None:
+    schema = {"type": "object", "properties": {"age": {"type": "integer"}}, "required": ["age"]}
+    assert chat_to_backend(chat(format="json")).body["response_format"] == {"type": "json_object"}
+    assert chat_to_backend(chat(format=schema)).body["response_format"] == {
+        "type": "json_schema",
+        "json_schema": {"schema": schema},
+    }
+    assert "response_format" not in chat_to_backend(chat(format="")).body
+    with pytest.raises(ApiError) as info:
+        chat_to_backend(chat(format="yaml"))
+    assert info.value.param == "format"
+
+
+def test_images_are_refused() -> None:
+    req = chat()
+    req["messages"][0]["images"] = ["iVBORw0KGgo="]
+    with pytest.raises(ApiError) as info:
+        chat_to_backend(req)
+    assert info.value.status == 400 and "does not support images" in info.value.message
+    assert chat_to_backend(chat(messages=[{"role": "user", "content": "x", "images": None}]))
+    with pytest.raises(ApiError):
+        generate_to_backend({"model": "m", "prompt": "x", "images": ["aGk="]})
+
+
+def test_tools_and_tool_call_history() -> None:
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    messages = [
+        {"role": "user", "content": "Weather in Paris?"},
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [{"function": {"name": "get_weather", "arguments": {"city": "Paris"}}}],
+        },
+        {"role": "tool", "content": "22C", "tool_name": "get_weather"},
+    ]
+    body = chat_to_backend({"model": "m", "messages": messages, "tools": tools}).body
+    assert body["tools"] == tools
+    call = body["messages"][1]["tool_calls"][0]
+    assert call["type"] == "function" and call["id"]
+    assert call["function"]["name"] == "get_weather"
+    assert msgspec.json.decode(call["function"]["arguments"]) == {"city": "Paris"}
+    assert body["messages"][2] == {"role": "tool", "content": "22C", "name": "get_weather"}
+
+
+def test_generate_templated_and_raw() -> None:
+    req = generate_to_backend(
+        {"model": "m", "prompt": "Why?", "system": "Be brief.", "options": {"num_predict": 3}}
+    )
+    assert req.path == "/v1/chat/completions" and req.stream
+    assert req.body["messages"] == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Why?"},
+    ]
+    assert req.body["max_tokens"] == 3
+    raw = generate_to_backend(
+        {"model": "m", "prompt": "<|im_start|>", "raw": True, "stream": False, "format": "json"}
+    )
+    assert raw.path == "/v1/completions" and not raw.stream
+    assert raw.body["prompt"] == "<|im_start|>" and "messages" not in raw.body
+    assert raw.body["json_schema"] == {"type": "object"} and "response_format" not in raw.body
+    ignored = generate_to_backend(
+        {"model": "m", "prompt": "x", "suffix": "y", "template": "t", "context": [1, 2]}
+    )
+    assert ignored.body["messages"] == [{"role": "user", "content": "x"}]
+
+
+@pytest.mark.parametrize(
+    ("req", "kind", "expected"),
+    [
+        ({"model": "m"}, "chat", True),
+        ({"model": "m", "messages": []}, "chat", True),
+        ({"model": "m", "messages": None}, "chat", True),
+        ({"model": "m", "messages": [{"role": "user", "content": ""}]}, "chat", False),
+        ({"model": "m"}, "generate", True),
+        ({"model": "m", "prompt": ""}, "generate", True),
+        ({"model": "m", "prompt": " "}, "generate", False),
+        ({"model": "m", "keep_alive": 0}, "generate", True),
+        ("not an object", "chat", False),
+    ],
+)
+def test_is_load_only(req: Any, kind: str, expected: bool) -> None:
+    assert is_load_only(req, kind) is expected
+
+
+def test_load_response() -> None:
+    chat_obj = load_response("m", "chat", "load")
+    assert chat_obj["message"] == {"role": "assistant", "content": ""}
+    assert chat_obj["done"] is True and chat_obj["done_reason"] == "load"
+    gen_obj = load_response("m", "generate", "unload")
+    assert gen_obj["response"] == "" and gen_obj["done_reason"] == "unload"
+    assert RFC3339.match(gen_obj["created_at"])
+    validate_with_ollama_client(chat_obj, "chat")
+    validate_with_ollama_client(gen_obj, "generate")
+
+
+@pytest.mark.parametrize(
+    ("req", "param"),
+    [
+        ([], None),
+        ({"messages": []}, "model"),
+        ({"model": "", "messages": []}, "model"),
+        ({"model": 3, "messages": []}, "model"),
+        ({"model": "m", "messages": {}}, "messages"),
+        ({"model": "m", "messages": ["hi"]}, "messages[0]"),
+        ({"model": "m", "messages": [{"content": "hi"}]}, "messages[0].role"),
+        ({"model": "m", "messages": [{"role": "user", "content": ["hi"]}]}, "messages[0].content"),
+        ({"model": "m", "messages": [], "stream": "yes"}, "stream"),
+        ({"model": "m", "messages": [], "keep_alive": "forever"}, "keep_alive"),
+        ({"model": "m", "messages": [], "tools": {"a": 1}}, "tools"),
+    ],
+)
+def test_chat_validation_errors(req: Any, param: str | None) -> None:
+    with pytest.raises(ApiError) as info:
+        chat_to_backend(req)
+    assert info.value.status == 400 and info.value.param == param
+
+
+def test_created_at_format() -> None:
+    assert created_at(1_691_176_965_499_127_000) == "2023-08-04T19:22:45.499127Z"
+    assert created_at(1_691_176_965_000_000_000) == "2023-08-04T19:22:45Z"
+    assert created_at(1_691_176_965_000_000_001) == "2023-08-04T19:22:45.000000001Z"
+    assert RFC3339.match(created_at())
+
+
+def test_ollama_error_body() -> None:
+    assert ollama_error_body(ApiError(400, "model is required")) == {
+        "error": "model is required (llama-runner)"
+    }
+    assert ollama_error_body(ApiError(500, "slot unavailable", source="backend")) == {
+        "error": "slot unavailable (backend)"
+    }
+
+
+# --- responses: recorded llama-server output ---------------------------------------------------
+
+
+def check_final(final: dict[str, Any], kind: str, timings: dict[str, Any]) -> None:
+    assert final["done"] is True and final["done_reason"] in ("stop", "length")
+    for key in STATS:
+        assert isinstance(final[key], int) and not isinstance(final[key], bool), key
+        assert final[key] >= 0
+    # the whole prompt, cached tokens included, as Ollama counts it
+    assert final["prompt_eval_count"] == timings["prompt_n"] + timings["cache_n"]
+    assert final["eval_count"] == timings["predicted_n"]
+    assert final["prompt_eval_duration"] == round(timings["prompt_ms"] * 1_000_000)
+    assert final["eval_duration"] == round(timings["predicted_ms"] * 1_000_000)
+    assert RFC3339.match(final["created_at"])
+    if kind == "chat":
+        assert final["message"] == {"role": "assistant", "content": ""}
+    else:
+        assert final["response"] == ""
+    validate_with_ollama_client(final, kind)
+
+
+@pytest.mark.parametrize(
+    ("fixture", "kind"),
+    [("chat_stream.txt", "chat"), ("chat_stream.txt", "generate"), ("completions_stream.txt", "generate")],
+)
+def test_stream_from_recorded_llama_server(fixture: str, kind: str) -> None:
+    chunks = golden_chunks(fixture)
+    stream = OllamaStream(
+        "smollm2:135m", kind, started_ns=START, load_ns=1234, clock=clock_at(START + 9_000_000)
+    )
+    objects = [obj for chunk in chunks for obj in stream.feed(chunk)]
+    final = stream.finish()
+    assert objects, "the recorded stream has text"
+    text = ""
+    for obj in objects:
+        assert obj["done"] is False and obj["model"] == "smollm2:135m"
+        assert RFC3339.match(obj["created_at"])
+        if kind == "chat":
+            assert obj["message"]["role"] == "assistant"
+            assert obj["message"]["content"] != ""
+            text += obj["message"]["content"]
+        else:
+            assert obj["response"] != ""
+            text += obj["response"]
+        validate_with_ollama_client(obj, kind)
+    expected = "".join(
+        (c["choices"][0].get("delta", {}).get("content") or c["choices"][0].get("text") or "")
+        for c in chunks
+        if c.get("choices")
+    )
+    assert text == expected
+    timings = next(c["timings"] for c in reversed(chunks) if c.get("timings"))
+    check_final(final, kind, timings)
+    assert final["total_duration"] == 9_000_000 and final["load_duration"] == 1234
+    assert final["done_reason"] == ("length" if final["eval_count"] >= 12 else "stop")
+    assert msgspec.json.encode(objects + [final])  # NDJSON-ready
+
+
+def test_non_stream_chat_from_recorded_llama_server() -> None:
+    body = golden_json("chat.json")
+    obj = chat_response("smollm2:135m", body, started_ns=START, clock=clock_at(START + 5))
+    assert obj["model"] == "smollm2:135m"
+    assert obj["message"]["role"] == "assistant"
+    assert obj["message"]["content"] == body["choices"][0]["message"]["content"] != ""
+    check_final({**obj, "message": {"role": "assistant", "content": ""}}, "chat", body["timings"])
+    assert obj["total_duration"] == 5
+    validate_with_ollama_client(obj, "chat")
+
+
+@pytest.mark.parametrize("fixture", ["chat.json", "completions.json"])
+def test_non_stream_generate_from_recorded_llama_server(fixture: str) -> None:
+    body = golden_json(fixture)
+    obj = generate_response("smollm2:135m", body, started_ns=START, clock=clock_at(START))
+    choice = body["choices"][0]
+    assert obj["response"] == (choice["message"]["content"] if "message" in choice else choice["text"]) != ""
+    check_final({**obj, "response": ""}, "generate", body["timings"])
+    validate_with_ollama_client(obj, "generate")
+
+
+def test_streamed_and_non_streamed_replies_agree() -> None:
+    """Same seed, temperature 0: the recorded streamed text equals the recorded full reply."""
+    for stream_name, json_name, kind in (
+        ("chat_stream.txt", "chat.json", "chat"),
+        ("completions_stream.txt", "completions.json", "generate"),
+    ):
+        stream = OllamaStream("m", kind, started_ns=0)
+        objs = [o for c in golden_chunks(stream_name) for o in stream.feed(c)]
+        text = "".join(o["message"]["content"] if kind == "chat" else o["response"] for o in objs)
+        choice = golden_json(json_name)["choices"][0]
+        assert text == (choice["message"]["content"] if kind == "chat" else choice["text"])
+
+
+# --- responses: synthetic cases ----------------------------------------------------------------
+
+
+def delta_chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+    return {
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+        "object": "chat.completion.chunk",
+    }
+
+
+def test_stream_tool_call_fragments_become_one_ollama_tool_call() -> None:
+    stream = OllamaStream("m", "chat", started_ns=0, clock=clock_at(10))
+    out = stream.feed(delta_chunk({"role": "assistant", "content": None}))
+    call = {"index": 0, "id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": ""}}
+    out += stream.feed(delta_chunk({"tool_calls": [call]}))
+    out += stream.feed(delta_chunk({"tool_calls": [{"index": 0, "function": {"arguments": '{"city": '}}]}))
+    out += stream.feed(delta_chunk({"tool_calls": [{"index": 0, "function": {"arguments": '"Paris"}'}}]}))
+    out += stream.feed(delta_chunk({}, "tool_calls"))
+    assert len(out) == 1
+    assert out[0]["message"]["tool_calls"] == [
+        {"function": {"name": "get_weather", "arguments": {"city": "Paris"}}}
+    ]
+    final = stream.finish()
+    assert final["done_reason"] == "stop" and "tool_calls" not in final["message"]
+    validate_with_ollama_client(out[0], "chat")
+
+
+def test_stream_reasoning_becomes_thinking_and_empty_deltas_are_skipped() -> None:
+    stream = OllamaStream("m", "chat", started_ns=0)
+    assert stream.feed(delta_chunk({"content": ""})) == []
+    assert stream.feed({"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 4}}) == []
+    out = stream.feed(delta_chunk({"reasoning_content": "hmm"}))
+    assert out[0]["message"] == {"role": "assistant", "content": "", "thinking": "hmm"}
+    gen = OllamaStream("m", "generate", started_ns=0)
+    assert gen.feed(delta_chunk({"reasoning_content": "hmm"}))[0]["thinking"] == "hmm"
+
+
+def test_usage_is_the_fallback_without_timings() -> None:
+    stream = OllamaStream("m", "generate", started_ns=0, clock=clock_at(7))
+    stream.feed({"choices": [{"index": 0, "text": "hi", "finish_reason": "length"}]})
+    stream.feed({"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}})
+    final = stream.finish()
+    assert (final["prompt_eval_count"], final["eval_count"], final["eval_duration"]) == (3, 4, 0)
+    assert final["done_reason"] == "length" and final["total_duration"] == 7
+
+
+def test_backend_error_in_stream_and_reply() -> None:
+    err = {
+        "error": {
+            "code": 400,
+            "message": "the request exceeds the context size",
+            "type": "exceed_context_size_error",
+        }
+    }
+    with pytest.raises(ApiError) as info:
+        OllamaStream("m", "chat", started_ns=0).feed(err)
+    assert info.value.status == 400 and info.value.source == "backend"
+    assert info.value.code == "exceed_context_size_error"
+    with pytest.raises(ApiError) as info:
+        chat_response("m", {"error": "boom"}, started_ns=0)
+    assert info.value.status == 500 and info.value.source == "backend"
+    with pytest.raises(ApiError) as info:
+        generate_response("m", ["not", "an", "object"], started_ns=0)
+    assert info.value.status == 502
+
+
+def test_non_stream_tool_calls() -> None:
+    body = {
+        "choices": [
+            {
+                "index": 0,
+                "finish_reason": "tool_calls",
+                "message": {
+                    "role": "assistant",
+                    "content": None,
+                    "tool_calls": [
+                        {"id": "a", "type": "function", "function": {"name": "f", "arguments": '{"x": 1}'}},
+                        {"id": "b", "type": "function", "function": {"name": "g", "arguments": "not json"}},
+                    ],
+                },
+            }
+        ],
+        "usage": {"prompt_tokens": 1, "completion_tokens": 2},
+    }
+    obj = chat_response("m", body, started_ns=0)
+    assert obj["message"]["content"] == ""
+    assert obj["message"]["tool_calls"] == [
+        {"function": {"name": "f", "arguments": {"x": 1}}},
+        {"function": {"name": "g", "arguments": {"value": "not json"}}},
+    ]
+    assert obj["done_reason"] == "stop"
+    validate_with_ollama_client(obj, "chat")
+
+
+# --- any JSON in, only ApiError(400) out --------------------------------------------------------
+
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=10),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
+    ),
+    max_leaves=16,
+)
+wrongish = json_values | st.sampled_from(["", "json", "5m", "-1", "0", "user", -1, 0, 1.5, [], {}, [""]])
+messages_ish = st.lists(
+    st.fixed_dictionaries(
+        {},
+        optional={
+            "role": st.sampled_from(["user", "assistant", "system", "tool"]) | wrongish,
+            "content": st.text(max_size=10) | wrongish,
+            "images": st.just([]) | wrongish,
+            "tool_calls": st.lists(st.fixed_dictionaries({"function": json_values}), max_size=2) | wrongish,
+            "tool_name": wrongish,
+        },
+    )
+    | json_values,
+    max_size=3,
+)
+options_ish = st.dictionaries(
+    st.sampled_from(
+        ["num_predict", "temperature", "top_k", "top_p", "seed", "stop", "mirostat", "num_ctx", "x"]
+    ),
+    wrongish,
+    max_size=5,
+)
+request_ish = st.fixed_dictionaries(
+    {},
+    optional={
+        "model": st.text(max_size=8) | wrongish,
+        "messages": messages_ish | wrongish,
+        "prompt": st.text(max_size=8) | wrongish,
+        "system": wrongish,
+        "raw": st.booleans() | wrongish,
+        "stream": st.booleans() | wrongish,
+        "options": options_ish | wrongish,
+        "format": st.sampled_from(["json", "", {"type": "object"}]) | wrongish,
+        "keep_alive": st.sampled_from(["5m", 0, -1, "1h30m"]) | wrongish,
+        "tools": st.lists(st.dictionaries(st.text(max_size=4), json_values, max_size=2), max_size=2)
+        | wrongish,
+        "images": wrongish,
+        "suffix": wrongish,
+    },
+)
+
+
+def only_api_400(fn, value: Any) -> BackendRequest | None:
+    try:
+        result = fn(value)
+    except ApiError as err:
+        assert err.status == 400, err
+        assert err.message
+        return None
+    assert isinstance(result, BackendRequest)
+    msgspec.json.encode(result.body)
+    return result
+
+
+@settings(max_examples=100, deadline=None)
+@given(value=json_values | request_ish)
+def test_any_json_gives_a_request_or_a_400(value: Any) -> None:
+    for fn in (chat_to_backend, generate_to_backend):
+        result = only_api_400(fn, value)
+        if result is not None:
+            assert result.body["stream"] is result.stream
+    for kind in ("chat", "generate"):
+        assert isinstance(is_load_only(value, kind), bool)
+    try:
+        parse_keep_alive(value)
+    except ApiError as err:
+        assert err.status == 400
+
+
+valid_options = st.fixed_dictionaries(
+    {},
+    optional={
+        "num_predict": st.integers(-2, 4096),
+        "temperature": st.floats(0, 2),
+        "top_k": st.integers(0, 100),
+        "top_p": st.floats(0, 1),
+        "seed": st.integers(-1, 2**32),
+        "stop": st.lists(st.text(max_size=5), max_size=3),
+        "num_ctx": st.integers(1, 8192),
+    },
+)
+valid_chat = st.fixed_dictionaries(
+    {
+        "model": st.text(min_size=1, max_size=10),
+        "messages": st.lists(
+            st.fixed_dictionaries(
+                {"role": st.sampled_from(["system", "user", "assistant"]), "content": st.text(max_size=20)}
+            ),
+            max_size=4,
+        ),
+    },
+    optional={
+        "stream": st.booleans(),
+        "options": valid_options,
+        "format": st.sampled_from(["json", {"type": "object", "properties": {"a": {"type": "string"}}}]),
+        "keep_alive": st.sampled_from(["5m", "0", -1, 30, "1h30m"]),
+    },
+)
+
+
+@settings(max_examples=100, deadline=None)
+@given(req=valid_chat)
+def test_valid_chat_requests_translate(req: dict[str, Any]) -> None:
+    out = chat_to_backend(req)
+    assert out.path == "/v1/chat/completions"
+    assert out.stream is req.get("stream", True)
+    assert [m["content"] for m in out.body["messages"]] == [m["content"] for m in req["messages"]]
+    msgspec.json.encode(out.body)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    model=st.text(min_size=1, max_size=10),
+    prompt=st.text(max_size=20),
+    raw=st.booleans(),
+    stream=st.booleans(),
+    options=valid_options,
+)
+def test_valid_generate_requests_translate(
+    model: str, prompt: str, raw: bool, stream: bool, options: dict
+) -> None:
+    out = generate_to_backend(
+        {"model": model, "prompt": prompt, "raw": raw, "stream": stream, "options": options}
+    )
+    assert out.path == ("/v1/completions" if raw else "/v1/chat/completions")
+    assert out.stream is stream
+    msgspec.json.encode(out.body)
+
+
+chunk_ish = st.fixed_dictionaries(
+    {},
+    optional={
+        "choices": st.lists(
+            st.fixed_dictionaries(
+                {},
+                optional={
+                    "index": st.just(0) | json_values,
+                    "delta": st.fixed_dictionaries(
+                        {},
+                        optional={
+                            "content": st.text(max_size=5) | json_values,
+                            "tool_calls": st.lists(json_values, max_size=2) | json_values,
+                            "reasoning_content": json_values,
+                        },
+                    )
+                    | json_values,
+                    "text": json_values,
+                    "finish_reason": st.sampled_from(["stop", "length", "tool_calls"]) | json_values,
+                },
+            )
+            | json_values,
+            max_size=2,
+        )
+        | json_values,
+        "timings": st.dictionaries(
+            st.sampled_from(["prompt_n", "prompt_ms", "predicted_n", "predicted_ms"]), json_values
+        )
+        | json_values,
+        "usage": json_values,
+    },
+)
+
+
+@settings(max_examples=100, deadline=None)
+@given(chunks=st.lists(chunk_ish | json_values, max_size=5), kind=st.sampled_from(["chat", "generate"]))
+def test_stream_survives_any_chunks(chunks: list[Any], kind: str) -> None:
+    stream = OllamaStream("m", kind, started_ns=0, clock=clock_at(1))
+    objects = []
+    for chunk in chunks:
+        try:
+            objects.extend(stream.feed(chunk))
+        except ApiError as err:  # only a chunk carrying an "error" may raise
+            assert isinstance(chunk, dict) and chunk.get("error") is not None and err.source == "backend"
+    objects.append(stream.finish())
+    msgspec.json.encode(objects)
+    assert all(o["done"] is False for o in objects[:-1]) and objects[-1]["done"] is True
+    for obj in objects:
+        validate_with_ollama_client(obj, kind)
+
+
+@settings(max_examples=100, deadline=None)
+@given(body=chunk_ish | json_values)
+def test_non_stream_reply_survives_any_body(body: Any) -> None:
+    for fn in (chat_response, generate_response):
+        try:
+            obj = fn("m", body, started_ns=0)
+        except ApiError as err:
+            assert err.source == "backend"
+            continue
+        msgspec.json.encode(obj)

@@ -1,0 +1,252 @@
+"""OpenAI / LM Studio requests -> llama-server (gateway/openai_translate.py), and OpenAI-shaped errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gateway.errors import ApiError, openai_error_body
+from gateway.openai_translate import BackendRequest, chat_to_backend, completions_to_backend, rewrite_model
+from gateway.sse import SSEParser
+
+GOLDEN = Path(__file__).parent / "golden"
+
+
+def test_chat_passes_everything_through() -> None:
+    req = {
+        "model": "smollm2",
+        "messages": [{"role": "user", "content": "hi"}],
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "temperature": 0,
+        "seed": 42,
+        "max_tokens": 12,
+        "top_k": 40,  # llama.cpp-specific fields too
+        "mirostat": 2,
+        "cache_prompt": False,
+        "n_probs": 3,
+        "response_format": {"type": "json_object"},
+    }
+    out = chat_to_backend(req)
+    assert out == BackendRequest("/v1/chat/completions", req, True)
+    assert out.body is not req  # the caller's dict is not modified
+
+
+def test_chat_content_parts_and_tool_messages_pass() -> None:
+    messages = [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": [{"type": "text", "text": "hi"}]},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [{"id": "1", "type": "function", "function": {}}],
+        },
+        {"role": "tool", "tool_call_id": "1", "content": "42"},
+    ]
+    out = chat_to_backend({"model": "", "messages": messages})
+    assert out.body["messages"] == messages and out.stream is False
+
+
+def test_max_completion_tokens_becomes_max_tokens() -> None:
+    out = chat_to_backend({"model": "m", "messages": [{"role": "user"}], "max_completion_tokens": 7})
+    assert out.body["max_tokens"] == 7 and "max_completion_tokens" not in out.body
+    both = chat_to_backend(
+        {"model": "m", "messages": [{"role": "user"}], "max_completion_tokens": 7, "max_tokens": 3}
+    )
+    assert both.body["max_tokens"] == 3
+
+
+@pytest.mark.parametrize(
+    ("req", "param"),
+    [
+        ({"messages": [{"role": "user"}]}, "model"),
+        ({"model": None, "messages": [{"role": "user"}]}, "model"),
+        ({"model": 1, "messages": [{"role": "user"}]}, "model"),
+        ({"model": "m"}, "messages"),
+        ({"model": "m", "messages": []}, "messages"),
+        ({"model": "m", "messages": "hi"}, "messages"),
+        ({"model": "m", "messages": ["hi"]}, "messages[0]"),
+        ({"model": "m", "messages": [{"content": "hi"}]}, "messages[0].role"),
+        ({"model": "m", "messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
+        ({"model": "m", "messages": [{"role": "user"}], "stream": "true"}, "stream"),
+        ({"model": "m", "messages": [{"role": "user"}], "max_tokens": "12"}, "max_tokens"),
+        (
+            {"model": "m", "messages": [{"role": "user"}], "max_completion_tokens": 1.5},
+            "max_completion_tokens",
+        ),
+        ({"model": "m", "messages": [{"role": "user"}], "temperature": "0"}, "temperature"),
+        ({"model": "m", "messages": [{"role": "user"}], "stop": [1]}, "stop"),
+        ({"model": "m", "messages": [{"role": "user"}], "tools": {}}, "tools"),
+        ({"model": "m", "messages": [{"role": "user"}], "response_format": "json"}, "response_format"),
+    ],
+)
+def test_chat_validation(req: dict[str, Any], param: str) -> None:
+    with pytest.raises(ApiError) as info:
+        chat_to_backend(req)
+    assert info.value.status == 400 and info.value.param == param
+    assert param.split("[")[0] in info.value.message
+
+
+def test_completions() -> None:
+    for prompt in ("Once upon a time", ["a", "b"], [1, 2, 3], [[1, 2], [3]]):
+        req = {"model": "m", "prompt": prompt, "max_tokens": 12, "stream": True, "n_predict": 5}
+        out = completions_to_backend(req)
+        assert out == BackendRequest("/v1/completions", req, True)
+    for bad in (None, 5, [], [None], [True], {"a": 1}):
+        with pytest.raises(ApiError) as info:
+            completions_to_backend({"model": "m", "prompt": bad})
+        assert info.value.param is not None and info.value.param.startswith("prompt")
+    with pytest.raises(ApiError):
+        completions_to_backend({"prompt": "x"})
+
+
+def test_rewrite_model() -> None:
+    chunk = {"id": "x", "model": "smollm2", "choices": []}
+    assert rewrite_model(chunk, "gpt-4o-mini")["model"] == "gpt-4o-mini"
+    err = {"error": {"message": "x"}}
+    assert rewrite_model(err, "m") == {"error": {"message": "x"}}
+
+
+@pytest.mark.parametrize("fixture", ["chat.json", "completions.json"])
+def test_rewrite_model_on_recorded_replies(fixture: str) -> None:
+    body = msgspec.json.decode((GOLDEN / fixture).read_bytes())
+    assert rewrite_model(body, "client-name")["model"] == "client-name"
+
+
+@pytest.mark.parametrize("fixture", ["chat_stream.txt", "completions_stream.txt"])
+def test_rewrite_model_on_recorded_streams(fixture: str) -> None:
+    parser = SSEParser()
+    for payload in parser.feed((GOLDEN / fixture).read_bytes()):
+        chunk = rewrite_model(msgspec.json.decode(payload), "client-name")
+        assert chunk["model"] == "client-name"
+    assert parser.done
+
+
+def test_openai_error_body() -> None:
+    assert openai_error_body(ApiError(404, "model 'x' not found", param="model")) == {
+        "error": {
+            "message": "model 'x' not found (llama-runner)",
+            "type": "invalid_request_error",
+            "param": "model",
+            "code": "model_not_found",
+        }
+    }
+    bad = openai_error_body(ApiError(400, "invalid stream: must be a boolean", param="stream"))["error"]
+    assert bad["type"] == "invalid_request_error" and bad["code"] is None and bad["param"] == "stream"
+    backend = openai_error_body(ApiError(500, "failed to decode", code="backend_error", source="backend"))[
+        "error"
+    ]
+    assert backend == {
+        "message": "failed to decode (backend)",
+        "type": "server_error",
+        "param": None,
+        "code": "backend_error",
+    }
+    assert openai_error_body(ApiError(503, "loading"))["error"]["type"] == "server_error"
+
+
+def test_openai_client_parses_our_error_body() -> None:
+    openai = pytest.importorskip("openai")
+    import httpx
+
+    body = openai_error_body(ApiError(404, "model 'nope' not found", param="model"))
+    response = httpx.Response(404, json=body, request=httpx.Request("POST", "http://x/v1/chat/completions"))
+    client = openai.OpenAI(api_key="x", base_url="http://x/v1")
+    err = client._make_status_error_from_response(response)
+    assert isinstance(err, openai.NotFoundError)
+    assert err.code == "model_not_found" and "(llama-runner)" in err.message
+
+
+# --- any JSON in, only ApiError(400) out --------------------------------------------------------
+
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=10),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
+    ),
+    max_leaves=16,
+)
+wrongish = json_values | st.sampled_from(["", "user", -1, 0, 1.5, [], {}, [""], True])
+request_ish = st.fixed_dictionaries(
+    {},
+    optional={
+        "model": st.text(max_size=8) | wrongish,
+        "messages": st.lists(
+            st.fixed_dictionaries({}, optional={"role": st.just("user") | wrongish, "content": wrongish})
+            | json_values,
+            max_size=3,
+        )
+        | wrongish,
+        "prompt": st.text(max_size=8)
+        | st.lists(st.text(max_size=4) | st.integers(0, 10**6), max_size=3)
+        | wrongish,
+        "stream": st.booleans() | wrongish,
+        "stream_options": wrongish,
+        "max_tokens": st.integers(-1, 100) | wrongish,
+        "max_completion_tokens": st.integers(-1, 100) | wrongish,
+        "temperature": st.floats(0, 2) | wrongish,
+        "stop": st.lists(st.text(max_size=3), max_size=2) | wrongish,
+        "tools": wrongish,
+        "response_format": wrongish,
+        "logprobs": wrongish,
+    },
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(value=json_values | request_ish)
+def test_any_json_gives_a_request_or_a_400(value: Any) -> None:
+    for fn in (chat_to_backend, completions_to_backend):
+        try:
+            out = fn(value)
+        except ApiError as err:
+            assert err.status == 400 and err.message and err.param != ""
+            continue
+        assert isinstance(out, BackendRequest) and isinstance(out.body, dict)
+        assert out.stream is bool(out.body.get("stream"))
+        msgspec.json.encode(out.body)
+    if isinstance(value, dict):
+        rewritten = rewrite_model(dict(value), "m")
+        assert "error" in value or rewritten["model"] == "m"
+
+
+valid_chat = st.fixed_dictionaries(
+    {
+        "model": st.text(max_size=10),
+        "messages": st.lists(
+            st.fixed_dictionaries(
+                {"role": st.sampled_from(["system", "user", "assistant"]), "content": st.text(max_size=20)}
+            ),
+            min_size=1,
+            max_size=4,
+        ),
+    },
+    optional={
+        "stream": st.booleans(),
+        "max_completion_tokens": st.integers(0, 4096),
+        "temperature": st.floats(0, 2),
+        "seed": st.integers(-1, 2**32),
+        "stop": st.text(max_size=3) | st.lists(st.text(max_size=3), max_size=3),
+        "cache_prompt": st.booleans(),
+    },
+)
+
+
+@settings(max_examples=100, deadline=None)
+@given(req=valid_chat)
+def test_valid_chat_requests_pass(req: dict[str, Any]) -> None:
+    out = chat_to_backend(req)
+    expected = dict(req)
+    if "max_completion_tokens" in expected:
+        expected["max_tokens"] = expected.pop("max_completion_tokens")
+    assert out.body == expected and out.stream is req.get("stream", False)
+    msgspec.json.encode(out.body)
