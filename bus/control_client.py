@@ -51,6 +51,11 @@ class ControlClient:
         finally:
             self._pending.pop(rid, None)
 
+    def notify(self, cmd: Command) -> None:
+        """Send without waiting for the reply (it is dropped): releases, cancels."""
+        with contextlib.suppress(zmq.ZMQError):
+            self.sock.send(COMMANDS.encode(cmd), zmq.NOBLOCK)
+
     async def _read(self) -> None:
         while True:
             payload = await self.sock.recv()

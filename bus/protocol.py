@@ -60,11 +60,30 @@ class Shutdown(_Msg, tag="shutdown"):
 
 
 class Acquire(_Msg, tag="acquire"):
-    """A gateway asks for a READY worker of ``model`` (a configured name or alias); may start it."""
+    """A gateway asks for a READY worker of ``model`` (a configured name or alias); may start it.
+
+    The request_id is also the lease: the worker counts as busy (never evicted) until ``Release``.
+    ``keep_alive_s``: how long the model stays loaded after this request (None: the model's idle TTL;
+    0: unload when idle; negative: forever), within the server's cap.
+    """
 
     request_id: str
     model: str
     timeout_s: float = 120.0
+    keep_alive_s: float | None = None
+
+
+class Release(_Msg, tag="release"):
+    """The request holding ``lease`` is over (or its client went away while the model was loading)."""
+
+    request_id: str
+    lease: str
+
+
+class Reload(_Msg, tag="reload"):
+    """Re-read the config: restart only workers whose settings changed, add and drain models."""
+
+    request_id: str
 
 
 class WorkerHello(_Msg, tag="worker_hello"):
@@ -79,7 +98,9 @@ class WorkerHello(_Msg, tag="worker_hello"):
     message: str = ""
 
 
-Command = Status | StartWorker | StopWorker | RestartWorker | Shutdown | Acquire | WorkerHello
+Command = (
+    Status | StartWorker | StopWorker | RestartWorker | Shutdown | Acquire | Release | Reload | WorkerHello
+)
 
 
 # --------------------------------------------------------------------------- replies (supervisor ->)
@@ -108,6 +129,10 @@ class WorkerInfo(msgspec.Struct, frozen=True, kw_only=True):
     started_at: float = 0.0
     last_used: float = 0.0
     message: str = ""
+    leases: int = 0
+    expires_at: float = 0.0  # when an idle worker will be unloaded (0: never / not scheduled)
+    model_path: str = ""
+    size_bytes: int = 0
 
 
 class ProcessInfo(msgspec.Struct, frozen=True, kw_only=True):

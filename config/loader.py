@@ -105,5 +105,8 @@ def _check_models(path: Path, models: ModelsConfig) -> None:
             if alias in seen and seen[alias] != name:
                 raise ConfigError(f"{path}: name `{alias}` is used by both `{seen[alias]}` and `{name}` - at $.models")
             seen[alias] = name
+    for i, name in enumerate(models.preload):
+        if name not in models.models:
+            raise ConfigError(f"{path}: preload `{name}` is not a configured model - at $.preload[{i}]")
     if models.default_model is not None and models.default_model not in models.models:
         raise ConfigError(f"{path}: default_model `{models.default_model}` is not a configured model - at $.default_model")

@@ -45,7 +45,10 @@ class LimitsConfig(_Cfg):
     queue_size: Annotated[int, msgspec.Meta(ge=0)] = 8
     load_timeout_s: PositiveFloat = 120.0
     request_timeout_s: PositiveFloat = 600.0
-    idle_ttl_s: Annotated[float, msgspec.Meta(ge=0)] = 300.0
+    # How long an idle model stays loaded (Ollama's keep_alive default): 0 unloads at once, negative never.
+    idle_ttl_s: float = 300.0
+    # The server's cap on a client's keep_alive / ttl (null: no cap; a negative request keeps forever).
+    max_keep_alive_s: Annotated[float, msgspec.Meta(ge=0)] | None = None
     restart_backoff_s: PositiveFloat = 1.0
     restart_backoff_max_s: PositiveFloat = 30.0
     max_restarts: PositiveInt = 5
@@ -76,8 +79,10 @@ class ModelConfig(_Cfg):
     type: Literal["llama", "whisper"] = "llama"
     aliases: list[ModelName] = []
     parameters: ModelParameters = msgspec.field(default_factory=ModelParameters)
+    idle_ttl_s: float | None = None  # overrides limits.idle_ttl_s for this model
 
 
 class ModelsConfig(_Cfg):
     models: dict[ModelName, ModelConfig] = {}
     default_model: str | None = None
+    preload: list[str] = []  # models started at `up`

@@ -24,6 +24,8 @@ from bus.protocol import (
     ErrorReply,
     Fail,
     HttpJob,
+    Release,
+    StopWorker,
     StreamItem,
     WorkerEndpoint,
     WorkerState,
@@ -39,10 +41,11 @@ DRAIN_CAP = 512
 class Channel:
     """The stream of one request: items arrive from the worker link, the handler takes them in batches."""
 
-    __slots__ = ("request_id", "worker", "link", "_items", "_event", "finished")
+    __slots__ = ("request_id", "worker", "link", "_items", "_event", "finished", "lease")
 
-    def __init__(self, request_id: str, worker: str, link: WorkerLink) -> None:
+    def __init__(self, request_id: str, worker: str, link: WorkerLink, lease: str = "") -> None:
         self.request_id = request_id
+        self.lease = lease
         self.worker = worker
         self.link = link
         self._items: list[StreamItem] = []
@@ -141,30 +144,51 @@ class GatewayBus:
         finally:
             sub.close(0)
 
-    async def acquire(self, model: str) -> WorkerEndpoint:
+    async def acquire(self, model: str, keep_alive: float | None = None) -> WorkerEndpoint:
+        """A READY worker of ``model``, leased under the reply's request_id until ``release``."""
+        lease = new_id()
         try:
-            reply = await self.control.request(Acquire(request_id=new_id(), model=model,
-                                                       timeout_s=self.load_timeout), self.load_timeout + 5)
+            reply = await self.control.request(Acquire(request_id=lease, model=model, timeout_s=self.load_timeout,
+                                                       keep_alive_s=keep_alive), self.load_timeout + 5)
         except ControlTimeout as exc:
+            self.release(lease)
             raise ApiError(503, f"llama-runner supervisor unavailable: {exc}", code="unavailable") from None
+        except BaseException:  # the client went away while the model was loading: let go of it
+            self.release(lease)
+            raise
         if isinstance(reply, ErrorReply):
             raise ApiError(reply.status, reply.message, code=reply.code)
         if not isinstance(reply, WorkerEndpoint):
+            self.release(lease)
             raise ApiError(500, f"unexpected reply {type(reply).__name__}", code="internal")
         return reply
 
-    async def open(self, model: str, path: str, body: bytes, stream: bool) -> Channel:
+    def release(self, lease: str) -> None:
+        self.control.notify(Release(request_id=new_id(), lease=lease))
+
+    async def unload(self, model: str) -> None:
+        reply = await self.control.request(StopWorker(request_id=new_id(), name=model), 60)
+        if isinstance(reply, ErrorReply):
+            raise ApiError(reply.status, reply.message, code=reply.code)
+
+    async def open(self, model: str, path: str, body: bytes, stream: bool,
+                   keep_alive: float | None = None) -> Channel:
         """Acquire a worker for ``model`` and send it the job; returns the channel of its answer."""
-        we = await self.acquire(model)
+        we = await self.acquire(model, keep_alive)
         link = self.links.get(we.model)
         if link is None or link.endpoint != we.endpoint:
             if link is not None:
                 link.close()
             link = self.links[we.model] = WorkerLink(self.ctx, we.model, we.endpoint)
         rid = new_id()
-        ch = Channel(rid, we.model, link)
+        ch = Channel(rid, we.model, link, lease=we.request_id)
         link.channels[rid] = ch
-        await link.sock.send(JOBS.encode(HttpJob(request_id=rid, path=path, body=body, stream=stream)))
+        try:
+            await link.sock.send(JOBS.encode(HttpJob(request_id=rid, path=path, body=body, stream=stream)))
+        except BaseException:
+            link.channels.pop(rid, None)
+            self.release(ch.lease)
+            raise
         return ch
 
     async def close_channel(self, ch: Channel) -> None:
@@ -173,6 +197,9 @@ class GatewayBus:
         if not ch.finished:
             with contextlib.suppress(zmq.ZMQError):
                 await ch.link.sock.send(JOBS.encode(Cancel(request_id=ch.request_id)), zmq.NOBLOCK)
+        if ch.lease:
+            self.release(ch.lease)
+            ch.lease = ""
 
     async def close(self) -> None:
         if self._events:

@@ -67,12 +67,16 @@ async def _generate(request: web.Request, kind: Literal["chat", "generate"]) -> 
     req = await read_json(request)
     model = _model(req)
     t0 = started_ns()
-    tr.parse_keep_alive(req.get("keep_alive"))  # validated here; honoured by the lifecycle issue
+    keep_alive = tr.parse_keep_alive(req.get("keep_alive"))
     if tr.is_load_only(req, kind):
-        await request.app[BUS].acquire(model)
+        bus = request.app[BUS]
+        if keep_alive == 0:
+            await bus.unload(model)
+            return json_response(tr.load_response(model, kind, "unload"))
+        bus.release((await bus.acquire(model, keep_alive)).request_id)
         return json_response(tr.load_response(model, kind, "load"))
     breq = tr.chat_to_backend(req) if kind == "chat" else tr.generate_to_backend(req)
-    relay = await open_job(request, model, breq.path, breq.body, breq.stream)
+    relay = await open_job(request, model, breq.path, breq.body, breq.stream, keep_alive)
     try:
         if not breq.stream:
             try:

@@ -70,12 +70,13 @@ def error_middleware(shape: ErrorShape) -> Any:
     return middleware
 
 
-async def open_job(request: web.Request, model: str, path: str, body: dict[str, Any], stream: bool) -> Relay:
+async def open_job(request: web.Request, model: str, path: str, body: dict[str, Any], stream: bool,
+                   keep_alive: float | None = None) -> Relay:
     """Send a job for ``model``; returns its relay with the backend's head already checked (< 400)."""
     bus = request.app[BUS]
     launch = request.app[LAUNCH]
     t0 = time.monotonic_ns()
-    ch = await bus.open(model, path, msgspec.json.encode(body), stream)
+    ch = await bus.open(model, path, msgspec.json.encode(body), stream, keep_alive)
     relay = Relay(bus, ch, launch.request_timeout_s)
     relay.load_ns = time.monotonic_ns() - t0
     try:

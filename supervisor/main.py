@@ -26,6 +26,8 @@ from bus.protocol import (
     Ok,
     ProcessInfo,
     ProcessStateEvent,
+    Release,
+    Reload,
     Reply,
     RestartWorker,
     Shutdown,
@@ -43,6 +45,7 @@ from bus.protocol import (
 from config import runtime
 from config.loader import Config
 from supervisor.processes import python_module, spawn, terminate
+from supervisor.scheduler import Scheduler
 from supervisor.states import backoff_delay
 from supervisor.worker_manager import Policy, WorkerManager, WorkerUnavailable
 
@@ -106,6 +109,7 @@ class Supervisor:
         self.policy = Policy(grace_s=limits.shutdown_grace_s, backoff_s=limits.restart_backoff_s,
                              backoff_max_s=limits.restart_backoff_max_s, max_failures=limits.max_restarts)
         self.llama_server = runtime.find_llama_server(config.app.llama_server_path)
+        self.scheduler: Scheduler | None = None
 
     # ------------------------------------------------------------------ setup
     def _bind(self) -> None:
@@ -148,6 +152,8 @@ class Supervisor:
             self.pub.send_multipart(encode_event(topic, event), zmq.NOBLOCK)
 
     def _publish_worker(self, info: WorkerInfo) -> None:
+        if self.scheduler is not None:
+            self.scheduler.worker_changed(info.name)
         self.publish(endpoints.topic_worker_state(info.name), WorkerStateEvent(
             name=info.name, state=info.state, pid=info.pid, backend_pid=info.backend_pid,
             restarts=info.restarts, message=info.message))
@@ -168,6 +174,25 @@ class Supervisor:
                                 log_path=self.logs_dir / f"worker-{name}.out")
             self.workers[name] = mgr
             self._track(mgr.run())
+        self.scheduler = Scheduler(self.workers, max_loaded=app.limits.max_loaded_models,
+                                   default_ttl=self._ttl, max_keep_alive=app.limits.max_keep_alive_s)
+        self._track(self.scheduler.run())
+
+    def _ttl(self, name: str) -> float:
+        model = self.config.models.models.get(name)
+        if model is not None and model.idle_ttl_s is not None:
+            return model.idle_ttl_s
+        return self.config.app.limits.idle_ttl_s
+
+    def worker_info(self, mgr: WorkerManager) -> WorkerInfo:
+        info = mgr.info()
+        assert self.scheduler is not None
+        size = 0
+        with contextlib.suppress(OSError):
+            size = Path(mgr.launch.model_path).stat().st_size
+        return msgspec.structs.replace(info, leases=self.scheduler.leases(mgr.name),
+                                       expires_at=self.scheduler.expires_at(mgr.name),
+                                       model_path=mgr.launch.model_path, size_bytes=size)
 
     def _make_processes(self) -> None:
         app = self.config.app
@@ -207,6 +232,8 @@ class Supervisor:
         self._track(self._system_metrics())
         for proc in self.processes:
             self._track(proc.run())
+        for name in self.config.models.preload:
+            self.workers[name].start()
         log.info("supervisor_up", run_dir=str(self.run_dir), llama_server=str(self.llama_server),
                  models=list(self.workers))
         await self.stop_requested.wait()
@@ -263,7 +290,9 @@ class Supervisor:
             reply = ErrorReply(request_id=cmd.request_id, code=exc.code, message=exc.message, status=exc.status)
         except Exception as exc:
             log.exception("command_failed", command=type(cmd).__name__)
-            reply = ErrorReply(request_id=cmd.request_id, code="internal", message=repr(exc), status=500)
+            reply = ErrorReply(request_id=cmd.request_id, code="internal",
+                               message=f"internal error in the supervisor ({type(exc).__name__}); see its log",
+                               status=500)
         with contextlib.suppress(zmq.ZMQError):
             await self.control.send_multipart([ident, REPLIES.encode(reply)])
 
@@ -276,24 +305,35 @@ class Supervisor:
     async def _handle(self, cmd: Any) -> Reply:
         rid = cmd.request_id
         if isinstance(cmd, Status):
-            return StatusReply(request_id=rid, workers=[w.info() for w in self.workers.values()],
+            return StatusReply(request_id=rid, workers=[self.worker_info(w) for w in self.workers.values()],
                                processes=[p.info() for p in self.processes], pid=os.getpid())
         if isinstance(cmd, Shutdown):
             self.request_stop()
             return Ok(request_id=rid, message="shutting down")
         if self.stopping:
             raise WorkerUnavailable("shutting_down", "llama-runner is shutting down", 503)
+        if isinstance(cmd, Release):
+            assert self.scheduler is not None
+            self.scheduler.release(cmd.lease)
+            return Ok(request_id=rid)
         if isinstance(cmd, Acquire):
             mgr = self._worker(rid, cmd.model)
             if mgr.launch.kind != "llama":
                 raise WorkerUnavailable("unsupported", f"model {mgr.name!r} is a {mgr.launch.kind} model", 400)
-            fut = mgr.acquire()
+            assert self.scheduler is not None
+            fut = self.scheduler.acquire(rid, mgr.name, cmd.keep_alive_s)
             try:
                 endpoint = await asyncio.wait_for(fut, cmd.timeout_s)
             except TimeoutError:
+                self.scheduler.release(rid)
                 raise WorkerUnavailable("timeout", f"model {mgr.name!r} did not load within {cmd.timeout_s:.0f}s",
                                         503) from None
+            except WorkerUnavailable:
+                self.scheduler.release(rid)
+                raise
             return WorkerEndpoint(request_id=rid, model=mgr.name, endpoint=endpoint)
+        if isinstance(cmd, Reload):
+            raise WorkerUnavailable("unsupported", "reload is not implemented yet", 501)
         if isinstance(cmd, StartWorker):
             await self._worker(rid, cmd.name).start()
             return Ok(request_id=rid, message=f"starting {cmd.name}")

@@ -1,0 +1,205 @@
+"""Residency: which models are loaded. One owner task decides; workers' own managers carry it out.
+
+- Every Acquire is a lease: a worker with a lease is busy and is never evicted.
+- When a model must start and ``max_loaded_models`` are loaded, the least recently used *idle* worker is
+  stopped first; with none idle, the request waits (its caller's timeout bounds the wait).
+- After its last lease, a worker stays loaded for its keep-alive (the request's, else the model's idle TTL;
+  0 unloads at once; negative keeps it), then is stopped.
+- A lease released before its model finished loading (the client went away) stops that load when no one
+  else wants the model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from bus.protocol import WorkerState
+from supervisor.worker_manager import WorkerManager, WorkerUnavailable
+
+S = WorkerState
+log = structlog.get_logger()
+LOADED = frozenset({S.STARTING, S.READY, S.STOPPING})
+FOREVER = -1.0
+
+
+@dataclass
+class _Pending:
+    lease: str
+    mgr: WorkerManager
+    fut: asyncio.Future[str]
+
+
+@dataclass
+class Scheduler:
+    managers: dict[str, WorkerManager]
+    max_loaded: int
+    default_ttl: Callable[[str], float]  # model name -> idle TTL in seconds (0: unload when idle, <0: never)
+    max_keep_alive: float | None = None  # the server's cap on what a client may ask for
+    _inbox: asyncio.Queue[tuple[str, Any]] = field(default_factory=asyncio.Queue)
+    _leases: dict[str, str] = field(default_factory=dict)  # lease -> model
+    _granted: dict[str, asyncio.Future[str]] = field(default_factory=dict)  # lease -> its acquire future
+    _count: Counter[str] = field(default_factory=Counter)
+    _keep_alive: dict[str, float] = field(default_factory=dict)
+    _expires: dict[str, float] = field(default_factory=dict)
+    _timers: dict[str, asyncio.TimerHandle] = field(default_factory=dict)
+    _pending: list[_Pending] = field(default_factory=list)
+
+    # ------------------------------------------------------------------ API (any task)
+    def acquire(self, lease: str, name: str, keep_alive: float | None) -> asyncio.Future[str]:
+        fut: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self._inbox.put_nowait(("acquire", (lease, name, keep_alive, fut)))
+        return fut
+
+    def release(self, lease: str) -> None:
+        self._inbox.put_nowait(("release", lease))
+
+    def worker_changed(self, name: str) -> None:
+        self._inbox.put_nowait(("changed", name))
+
+    def leases(self, name: str) -> int:
+        return self._count[name]
+
+    def expires_at(self, name: str) -> float:
+        """Unix time when the idle model unloads; 0 when it is not loaded or kept forever."""
+        return self._expires.get(name, 0.0)
+
+    def clamp(self, keep_alive: float | None, name: str) -> float:
+        value = self.default_ttl(name) if keep_alive is None else keep_alive
+        cap = self.max_keep_alive
+        if cap is not None and cap >= 0 and (value < 0 or value > cap):
+            value = cap
+        return value
+
+    # ------------------------------------------------------------------ owner loop
+    async def run(self) -> None:
+        while True:
+            kind, arg = await self._inbox.get()
+            try:
+                getattr(self, f"_on_{kind}")(arg)
+            except Exception:
+                log.exception("scheduler_event_failed", event=kind)
+
+    def _on_acquire(self, arg: tuple[str, str, float | None, asyncio.Future[str]]) -> None:
+        lease, name, keep_alive, fut = arg
+        log.debug("acquire", lease=lease, worker=name, keep_alive=keep_alive)
+        mgr = self.managers[name]
+        self._leases[lease] = name
+        self._granted[lease] = fut
+        self._count[name] += 1
+        self._keep_alive[name] = self.clamp(keep_alive, name)
+        self._cancel_timer(name)
+        self._try(_Pending(lease, mgr, fut))
+
+    def _try(self, p: _Pending) -> bool:
+        """Grant now if the model is loaded or there is room; else make room (evict) and wait."""
+        if p.mgr.state != S.STOPPED or self._loaded() < self.max_loaded:
+            self._chain(p.mgr.acquire(), p.fut)
+            return True
+        if not any(m.state == S.STOPPING for m in self.managers.values()):
+            victim = self._victim(exclude=p.mgr.name)
+            if victim is not None:
+                log.info("evict", worker=victim.name, for_model=p.mgr.name)
+                victim.stop()
+        if p not in self._pending:
+            self._pending.append(p)
+        return False
+
+    def _victim(self, exclude: str) -> WorkerManager | None:
+        idle = [m for m in self.managers.values()
+                if m.name != exclude and m.state in (S.READY, S.BACKOFF, S.STARTING) and self._count[m.name] == 0]
+        return min(idle, key=lambda m: m.last_used, default=None)
+
+    def _loaded(self) -> int:
+        return sum(1 for m in self.managers.values() if m.state in LOADED)
+
+    @staticmethod
+    def _chain(src: asyncio.Future[str], dst: asyncio.Future[str]) -> None:
+        def done(f: asyncio.Future[str]) -> None:
+            if dst.done():
+                return
+            if f.cancelled():
+                dst.cancel()
+            elif f.exception() is not None:
+                dst.set_exception(f.exception())  # type: ignore[arg-type]
+            else:
+                dst.set_result(f.result())
+
+        src.add_done_callback(done)
+
+    def _on_release(self, lease: str) -> None:
+        name = self._leases.pop(lease, None)
+        fut = self._granted.pop(lease, None)
+        log.debug("release", lease=lease, worker=name)
+        if name is None:
+            return
+        mgr = self.managers[name]
+        self._count[name] -= 1
+        mgr.last_used = time.time()
+        for p in [p for p in self._pending if p.lease == lease]:
+            self._pending.remove(p)
+        abandoned = fut is not None and not fut.done()
+        if fut is not None and abandoned:
+            fut.set_exception(WorkerUnavailable("cancelled", "request went away", 499))
+        if self._count[name] > 0:
+            return
+        del self._count[name]
+        if mgr.state == S.STARTING and abandoned:
+            log.info("load_abandoned", worker=name)
+            mgr.stop()
+        self._arm_idle(mgr)
+        self._retry()
+
+    def _arm_idle(self, mgr: WorkerManager) -> None:
+        name = mgr.name
+        self._cancel_timer(name)
+        if self._count[name] > 0 or mgr.state not in (S.READY, S.STARTING):
+            self._expires.pop(name, None)
+            return
+        ka = self._keep_alive.get(name, self.clamp(None, name))
+        if ka == 0:
+            self._expires.pop(name, None)
+            mgr.stop()
+        elif ka < 0:
+            self._expires.pop(name, None)
+        else:
+            self._expires[name] = time.time() + ka
+            loop = asyncio.get_running_loop()
+            self._timers[name] = loop.call_later(ka, lambda: self._inbox.put_nowait(("idle", name)))
+
+    def _on_idle(self, name: str) -> None:
+        self._timers.pop(name, None)
+        mgr = self.managers[name]
+        if self._count[name] == 0 and mgr.state in (S.READY, S.STARTING, S.BACKOFF):
+            log.info("idle_unload", worker=name)
+            self._expires.pop(name, None)
+            mgr.stop()
+
+    def _on_changed(self, name: str) -> None:
+        mgr = self.managers.get(name)
+        if mgr is None:
+            return
+        if mgr.state == S.READY and self._count[name] == 0 and name not in self._timers:
+            self._arm_idle(mgr)  # started by an operator or a preload: it unloads when idle too
+        elif mgr.state in (S.STOPPED, S.FATAL):
+            self._cancel_timer(name)
+            self._expires.pop(name, None)
+        self._retry()
+
+    def _retry(self) -> None:
+        pending, self._pending = self._pending, []
+        for p in pending:
+            if p.fut.done():
+                continue
+            self._try(p)
+
+    def _cancel_timer(self, name: str) -> None:
+        timer = self._timers.pop(name, None)
+        if timer is not None:
+            timer.cancel()

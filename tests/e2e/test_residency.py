@@ -1,0 +1,112 @@
+"""Residency on the real system: keep_alive, load/unload requests, LRU eviction that spares busy workers,
+and a client that goes away freeing its llama-server slot."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import ollama
+import pytest
+
+from tests.conftest import ROOT, System, alive, llama_server_available, start_system, stop_system, wait_for
+
+pytestmark = pytest.mark.e2e
+A, B = "smollm2", "smollm2-b"
+
+
+@pytest.fixture(scope="module")
+def two_models() -> Iterator[System]:
+    if not llama_server_available():
+        pytest.skip("llama-server or the default model is missing: run `make setup`")
+    cfg = Path(tempfile.mkdtemp(prefix="lr-cfg2-"))
+    app = json.loads((ROOT / "config" / "app_config.json").read_text())
+    app["limits"]["max_loaded_models"] = 1
+    models = json.loads((ROOT / "config" / "models_config.json").read_text())
+    base = models["models"][A]
+    base["parameters"]["parallel"] = 1
+    models["models"][B] = {**base, "aliases": []}
+    (cfg / "app_config.json").write_text(json.dumps(app))
+    (cfg / "models_config.json").write_text(json.dumps(models))
+    sysm = start_system(cfg)
+    try:
+        yield sysm
+    finally:
+        sysm.status()
+        assert stop_system(sysm) == 0
+        wait_for(lambda: not alive(sysm.seen_pids), 10, "no process left")
+        shutil.rmtree(cfg, ignore_errors=True)
+
+
+def state(system: System, name: str) -> str:
+    return system.worker(name)["state"]
+
+
+def test_load_and_unload_requests(two_models: System) -> None:
+    c = ollama.Client(two_models.ollama_url)
+    r = c.generate(model=A, prompt="")
+    assert r.done and r.done_reason == "load"
+    assert state(two_models, A) == "ready"
+    r = c.generate(model=A, prompt="", keep_alive=0)
+    assert r.done and r.done_reason == "unload"
+    assert state(two_models, A) == "stopped"
+    r = c.chat(model=A, messages=[])
+    assert r.done and r.done_reason == "load"
+
+
+def test_keep_alive_zero_unloads_after_the_request(two_models: System) -> None:
+    c = ollama.Client(two_models.ollama_url)
+    r = c.generate(model=A, prompt="Hi", keep_alive=0, options={"num_predict": 4})
+    assert r.done and r.response is not None
+    wait_for(lambda: state(two_models, A) == "stopped", 15, f"{A} unloaded after keep_alive 0")
+
+
+def test_loading_another_model_evicts_the_idle_one(two_models: System) -> None:
+    c = ollama.Client(two_models.ollama_url)
+    c.generate(model=A, prompt="Hi", options={"num_predict": 2})
+    assert state(two_models, A) == "ready"
+    c.generate(model=B, prompt="Hi", options={"num_predict": 2})
+    assert state(two_models, B) == "ready"
+    assert state(two_models, A) == "stopped"
+
+
+def test_busy_model_is_not_evicted_the_new_one_waits(two_models: System) -> None:
+    c = ollama.Client(two_models.ollama_url, timeout=120)
+    c.generate(model=A, prompt="", keep_alive="5m")  # A loaded
+    parts: list[ollama.GenerateResponse] = []
+
+    def long_stream() -> None:
+        for p in c.generate(model=A, prompt="Count from one to one hundred.", stream=True,
+                            options={"num_predict": 60, "temperature": 0}):
+            parts.append(p)
+
+    t = threading.Thread(target=long_stream)
+    t.start()
+    wait_for(lambda: len(parts) >= 2, 60, "A streaming")
+    r = c.generate(model=B, prompt="Hi", options={"num_predict": 2})  # must wait for A, not kill it
+    t.join(60)
+    assert parts[-1].done and parts[-1].done_reason in ("stop", "length")
+    assert r.done
+    # B could only start after A's stream ended
+    assert parts[-1].eval_count and parts[-1].eval_count > 2
+
+
+def test_client_disconnect_frees_the_slot(two_models: System) -> None:
+    c = ollama.Client(two_models.ollama_url, timeout=120)
+    c.generate(model=A, prompt="", keep_alive="5m")
+    body = {"model": A, "prompt": "Write a very long story about a dragon.", "stream": True,
+            "options": {"num_predict": 2000, "temperature": 0.8}}
+    with httpx.stream("POST", two_models.ollama_url + "/api/generate", json=body, timeout=60) as resp:
+        lines = resp.iter_lines()
+        next(lines)
+        next(lines)
+    # the model has one slot: if the abandoned generation kept running, this would wait ~2000 tokens
+    start = time.monotonic()
+    r = c.generate(model=A, prompt="Hi", options={"num_predict": 3})
+    assert r.done and time.monotonic() - start < 10

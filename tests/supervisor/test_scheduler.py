@@ -1,0 +1,162 @@
+"""Residency decisions, against stand-in workers (the real lifecycle is covered by tests/e2e)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from bus.protocol import WorkerState as S
+from supervisor.scheduler import Scheduler
+
+
+class FakeWorker:
+    """Stands in for a WorkerManager: state changes when the test says so."""
+
+    def __init__(self, name: str, sched: list[Scheduler]) -> None:
+        self.name = name
+        self.state = S.STOPPED
+        self.last_used = 0.0
+        self.stops = 0
+        self._waiters: list[asyncio.Future[str]] = []
+        self._sched = sched
+
+    def acquire(self) -> asyncio.Future[str]:
+        fut: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        if self.state == S.READY:
+            fut.set_result(f"ep-{self.name}")
+        else:
+            self._waiters.append(fut)
+            if self.state == S.STOPPED:
+                self.state = S.STARTING
+        return fut
+
+    def become_ready(self) -> None:
+        self.state = S.READY
+        for f in self._waiters:
+            f.set_result(f"ep-{self.name}")
+        self._waiters.clear()
+        self._sched[0].worker_changed(self.name)
+
+    def stop(self) -> Any:
+        self.stops += 1
+        if self.state in (S.READY, S.STARTING):
+            self.state = S.STOPPING
+        return None
+
+    def finish_stop(self) -> None:
+        self.state = S.STOPPED
+        self._sched[0].worker_changed(self.name)
+
+
+async def settle() -> None:
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+@pytest.fixture
+async def world() -> Any:
+    ref: list[Scheduler] = []
+    workers = {n: FakeWorker(n, ref) for n in ("a", "b", "c")}
+    ttl = {"a": 60.0, "b": 60.0, "c": 60.0}
+    sched = Scheduler(workers, max_loaded=2, default_ttl=lambda n: ttl[n])  # type: ignore[arg-type]
+    ref.append(sched)
+    task = asyncio.create_task(sched.run())
+    yield sched, workers, ttl
+    task.cancel()
+
+
+async def load(sched: Scheduler, w: FakeWorker, lease: str, keep_alive: float | None = None) -> str:
+    fut = sched.acquire(lease, w.name, keep_alive)
+    await settle()
+    if w.state == S.STARTING:
+        w.become_ready()
+    return await asyncio.wait_for(fut, 1)
+
+
+async def test_evicts_least_recently_used_idle_worker(world: Any) -> None:
+    sched, w, _ = world
+    await load(sched, w["a"], "1")
+    await load(sched, w["b"], "2")
+    w["a"].last_used, w["b"].last_used = 100.0, 50.0
+    sched.release("1")
+    sched.release("2")
+    await settle()
+    w["a"].last_used, w["b"].last_used = 100.0, 50.0  # b is the least recently used
+    fut = sched.acquire("3", "c", None)
+    await settle()
+    assert w["b"].state == S.STOPPING and w["a"].state == S.READY and not fut.done()
+    w["b"].finish_stop()
+    await settle()
+    assert w["c"].state == S.STARTING
+    w["c"].become_ready()
+    assert await asyncio.wait_for(fut, 1) == "ep-c"
+
+
+async def test_busy_worker_is_never_evicted_request_waits(world: Any) -> None:
+    sched, w, _ = world
+    await load(sched, w["a"], "1")
+    await load(sched, w["b"], "2")  # both hold leases: busy
+    fut = sched.acquire("3", "c", None)
+    await settle()
+    assert w["a"].stops == 0 and w["b"].stops == 0 and w["c"].state == S.STOPPED and not fut.done()
+    sched.release("1")  # a becomes idle: now it can make room
+    await settle()
+    assert w["a"].state == S.STOPPING and w["b"].stops == 0
+    w["a"].finish_stop()
+    await settle()
+    w["c"].become_ready()
+    assert await asyncio.wait_for(fut, 1) == "ep-c"
+
+
+async def test_keep_alive_zero_unloads_after_last_lease(world: Any) -> None:
+    sched, w, _ = world
+    await load(sched, w["a"], "1", keep_alive=0)
+    await load(sched, w["a"], "2", keep_alive=0)
+    sched.release("1")
+    await settle()
+    assert w["a"].stops == 0  # still one lease
+    sched.release("2")
+    await settle()
+    assert w["a"].stops == 1
+
+
+async def test_idle_ttl_unloads_and_negative_keeps(world: Any) -> None:
+    sched, w, ttl = world
+    ttl["a"] = 0.05
+    await load(sched, w["a"], "1")
+    sched.release("1")
+    await settle()
+    assert sched.expires_at("a") > 0
+    await asyncio.sleep(0.15)
+    assert w["a"].stops == 1
+    await load(sched, w["b"], "2", keep_alive=-1)
+    sched.release("2")
+    await asyncio.sleep(0.1)
+    assert w["b"].stops == 0 and sched.expires_at("b") == 0
+
+
+async def test_server_cap_wins_over_client_keep_alive() -> None:
+    sched = Scheduler({}, max_loaded=1, default_ttl=lambda n: 300.0, max_keep_alive=600.0)
+    assert sched.clamp(-1, "x") == 600.0
+    assert sched.clamp(3600, "x") == 600.0
+    assert sched.clamp(10, "x") == 10
+    assert sched.clamp(None, "x") == 300.0
+
+
+async def test_client_gone_during_load_stops_the_load(world: Any) -> None:
+    sched, w, _ = world
+    fut = sched.acquire("1", "a", None)
+    await settle()
+    assert w["a"].state == S.STARTING
+    sched.release("1")
+    await settle()
+    assert w["a"].stops == 1 and fut.done()
+
+
+async def test_unknown_release_is_ignored(world: Any) -> None:
+    sched, w, _ = world
+    sched.release("nope")
+    await load(sched, w["a"], "1")
+    assert sched.leases("a") == 1
