@@ -154,6 +154,7 @@ class WorkerEndpoint(_Msg, tag="worker_endpoint"):
     request_id: str
     model: str
     endpoint: str
+    kind: str = "llama"
 
 
 Reply = Ok | ErrorReply | StatusReply | WorkerEndpoint

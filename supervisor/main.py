@@ -318,8 +318,6 @@ class Supervisor:
             return Ok(request_id=rid)
         if isinstance(cmd, Acquire):
             mgr = self._worker(rid, cmd.model)
-            if mgr.launch.kind != "llama":
-                raise WorkerUnavailable("unsupported", f"model {mgr.name!r} is a {mgr.launch.kind} model", 400)
             assert self.scheduler is not None
             fut = self.scheduler.acquire(rid, mgr.name, cmd.keep_alive_s)
             try:
@@ -331,7 +329,7 @@ class Supervisor:
             except WorkerUnavailable:
                 self.scheduler.release(rid)
                 raise
-            return WorkerEndpoint(request_id=rid, model=mgr.name, endpoint=endpoint)
+            return WorkerEndpoint(request_id=rid, model=mgr.name, endpoint=endpoint, kind=mgr.launch.kind)
         if isinstance(cmd, Reload):
             raise WorkerUnavailable("unsupported", "reload is not implemented yet", 501)
         if isinstance(cmd, StartWorker):

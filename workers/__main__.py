@@ -19,12 +19,16 @@ def main(argv: list[str] | None = None) -> int:
     launch = msgspec.json.decode(args[0], type=WorkerLaunch)
     set_parent_death_signal()
     setup_logging(f"worker-{launch.name}", launch.logs_dir)
-    if launch.kind != "llama":
-        print(f"worker kind {launch.kind!r} is not supported yet", file=sys.stderr)
-        return 2
-    from workers.service import LlamaWorker
+    if launch.kind == "llama":
+        from workers.service import LlamaWorker
 
-    return run(LlamaWorker(launch, launch.load_timeout_s).run)
+        return run(LlamaWorker(launch, launch.load_timeout_s).run)
+    if launch.kind == "whisper":
+        from workers.whisper_worker import WhisperWorker  # type: ignore[import-not-found]
+
+        return run(WhisperWorker(launch).run)
+    print(f"unknown worker kind {launch.kind!r}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":
