@@ -70,23 +70,41 @@ def error_middleware(shape: ErrorShape) -> Any:
     return middleware
 
 
+# A job that failed before the backend answered, because its worker went away (crash, restart, eviction),
+# never started: it is sent again to the model's next worker instead of failing the client.
+RETRIES_BEFORE_HEAD = 2
+
+
+def _retriable(err: ApiError) -> bool:
+    return err.code == "backend_exited" or err.code.startswith("worker_")
+
+
 async def open_job(request: web.Request, model: str, path: str, body: dict[str, Any], stream: bool,
                    keep_alive: float | None = None) -> Relay:
     """Send a job for ``model``; returns its relay with the backend's head already checked (< 400)."""
     bus = request.app[BUS]
     launch = request.app[LAUNCH]
+    payload = msgspec.json.encode(body)
     t0 = time.monotonic_ns()
-    ch = await bus.open(model, path, msgspec.json.encode(body), stream, keep_alive)
-    relay = Relay(bus, ch, launch.request_timeout_s)
-    relay.load_ns = time.monotonic_ns() - t0
-    try:
-        head = await relay.head()
-        if head.status >= 400:
-            raise backend_error(head.status, await relay.body())
-    except BaseException:
-        await relay.close()
-        raise
-    return relay
+    for attempt in range(RETRIES_BEFORE_HEAD + 1):
+        ch = await bus.open(model, path, payload, stream, keep_alive)
+        relay = Relay(bus, ch, launch.request_timeout_s)
+        relay.load_ns = time.monotonic_ns() - t0
+        try:
+            head = await relay.head()
+            if head.status >= 400:
+                raise backend_error(head.status, await relay.body())
+        except ApiError as err:
+            await relay.close()
+            if attempt < RETRIES_BEFORE_HEAD and _retriable(err):
+                log.info("job_retry", model=model, reason=err.message)
+                continue
+            raise
+        except BaseException:
+            await relay.close()
+            raise
+        return relay
+    raise AssertionError("unreachable")
 
 
 def started_ns() -> int:

@@ -1,0 +1,236 @@
+"""Faults on the real system: every one ends in a clean error or a recovery, never a hang."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import ollama
+import openai
+import pytest
+import zmq
+
+from bus import endpoints
+from tests.conftest import ROOT, System, alive, llama_server_available, start_system, stop_system, wait_for
+
+pytestmark = pytest.mark.e2e
+A, B = "smollm2", "smollm2-b"
+
+
+def two_model_config(**limits: Any) -> Path:
+    cfg = Path(tempfile.mkdtemp(prefix="lr-cfg-f-"))
+    app = json.loads((ROOT / "config" / "app_config.json").read_text())
+    app["limits"].update(limits)
+    models = json.loads((ROOT / "config" / "models_config.json").read_text())
+    base = {**models["models"][A], "aliases": []}
+    base["parameters"] = {**base["parameters"], "parallel": 1}
+    models["models"] = {A: base, B: dict(base)}
+    (cfg / "app_config.json").write_text(json.dumps(app))
+    (cfg / "models_config.json").write_text(json.dumps(models))
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def faulty() -> Iterator[System]:
+    if not llama_server_available():
+        pytest.skip("llama-server or the default model is missing: run `make setup`")
+    cfg = two_model_config(max_loaded_models=2, queue_size=8, restart_backoff_s=0.2)
+    sysm = start_system(cfg)
+    try:
+        yield sysm
+    finally:
+        sysm.status()
+        assert stop_system(sysm) == 0, sysm.logs()
+        wait_for(lambda: not alive(sysm.seen_pids), 10, "no process left")
+        shutil.rmtree(cfg, ignore_errors=True)
+
+
+class Stream(threading.Thread):
+    """A streaming request in the background; records chunks, the end, or the error."""
+
+    def __init__(self, system: System, model: str, api: str = "ollama", tokens: int = 120) -> None:
+        super().__init__(daemon=True)
+        self.system, self.model, self.api, self.tokens = system, model, api, tokens
+        self.chunks: list[Any] = []
+        self.error: BaseException | None = None
+        self.done = False
+        self.ended_at = 0.0
+
+    def run(self) -> None:
+        try:
+            if self.api == "ollama":
+                c = ollama.Client(self.system.ollama_url, timeout=120)
+                for p in c.generate(model=self.model, prompt="Count slowly from one to two hundred.", stream=True,
+                                    options={"num_predict": self.tokens, "temperature": 0}):
+                    self.chunks.append(p)
+                self.done = bool(self.chunks and self.chunks[-1].done)
+            else:
+                c = openai.OpenAI(base_url=self.system.openai_url, api_key="x", max_retries=0, timeout=120)
+                for ch in c.chat.completions.create(model=self.model, stream=True, max_tokens=self.tokens,
+                                                    messages=[{"role": "user", "content": "Count to fifty."}]):
+                    self.chunks.append(ch)
+                self.done = any(ch.choices and ch.choices[0].finish_reason for ch in self.chunks)
+        except BaseException as exc:  # recorded for the test
+            self.error = exc
+        finally:
+            self.ended_at = time.monotonic()
+
+    def wait_streaming(self, n: int = 2) -> None:
+        wait_for(lambda: len(self.chunks) >= n or self.error is not None, 120, f"{self.model} streaming")
+        assert self.error is None, self.error
+
+
+def loaded(system: System, name: str) -> dict[str, Any]:
+    c = ollama.Client(system.ollama_url, timeout=120)
+    c.generate(model=name, prompt="", keep_alive="10m")
+    w = system.worker(name)
+    assert w["state"] == "ready"
+    return w
+
+
+def test_worker_killed_mid_stream_errors_cleanly_other_stream_continues(faulty: System) -> None:
+    wa = loaded(faulty, A)
+    loaded(faulty, B)
+    sa, sb = Stream(faulty, A, "ollama", 400), Stream(faulty, B, "openai", 60)
+    sa.start()
+    sb.start()
+    sa.wait_streaming()
+    sb.wait_streaming()
+    killed = time.monotonic()
+    os.kill(wa["pid"], signal.SIGKILL)
+    sa.join(30)
+    assert not sa.is_alive(), "the client of the killed worker hangs"
+    assert isinstance(sa.error, ollama.ResponseError), sa.error
+    assert sa.ended_at - killed < 10
+    sb.join(120)
+    assert sb.error is None and sb.done, sb.error
+    r = ollama.Client(faulty.ollama_url, timeout=120).generate(model=A, prompt="Hi", options={"num_predict": 2})
+    assert r.done
+
+
+def test_llama_server_killed_mid_stream_errors_cleanly(faulty: System) -> None:
+    wa = loaded(faulty, A)
+    s = Stream(faulty, A, "openai", 400)
+    s.start()
+    s.wait_streaming()
+    os.kill(wa["backend_pid"], signal.SIGKILL)
+    s.join(30)
+    assert not s.is_alive() and s.error is not None and not s.done
+    r = ollama.Client(faulty.ollama_url, timeout=120).generate(model=A, prompt="Hi", options={"num_predict": 2})
+    assert r.done
+
+
+def test_restart_of_one_model_leaves_the_other_stream_alone(faulty: System) -> None:
+    loaded(faulty, A)
+    wb = loaded(faulty, B)
+    s = Stream(faulty, B, "ollama", 80)
+    s.start()
+    s.wait_streaming()
+    out = faulty.cli("restart", A)
+    assert out.returncode == 0, out.stderr
+    s.join(120)
+    assert s.error is None and s.done
+    assert faulty.worker(B)["pid"] == wb["pid"]
+
+
+def test_gateway_killed_is_restarted_other_gateway_unaffected(faulty: System) -> None:
+    loaded(faulty, B)
+    gw = next(p for p in faulty.status()["processes"] if p["name"] == "gateway-ollama")
+    s = Stream(faulty, B, "openai", 60)
+    s.start()
+    s.wait_streaming()
+    os.kill(gw["pid"], signal.SIGKILL)
+
+    def back() -> bool:
+        p = next(p for p in faulty.status()["processes"] if p["name"] == "gateway-ollama")
+        if p["pid"] == gw["pid"] or p["state"] != "running":
+            return False
+        try:
+            ollama.Client(faulty.ollama_url, timeout=5).list()
+            return True
+        except Exception:
+            return False
+
+    wait_for(back, 30, "ollama gateway restarted", interval=0.2)
+    s.join(120)
+    assert s.error is None and s.done
+
+
+def test_many_clients_on_one_slot_complete_or_get_429(faulty: System) -> None:
+    loaded(faulty, A)
+    results: list[str] = []
+    lock = threading.Lock()
+
+    def one() -> None:
+        c = openai.OpenAI(base_url=faulty.openai_url, api_key="x", max_retries=0, timeout=180)
+        try:
+            c.chat.completions.create(model=A, messages=[{"role": "user", "content": "Hi"}], max_tokens=4)
+            outcome = "ok"
+        except openai.RateLimitError:
+            outcome = "429"
+        except Exception as exc:
+            outcome = f"error: {exc!r}"
+        with lock:
+            results.append(outcome)
+
+    threads = [threading.Thread(target=one, daemon=True) for _ in range(64)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(180)
+    assert len(results) == 64, "some requests hang"
+    assert set(results) <= {"ok", "429"}, results
+    assert results.count("ok") >= 9 and results.count("429") >= 1
+    r = ollama.Client(faulty.ollama_url, timeout=60).generate(model=A, prompt="Hi", options={"num_predict": 2})
+    assert r.done
+
+
+def test_malformed_bus_messages_are_dropped(faulty: System) -> None:
+    w = loaded(faulty, A)
+    ctx = zmq.Context()
+    try:
+        for ep in (endpoints.control(faulty.run_dir), endpoints.worker(faulty.run_dir, A)):
+            s = ctx.socket(zmq.DEALER)
+            s.linger = 0
+            s.connect(ep)
+            for frames in ([b"garbage"], [b"\x81\xa4type\xa4nope"], [b"a", b"b", b"c"],
+                           [msgspec.msgpack.encode({"type": "http", "request_id": 5})], [b""]):
+                s.send_multipart(frames)
+            s.close()
+        pub = ctx.socket(zmq.PUB)
+        pub.linger = 0
+        pub.connect(endpoints.metrics_in(faulty.run_dir))
+        pub.send_multipart([b"state/worker/" + A.encode() + b"/", b"not json"])
+        pub.close()
+    finally:
+        ctx.term()
+    status = faulty.status()
+    assert all(p["state"] == "running" for p in status["processes"])
+    assert faulty.worker(A)["pid"] == w["pid"]
+    r = ollama.Client(faulty.ollama_url, timeout=60).generate(model=A, prompt="Hi", options={"num_predict": 2})
+    assert r.done
+
+
+def test_sigterm_lets_in_flight_stream_finish() -> None:
+    if not llama_server_available():
+        pytest.skip("llama-server or the default model is missing")
+    sysm = start_system()
+    loaded(sysm, A)
+    sysm.status()
+    tree = {p.pid for p in sysm.descendants()} | sysm.seen_pids
+    s = Stream(sysm, A, "ollama", 40)
+    s.start()
+    s.wait_streaming()
+    assert stop_system(sysm) == 0
+    s.join(30)
+    assert s.error is None and s.done, s.error
+    wait_for(lambda: not alive(tree), 10, "no process left")
