@@ -77,3 +77,15 @@ def topic_worker_metrics(name: str) -> str:
 
 def topic_system_metrics() -> str:
     return f"{TOPIC_METRICS}system/"
+
+
+TOPIC_REQUEST = "request/"
+
+
+def topic_gateway_metrics(protocol: str) -> str:
+    return f"{TOPIC_METRICS}gateway/{_part(protocol)}/"
+
+
+def topic_request(model: str) -> str:
+    """Per-request events (queued, started, first token, finished) of one model."""
+    return f"{TOPIC_REQUEST}{_part(model)}/"

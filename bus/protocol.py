@@ -175,7 +175,28 @@ class Cancel(_Msg, tag="cancel"):
     request_id: str
 
 
-Job = HttpJob | Cancel
+class TranscribeJob(_Msg, tag="transcribe"):
+    """Speech to text on a whisper worker. ``audio`` is the uploaded file as is (a binary msgpack frame, any
+    format faster-whisper's decoder reads); the worker decodes it.
+
+    The answer streams back as ``Head`` (``application/x-ndjson``), then ``Data`` items, each one or more
+    JSON lines: first ``{"type": "info", "language", "duration", ...}``, then one
+    ``{"type": "segment", "id", "start", "end", "text", ...}`` per decoded segment, then ``End`` (or ``Fail``).
+    ``None`` options mean the model's configured default.
+    """
+
+    request_id: str
+    audio: bytes
+    task: str = "transcribe"  # "transcribe" | "translate" (to English)
+    language: str | None = None
+    prompt: str | None = None
+    temperature: float | None = None  # None or 0: faster-whisper's temperature fallback schedule
+    word_timestamps: bool = False
+    beam_size: int | None = None
+    stream: bool = False
+
+
+Job = HttpJob | Cancel | TranscribeJob
 
 
 # --------------------------------------------------------------------------- stream items (worker -> gateway)
@@ -240,6 +261,12 @@ class WorkerMetrics(_Msg, tag="worker_metrics"):
     errors_total: int = 0
     tokens_total: int = 0
     uptime_s: float = 0.0
+    # Added for the dashboard (issue 6). Restarts are the supervisor's: see WorkerStateEvent / WorkerInfo.
+    model_path: str = ""
+    tokens_per_s: float = 0.0  # tokens generated per second over the last interval, all requests together
+    ttft_last_s: float = 0.0  # time to first token of the latest request (from its arrival at the worker)
+    ttft_p50_s: float = 0.0  # median over the last 100 requests
+    requests_per_s: float = 0.0
 
 
 class ProcessStateEvent(_Msg, tag="process_state"):
@@ -252,6 +279,49 @@ class ProcessStateEvent(_Msg, tag="process_state"):
     message: str = ""
 
 
+class GatewayMetrics(_Msg, tag="gateway_metrics"):
+    """A gateway's figures, published every second on ``metrics/gateway/<protocol>/``.
+
+    ``errors_total`` counts answers with status >= 500 (and handler failures), ``client_errors_total`` 4xx.
+    """
+
+    name: str  # "gateway-ollama" | "gateway-openai"
+    protocol: str
+    v: int = SCHEMA_VERSION
+    ts: float = msgspec.field(default_factory=_now)
+    pid: int = 0
+    port: int = 0
+    requests_total: int = 0
+    requests_per_s: float = 0.0
+    errors_total: int = 0
+    client_errors_total: int = 0
+    in_flight: int = 0
+    open_streams: int = 0
+    cpu_percent: float = 0.0
+    rss_bytes: int = 0
+    uptime_s: float = 0.0
+
+
+class RequestEvent(_Msg, tag="request"):
+    """One request's life at a worker, on ``request/<model>/``: ``phase`` is queued (arrived, waiting for a
+    slot), started (has a slot), first_token (first generated output), finished (``status``, ``tokens``,
+    ``duration_s``; ``outcome`` ok | error | cancelled | rejected)."""
+
+    request_id: str
+    model: str
+    phase: str
+    v: int = SCHEMA_VERSION
+    ts: float = msgspec.field(default_factory=_now)
+    path: str = ""
+    stream: bool = False
+    queued_s: float = 0.0  # time spent waiting for a slot
+    ttft_s: float = 0.0  # arrival -> first token
+    tokens: int = 0
+    duration_s: float = 0.0  # arrival -> finished
+    status: int = 0
+    outcome: str = ""
+
+
 class SystemMetrics(_Msg, tag="system_metrics"):
     v: int = SCHEMA_VERSION
     ts: float = msgspec.field(default_factory=_now)
@@ -262,7 +332,20 @@ class SystemMetrics(_Msg, tag="system_metrics"):
     load_avg: list[float] = []
 
 
-Event = WorkerStateEvent | WorkerMetrics | ProcessStateEvent | SystemMetrics
+class ConfigReloaded(_Msg, tag="config_reloaded"):
+    """The supervisor re-read its config (topic ``state/config/``): gateways re-read it too."""
+
+    v: int = SCHEMA_VERSION
+    ts: float = msgspec.field(default_factory=_now)
+    added: list[str] = []
+    changed: list[str] = []
+    removed: list[str] = []
+
+
+Event = (
+    WorkerStateEvent | WorkerMetrics | ProcessStateEvent | SystemMetrics | ConfigReloaded | GatewayMetrics
+    | RequestEvent
+)
 
 
 # --------------------------------------------------------------------------- launch specs (supervisor -> child argv)
@@ -271,6 +354,16 @@ class ModelParams(msgspec.Struct, frozen=True, kw_only=True):
     threads: int = 1
     parallel: int = 1
     extra_args: list[str] = []
+
+
+class WhisperParams(msgspec.Struct, frozen=True, kw_only=True):
+    """faster-whisper settings of a whisper worker (the defaults of config/schema.py's WhisperConfig)."""
+
+    device: str = "cpu"
+    compute_type: str = "int8"
+    cpu_threads: int = 1
+    beam_size: int = 5
+    language: str | None = None
 
 
 class WorkerLaunch(msgspec.Struct, frozen=True, kw_only=True):
@@ -285,6 +378,7 @@ class WorkerLaunch(msgspec.Struct, frozen=True, kw_only=True):
     queue_size: int = 8
     alias: str = ""
     load_timeout_s: float = 120.0
+    whisper: WhisperParams = WhisperParams()
 
 
 class GatewayLaunch(msgspec.Struct, frozen=True, kw_only=True):

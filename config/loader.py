@@ -22,11 +22,16 @@ class ConfigError(Exception):
     """A config file is missing, is not JSON, or breaks the schema."""
 
 
-@dataclass(frozen=True)
+@dataclass
 class Config:
+    """Both files, decoded. Mutable only so that a reload can update a long-lived holder in place."""
+
     app: AppConfig
     models: ModelsConfig
     config_dir: Path
+
+    def update_from(self, other: Config) -> None:
+        self.app, self.models = other.app, other.models
 
     @property
     def models_root(self) -> Path:

@@ -53,6 +53,8 @@ class LimitsConfig(_Cfg):
     restart_backoff_max_s: PositiveFloat = 30.0
     max_restarts: PositiveInt = 5
     shutdown_grace_s: PositiveFloat = 5.0
+    # Largest audio upload (/v1/audio/*) in bytes: 413 beyond it, enforced while reading the upload.
+    max_upload_bytes: PositiveInt = 25 * 1024 * 1024
 
 
 class AppConfig(_Cfg):
@@ -74,12 +76,49 @@ class ModelParameters(_Cfg):
     extra_args: list[str] = []
 
 
+class WhisperConfig(_Cfg):
+    """faster-whisper settings of a ``"type": "whisper"`` model (ignored for llama models)."""
+
+    device: Literal["cpu", "cuda", "auto"] = "cpu"
+    compute_type: str = "int8"  # ctranslate2's: int8, int8_float16, float16, float32, default, ...
+    cpu_threads: PositiveInt = 1
+    beam_size: PositiveInt = 5
+    language: Annotated[str, msgspec.Meta(min_length=2, max_length=16)] | None = None  # None: detect
+
+
+ModelMode = Literal["chat", "embedding", "both"]
+Pooling = Literal["none", "mean", "cls", "last", "rank"]
+
+
 class ModelConfig(_Cfg):
     model_path: Annotated[str, msgspec.Meta(min_length=1)]
     type: Literal["llama", "whisper"] = "llama"
     aliases: list[ModelName] = []
     parameters: ModelParameters = msgspec.field(default_factory=ModelParameters)
     idle_ttl_s: float | None = None  # overrides limits.idle_ttl_s for this model
+    # What a llama model serves: chat/completions, embeddings, or both (llama-server with --embeddings).
+    mode: ModelMode = "chat"
+    # Embedding pooling (llama-server --pooling); null: the model's own default.
+    pooling: Pooling | None = None
+    whisper: WhisperConfig = msgspec.field(default_factory=WhisperConfig)
+
+    def __post_init__(self) -> None:
+        # The worker's llama-server argv is built from parameters.extra_args: the embedding flags go there
+        # (idempotent, so a config written back and read again does not get them twice).
+        args = list(self.parameters.extra_args)
+        if self.mode != "chat" and not {"--embedding", "--embeddings"} & set(args):
+            args.append("--embeddings")
+        if self.pooling is not None and "--pooling" not in args:
+            args += ["--pooling", self.pooling]
+        self.parameters.extra_args = args
+
+    @property
+    def serves_chat(self) -> bool:
+        return self.type == "llama" and self.mode != "embedding"
+
+    @property
+    def serves_embeddings(self) -> bool:
+        return self.type == "llama" and self.mode != "chat"
 
 
 class ModelsConfig(_Cfg):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import structlog
@@ -21,10 +21,13 @@ from bus.control_client import ControlClient, ControlTimeout, new_id
 from bus.protocol import (
     Acquire,
     Cancel,
+    ConfigReloaded,
     ErrorReply,
     Fail,
     HttpJob,
     Release,
+    Status,
+    StatusReply,
     StopWorker,
     StreamItem,
     WorkerEndpoint,
@@ -118,6 +121,7 @@ class GatewayBus:
         self.control = ControlClient(run_dir, self.ctx)
         self.links: dict[str, WorkerLink] = {}  # by worker name
         self._events: asyncio.Task[None] | None = None
+        self.on_config_reloaded: Callable[[], None] | None = None
 
     def start(self) -> None:
         self._events = asyncio.create_task(self._watch_states())
@@ -127,6 +131,7 @@ class GatewayBus:
         sub.linger = 0
         sub.connect(endpoints.metrics(self.run_dir))
         sub.setsockopt_string(zmq.SUBSCRIBE, endpoints.TOPIC_STATE + "worker/")
+        sub.setsockopt_string(zmq.SUBSCRIBE, endpoints.TOPIC_STATE + "config/")
         try:
             while True:
                 frames = await sub.recv_multipart()
@@ -135,6 +140,10 @@ class GatewayBus:
                 try:
                     event = EVENTS.decode(frames[1])
                 except BusDecodeError:
+                    continue
+                if isinstance(event, ConfigReloaded):
+                    if self.on_config_reloaded is not None:
+                        self.on_config_reloaded()
                     continue
                 if isinstance(event, WorkerStateEvent) and event.state != WorkerState.READY:
                     link = self.links.get(event.name)
@@ -170,6 +179,18 @@ class GatewayBus:
         reply = await self.control.request(StopWorker(request_id=new_id(), name=model), 60)
         if isinstance(reply, ErrorReply):
             raise ApiError(reply.status, reply.message, code=reply.code)
+
+    async def status(self, timeout: float = 5.0) -> StatusReply:
+        """The supervisor's view of every worker (state, leases, expires_at, model file)."""
+        try:
+            reply = await self.control.request(Status(request_id=new_id()), timeout)
+        except ControlTimeout as exc:
+            raise ApiError(503, f"llama-runner supervisor unavailable: {exc}", code="unavailable") from None
+        if isinstance(reply, ErrorReply):
+            raise ApiError(reply.status, reply.message, code=reply.code)
+        if not isinstance(reply, StatusReply):
+            raise ApiError(500, f"unexpected reply {type(reply).__name__}", code="internal")
+        return reply
 
     async def open(self, model: str, path: str, body: bytes, stream: bool,
                    keep_alive: float | None = None) -> Channel:

@@ -121,6 +121,14 @@ def make_app(launch: GatewayLaunch, shape: ErrorShape) -> web.Application:
     bus = GatewayBus(launch.run_dir, launch.load_timeout_s)
     app[BUS] = bus
 
+    def reload_config() -> None:
+        try:
+            app[CONFIG].update_from(load_config(launch.config_dir or None))
+        except ConfigError as exc:
+            log.error("config_reload_failed", error=str(exc))
+
+    bus.on_config_reloaded = reload_config
+
     async def on_startup(_: web.Application) -> None:
         bus.start()
 

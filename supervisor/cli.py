@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -13,7 +15,16 @@ import msgspec
 
 from bus import endpoints
 from bus.control_client import ControlClient, ControlTimeout, new_id
-from bus.protocol import ErrorReply, RestartWorker, Shutdown, StartWorker, Status, StatusReply, StopWorker
+from bus.protocol import (
+    ErrorReply,
+    Reload,
+    RestartWorker,
+    Shutdown,
+    StartWorker,
+    Status,
+    StatusReply,
+    StopWorker,
+)
 from config.loader import Config, ConfigError, load_config
 
 
@@ -30,6 +41,7 @@ def _parser() -> argparse.ArgumentParser:
     for name, help_ in (("status", "show the state of every worker and process"),
                         ("start", "start a model's worker"), ("stop", "stop a model's worker"),
                         ("restart", "restart a model's worker (others are untouched)"),
+                        ("reload", "re-read the config: restart only changed workers (also: SIGHUP)"),
                         ("shutdown", "stop a running instance")):
         sp = sub.add_parser(name, help=help_)
         if name in ("start", "stop", "restart"):
@@ -112,6 +124,8 @@ def _up(args: argparse.Namespace) -> int:
         from supervisor.child import install_stop_signals
 
         install_stop_signals(sup.request_stop)
+        with contextlib.suppress(AttributeError, NotImplementedError, RuntimeError):
+            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, sup.request_reload)
         return await sup.run()
 
     try:
@@ -140,6 +154,7 @@ def _client(args: argparse.Namespace) -> int:
         "stop": lambda: StopWorker(request_id=rid, name=args.name),
         "restart": lambda: RestartWorker(request_id=rid, name=args.name),
         "shutdown": lambda: Shutdown(request_id=rid),
+        "reload": lambda: Reload(request_id=rid),
     }[args.command]()
 
     async def _ask() -> object:

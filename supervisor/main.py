@@ -20,6 +20,7 @@ from bus import endpoints
 from bus.codec import COMMANDS, REPLIES, BusDecodeError, encode_event
 from bus.protocol import (
     Acquire,
+    ConfigReloaded,
     ErrorReply,
     GatewayLaunch,
     ModelParams,
@@ -36,15 +37,18 @@ from bus.protocol import (
     StatusReply,
     StopWorker,
     SystemMetrics,
+    WhisperParams,
     WorkerEndpoint,
     WorkerHello,
     WorkerInfo,
     WorkerLaunch,
+    WorkerState,
     WorkerStateEvent,
 )
 from config import runtime
-from config.loader import Config
+from config.loader import Config, ConfigError, load_config
 from supervisor.processes import python_module, spawn, terminate
+from supervisor.reload import plan as reload_plan
 from supervisor.scheduler import Scheduler
 from supervisor.states import backoff_delay
 from supervisor.worker_manager import Policy, WorkerManager, WorkerUnavailable
@@ -158,25 +162,78 @@ class Supervisor:
             name=info.name, state=info.state, pid=info.pid, backend_pid=info.backend_pid,
             restarts=info.restarts, message=info.message))
 
+    def _launch(self, config: Config, name: str) -> WorkerLaunch:
+        app, model = config.app, config.models.models[name]
+        p = model.parameters
+        return WorkerLaunch(
+            name=name, kind=model.type, model_path=str(config.model_path(model)),
+            run_dir=str(self.run_dir), logs_dir=str(self.logs_dir), supervisor_pid=os.getpid(),
+            llama_server=str(self.llama_server or ""), alias=name, queue_size=app.limits.queue_size,
+            params=ModelParams(ctx_size=p.ctx_size, threads=p.threads, parallel=p.parallel,
+                               extra_args=list(p.extra_args)),
+            load_timeout_s=app.limits.load_timeout_s,
+            whisper=msgspec.convert(msgspec.to_builtins(model.whisper), WhisperParams),
+        )
+
+    def _add_worker(self, launch: WorkerLaunch) -> None:
+        mgr = WorkerManager(launch=launch, policy=self.policy, publish=self._publish_worker,
+                            log_path=self.logs_dir / f"worker-{launch.name}.out")
+        self.workers[launch.name] = mgr
+        mgr.task = self._track(mgr.run())
+
     def _make_workers(self) -> None:
         app = self.config.app
-        for name, model in self.config.models.models.items():
-            p = model.parameters
-            launch = WorkerLaunch(
-                name=name, kind=model.type, model_path=str(self.config.model_path(model)),
-                run_dir=str(self.run_dir), logs_dir=str(self.logs_dir), supervisor_pid=os.getpid(),
-                llama_server=str(self.llama_server or ""), alias=name, queue_size=app.limits.queue_size,
-                params=ModelParams(ctx_size=p.ctx_size, threads=p.threads, parallel=p.parallel,
-                                   extra_args=list(p.extra_args)),
-                load_timeout_s=app.limits.load_timeout_s,
-            )
-            mgr = WorkerManager(launch=launch, policy=self.policy, publish=self._publish_worker,
-                                log_path=self.logs_dir / f"worker-{name}.out")
-            self.workers[name] = mgr
-            self._track(mgr.run())
+        for name in self.config.models.models:
+            self._add_worker(self._launch(self.config, name))
         self.scheduler = Scheduler(self.workers, max_loaded=app.limits.max_loaded_models,
                                    default_ttl=self._ttl, max_keep_alive=app.limits.max_keep_alive_s)
         self._track(self.scheduler.run())
+
+    async def reload(self) -> str:
+        """Re-read the config; restart only workers whose settings changed; add new; drain and stop removed."""
+        try:
+            new = load_config(self.config.config_dir)
+        except ConfigError as exc:
+            raise WorkerUnavailable("bad_config", f"config not reloaded: {exc}", 400) from None
+        new = self._overrides(new)
+        old_launches = {n: m.launch for n, m in self.workers.items()}
+        new_launches = {n: self._launch(new, n) for n in new.models.models}
+        plan = reload_plan(self.config, new, old_launches, new_launches)
+        self.config = new
+        assert self.scheduler is not None
+        self.scheduler.max_loaded = new.app.limits.max_loaded_models
+        self.scheduler.max_keep_alive = new.app.limits.max_keep_alive_s
+        for name in plan.added:
+            self._add_worker(new_launches[name])
+        for name in plan.changed:
+            mgr = self.workers[name]
+            mgr.launch = new_launches[name]
+            if mgr.state not in (WorkerState.STOPPED, WorkerState.FATAL):
+                mgr.restart()
+        for name in plan.removed:
+            self._track(self._drain_and_remove(name))
+        self.publish(endpoints.TOPIC_STATE + "config/", ConfigReloaded(
+            added=plan.added, changed=plan.changed, removed=plan.removed))
+        log.info("config_reloaded", summary=plan.summary())
+        return plan.summary()
+
+    async def _drain_and_remove(self, name: str) -> None:
+        mgr = self.workers[name]
+        assert self.scheduler is not None
+        deadline = time.monotonic() + self.config.app.limits.request_timeout_s
+        while self.scheduler.leases(name) > 0 and time.monotonic() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.2)
+        await mgr.stop()
+        if self.workers.get(name) is mgr:
+            del self.workers[name]
+            if mgr.task is not None:
+                mgr.task.cancel()
+
+    def _overrides(self, config: Config) -> Config:
+        """Keep what `up` was told on the command line (ports, logs dir) across reloads."""
+        return Config(app=msgspec.structs.replace(
+            config.app, proxies=self.config.app.proxies, dashboard=self.config.app.dashboard,
+            logs_dir=self.config.app.logs_dir), models=config.models, config_dir=config.config_dir)
 
     def _ttl(self, name: str) -> float:
         model = self.config.models.models.get(name)
@@ -243,6 +300,16 @@ class Supervisor:
 
     def request_stop(self) -> None:
         self.stop_requested.set()
+
+    def request_reload(self) -> None:
+        """SIGHUP: only enqueue; the reload runs as a task of the loop."""
+        async def _go() -> None:
+            try:
+                await self.reload()
+            except WorkerUnavailable as exc:
+                log.error("reload_failed", error=exc.message)
+
+        self._track(_go())
 
     async def _shutdown(self) -> None:
         log.info("supervisor_stopping")
@@ -331,7 +398,7 @@ class Supervisor:
                 raise
             return WorkerEndpoint(request_id=rid, model=mgr.name, endpoint=endpoint, kind=mgr.launch.kind)
         if isinstance(cmd, Reload):
-            raise WorkerUnavailable("unsupported", "reload is not implemented yet", 501)
+            return Ok(request_id=rid, message=await self.reload())
         if isinstance(cmd, StartWorker):
             await self._worker(rid, cmd.name).start()
             return Ok(request_id=rid, message=f"starting {cmd.name}")

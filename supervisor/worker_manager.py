@@ -71,6 +71,7 @@ class WorkerManager:
     _pending_start: bool = False
     _timer: asyncio.TimerHandle | None = None
     _tasks: set[asyncio.Task[Any]] = field(default_factory=set)
+    task: asyncio.Task[Any] | None = None  # the owner task (set by the supervisor)
 
     @property
     def name(self) -> str:

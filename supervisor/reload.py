@@ -1,0 +1,44 @@
+"""Config hot reload: what changed between two configs, and which workers that touches."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import msgspec
+
+from bus.protocol import WorkerLaunch
+from config.loader import Config
+
+# App settings that only take effect at the next `llama-runner up` (listeners, paths).
+RESTART_ONLY = ("host", "proxies", "dashboard", "run_dir", "logs_dir", "llama_server_path")
+
+
+@dataclass
+class ReloadPlan:
+    added: list[str] = field(default_factory=list)
+    changed: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    needs_restart: list[str] = field(default_factory=list)  # app keys that changed but are not hot
+
+    def summary(self) -> str:
+        parts = [f"{k}: {', '.join(v)}" for k, v in (("added", self.added), ("changed", self.changed),
+                                                       ("removed", self.removed)) if v]
+        if self.needs_restart:
+            parts.append(f"needs a restart of llama-runner to apply: {', '.join(self.needs_restart)}")
+        return "; ".join(parts) or "no change"
+
+
+def plan(old: Config, new: Config, old_launches: dict[str, WorkerLaunch],
+         new_launches: dict[str, WorkerLaunch]) -> ReloadPlan:
+    p = ReloadPlan()
+    for name, launch in new_launches.items():
+        if name not in old_launches:
+            p.added.append(name)
+        elif msgspec.structs.replace(old_launches[name], supervisor_pid=0) != msgspec.structs.replace(
+                launch, supervisor_pid=0):
+            p.changed.append(name)
+    p.removed = [n for n in old_launches if n not in new_launches]
+    for key in RESTART_ONLY:
+        if getattr(old.app, key) != getattr(new.app, key):
+            p.needs_restart.append(key)
+    return p

@@ -1,0 +1,106 @@
+"""Config hot reload on the real system: only changed workers restart; added models appear; removed ones
+are drained, then stopped."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import ollama
+import pytest
+
+from tests.conftest import ROOT, System, alive, llama_server_available, start_system, stop_system, wait_for
+from tests.e2e.test_faults import Stream
+
+pytestmark = pytest.mark.e2e
+A, B, C = "smollm2", "smollm2-b", "smollm2-c"
+
+
+def models_file(system: System) -> Path:
+    return system.config_dir / "models_config.json"
+
+
+def write_models(system: System, entries: dict[str, Any]) -> None:
+    doc = json.loads(models_file(system).read_text())
+    doc["models"] = entries
+    doc.pop("preload", None)
+    models_file(system).write_text(json.dumps(doc))
+
+
+@pytest.fixture(scope="module")
+def reloadable() -> Iterator[tuple[System, dict[str, Any]]]:
+    if not llama_server_available():
+        pytest.skip("llama-server or the default model is missing: run `make setup`")
+    sysm = start_system()
+    base = json.loads((ROOT / "config" / "models_config.json").read_text())["models"][A]
+    base = {**base, "aliases": [], "parameters": {**base["parameters"], "parallel": 1}}
+    try:
+        yield sysm, base
+    finally:
+        sysm.status()
+        assert stop_system(sysm) == 0, sysm.logs()
+        wait_for(lambda: not alive(sysm.seen_pids), 10, "no process left")
+        shutil.rmtree(sysm.config_dir, ignore_errors=True)
+
+
+def names(system: System) -> list[str]:
+    return sorted(m.model for m in ollama.Client(system.ollama_url).list().models)
+
+
+def test_reload_restarts_only_changed_and_adds_new(reloadable: tuple[System, dict[str, Any]]) -> None:
+    system, base = reloadable
+    write_models(system, {A: base, B: base})
+    assert system.cli("reload").returncode == 0
+    c = ollama.Client(system.ollama_url, timeout=120)
+    c.generate(model=A, prompt="", keep_alive="10m")
+    c.generate(model=B, prompt="", keep_alive="10m")
+    pa, pb = system.worker(A)["pid"], system.worker(B)["pid"]
+    changed = {**base, "parameters": {**base["parameters"], "ctx_size": 1024}}
+    write_models(system, {A: base, B: changed, C: base})
+    out = system.cli("reload")
+    assert out.returncode == 0 and "added: " + C in out.stdout and "changed: " + B in out.stdout, out
+    wait_for(lambda: system.worker(B)["state"] == "ready" and system.worker(B)["pid"] != pb, 60, "B restarted")
+    assert system.worker(A)["pid"] == pa  # unchanged: untouched
+    wait_for(lambda: C in names(system), 10, "C listed by the gateway")
+    assert c.generate(model=C, prompt="Hi", options={"num_predict": 2}).done
+
+
+def test_removed_model_is_drained_then_stopped(reloadable: tuple[System, dict[str, Any]]) -> None:
+    system, base = reloadable
+    write_models(system, {A: base, B: base, C: base})
+    assert system.cli("reload").returncode == 0
+    ollama.Client(system.ollama_url, timeout=120).generate(model=C, prompt="", keep_alive="10m")
+    s = Stream(system, C, "ollama", 60)
+    s.start()
+    s.wait_streaming()
+    write_models(system, {A: base, B: base})
+    out = system.cli("reload")
+    assert out.returncode == 0 and "removed: " + C in out.stdout
+    s.join(120)
+    assert s.error is None and s.done, s.error  # the in-flight stream was let finish
+    wait_for(lambda: C not in [w["name"] for w in system.status()["workers"]], 30, "C gone")
+    wait_for(lambda: C not in names(system), 10, "C no longer listed")
+    with pytest.raises(ollama.ResponseError) as err:
+        ollama.Client(system.ollama_url).generate(model=C, prompt="Hi")
+    assert err.value.status_code == 404
+
+
+def test_bad_config_is_refused_and_the_old_one_kept(reloadable: tuple[System, dict[str, Any]]) -> None:
+    system, base = reloadable
+    write_models(system, {A: {**base, "parameters": {"threads": "many"}}})
+    out = system.cli("reload")
+    assert out.returncode == 1 and "models_config.json" in out.stderr and "threads" in out.stderr
+    assert A in names(system)
+    write_models(system, {A: base})
+    assert system.cli("reload").returncode == 0
+
+
+def test_sighup_reloads(reloadable: tuple[System, dict[str, Any]]) -> None:
+    system, base = reloadable
+    write_models(system, {A: base, "smollm2-hup": base})
+    system.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: "smollm2-hup" in names(system), 20, "model added by SIGHUP listed")
