@@ -50,7 +50,32 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--run-dir")
         sp.add_argument("--json", action="store_true", help="print the raw reply as JSON")
         sp.add_argument("--timeout", type=float, default=30.0)
+    disc = sub.add_parser("discover", help="add the models found under the models root to models_config.json")
+    disc.add_argument("--config-dir")
+    disc.add_argument("--models-root", help="folder to scan (default: models_root of app_config.json)")
+    disc.add_argument("--dry-run", action="store_true", help="only print what would be added")
     return p
+
+
+def _discover(args: argparse.Namespace) -> int:
+    from config.loader import MODELS_FILE
+    from supervisor.discovery import discover
+
+    config = _load(args)
+    root = Path(args.models_root) if args.models_root else config.models_root
+    added = discover(config.config_dir / MODELS_FILE, root, write=not args.dry_run)
+    for f in added:
+        print(f"{'would add' if args.dry_run else 'added'} {f.kind} model {f.name!r}: {f.path}")
+    if not added:
+        print(f"no new models under {root}")
+    elif not args.dry_run:
+        try:
+            load_config(config.config_dir)
+        except ConfigError as exc:  # never leave a config behind that `up` refuses
+            print(f"llama-runner: the updated config does not load: {exc}", file=sys.stderr)
+            return 1
+        print("run `llama-runner reload` to serve them")
+    return 0
 
 
 def _run_dir(args: argparse.Namespace, config: Config | None) -> Path:
@@ -73,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "up":
         return _up(args)
+    if args.command == "discover":
+        return _discover(args)
     return _client(args)
 
 
