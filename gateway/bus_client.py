@@ -25,6 +25,7 @@ from bus.protocol import (
     ErrorReply,
     Fail,
     HttpJob,
+    Job,
     Release,
     Status,
     StatusReply,
@@ -206,6 +207,32 @@ class GatewayBus:
         link.channels[rid] = ch
         try:
             await link.sock.send(JOBS.encode(HttpJob(request_id=rid, path=path, body=body, stream=stream)))
+        except BaseException:
+            link.channels.pop(rid, None)
+            self.release(ch.lease)
+            raise
+        return ch
+
+    async def open_with(self, model: str, make_job: Callable[[str], Job], kind: str | None = None,
+                        keep_alive: float | None = None) -> Channel:
+        """Like ``open`` for any Job: acquire a worker for ``model`` (of ``kind``, if given: else 400 and the
+        lease is released), build the job with ``make_job(request_id)`` and send it (large binary frames
+        are sent without a copy)."""
+        we = await self.acquire(model, keep_alive)
+        if kind is not None and we.kind != kind:
+            self.release(we.request_id)
+            raise ApiError(400, f"model {we.model!r} is a {we.kind} model, not a {kind} model",
+                           code="wrong_model_type", param="model")
+        link = self.links.get(we.model)
+        if link is None or link.endpoint != we.endpoint:
+            if link is not None:
+                link.close()
+            link = self.links[we.model] = WorkerLink(self.ctx, we.model, we.endpoint)
+        rid = new_id()
+        ch = Channel(rid, we.model, link, lease=we.request_id)
+        link.channels[rid] = ch
+        try:
+            await link.sock.send(JOBS.encode(make_job(rid)), copy=False)
         except BaseException:
             link.channels.pop(rid, None)
             self.release(ch.lease)

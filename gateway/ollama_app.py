@@ -120,4 +120,5 @@ def build(launch: GatewayLaunch) -> web.Application:
     r.add_get("/api/tags", tags)
     r.add_post("/api/chat", chat)
     r.add_post("/api/generate", generate)
+    __import__("gateway.audio").audio.add_routes(app)  # speech to text (gateway/audio.py)
     return app

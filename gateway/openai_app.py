@@ -93,4 +93,5 @@ def build(launch: GatewayLaunch) -> web.Application:
     r.add_get("/v1/models", models)
     r.add_post("/v1/chat/completions", chat_completions)
     r.add_post("/v1/completions", completions)
+    __import__("gateway.audio").audio.add_routes(app)  # speech to text (gateway/audio.py)
     return app

@@ -1,0 +1,142 @@
+"""faster-whisper inside a worker: load a model from a local directory, decode one upload, yield its segments.
+
+Everything here runs in a worker thread (the event loop stays free for cancel, metrics and new jobs) and talks
+back only through plain callables, so it is testable without sockets. faster-whisper is imported lazily: the
+supervisor and the gateways may import this module's light parts (``whisper_params``) without paying for it.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from bus.protocol import TranscribeJob, WhisperParams
+
+# faster-whisper's default temperature fallback (OpenAI's API: temperature 0 means "fall back as needed").
+FALLBACK_TEMPERATURES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
+MODEL_FILE = "model.bin"
+
+Line = dict[str, Any]
+
+
+class AudioError(ValueError):
+    """The upload is not audio that can be transcribed (not decodable, empty, no samples): the client's fault."""
+
+
+class Cancelled(Exception):
+    """The job was cancelled between two segments."""
+
+
+class ModelDirError(FileNotFoundError):
+    """The configured model path is not a local faster-whisper model directory."""
+
+
+def whisper_params(cfg: Any) -> WhisperParams:
+    """The launch settings of a whisper model from its config (a ``config.schema.WhisperConfig``)."""
+    return WhisperParams(device=cfg.device, compute_type=cfg.compute_type, cpu_threads=cfg.cpu_threads,
+                         beam_size=cfg.beam_size, language=cfg.language)
+
+
+def check_model_dir(path: str | Path) -> Path:
+    """``path`` as a local model directory. Never let faster-whisper see anything else: it would take a
+    missing path for a hub name and try to download it."""
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        raise ModelDirError(f"whisper model directory not found: {p}")
+    if not (p / MODEL_FILE).is_file():
+        raise ModelDirError(f"{p} is not a faster-whisper model directory (no {MODEL_FILE})")
+    return p
+
+
+def load_model(path: str | Path, params: WhisperParams, num_workers: int = 1) -> Any:
+    """A ``faster_whisper.WhisperModel`` from a local directory (blocking: call it in a thread)."""
+    from faster_whisper import WhisperModel
+
+    local = check_model_dir(path)
+    return WhisperModel(str(local), device=params.device, compute_type=params.compute_type,
+                        cpu_threads=params.cpu_threads, num_workers=max(1, num_workers), local_files_only=True)
+
+
+def decode(audio: bytes, sampling_rate: int = 16000) -> Any:
+    """The upload as a mono float32 array at ``sampling_rate``; AudioError when it is not usable audio."""
+    if not audio:
+        raise AudioError("the audio file is empty")
+    from faster_whisper import decode_audio
+
+    try:
+        samples = decode_audio(io.BytesIO(audio), sampling_rate=sampling_rate)
+    except Exception as exc:  # av.error.FFmpegError (InvalidDataError...), or anything else av stumbles on
+        raise AudioError("the file is not audio in a format that can be decoded (wav, mp3, ogg, flac, m4a, webm, "
+                         f"...): {type(exc).__name__}: {exc}") from None
+    if getattr(samples, "size", 0) == 0:
+        raise AudioError("the file holds no audio samples")
+    return samples
+
+
+def temperatures(temperature: float | None) -> tuple[float, ...]:
+    if not temperature:
+        return FALLBACK_TEMPERATURES
+    return (float(temperature),)
+
+
+def transcribe_options(job: TranscribeJob, params: WhisperParams) -> dict[str, Any]:
+    """Keyword arguments of ``WhisperModel.transcribe`` for a job (None options: the model's defaults)."""
+    opts: dict[str, Any] = {
+        "task": "translate" if job.task == "translate" else "transcribe",
+        "language": job.language or params.language or None,
+        "beam_size": job.beam_size or params.beam_size,
+        "temperature": temperatures(job.temperature),
+        "word_timestamps": job.word_timestamps,
+    }
+    if job.prompt:
+        opts["initial_prompt"] = job.prompt
+    return opts
+
+
+def _f(x: Any) -> float:
+    return round(float(x), 3)
+
+
+def info_line(info: Any, task: str) -> Line:
+    return {"type": "info", "task": task, "language": info.language,
+            "language_probability": round(float(info.language_probability), 4), "duration": _f(info.duration)}
+
+
+def segment_line(seg: Any) -> Line:
+    line: Line = {
+        "type": "segment", "id": int(seg.id), "seek": int(seg.seek), "start": _f(seg.start), "end": _f(seg.end),
+        "text": seg.text, "tokens": [int(t) for t in seg.tokens],
+        "temperature": float(seg.temperature) if seg.temperature is not None else 0.0,
+        "avg_logprob": float(seg.avg_logprob), "compression_ratio": float(seg.compression_ratio),
+        "no_speech_prob": float(seg.no_speech_prob),
+    }
+    if seg.words is not None:
+        line["words"] = [{"word": w.word, "start": _f(w.start), "end": _f(w.end),
+                          "probability": round(float(w.probability), 4)} for w in seg.words]
+    return line
+
+
+def transcribe(model: Any, job: TranscribeJob, params: WhisperParams, emit: Callable[[Line], None],
+               cancelled: Callable[[], bool]) -> int:
+    """Decode ``job.audio`` and transcribe it, calling ``emit`` with the info line, then one line per segment
+    as it is decoded. Checks ``cancelled`` before decoding each segment (raises Cancelled). Returns the number
+    of tokens decoded. Blocking: run it in a thread."""
+    sampling_rate = getattr(getattr(model, "feature_extractor", None), "sampling_rate", 16000)
+    samples = decode(job.audio, sampling_rate)
+    if cancelled():
+        raise Cancelled
+    segments, info = model.transcribe(samples, **transcribe_options(job, params))
+    emit(info_line(info, job.task))
+    tokens = 0
+    it: Iterator[Any] = iter(segments)
+    while True:
+        if cancelled():
+            raise Cancelled
+        try:
+            seg = next(it)
+        except StopIteration:
+            return tokens
+        tokens += len(seg.tokens)
+        emit(segment_line(seg))

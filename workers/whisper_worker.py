@@ -1,0 +1,311 @@
+"""A whisper worker process: a faster-whisper model in process, serving TranscribeJobs from gateways.
+
+Same contract as the llama worker (workers/service.py): a ROUTER at ``endpoints.worker(run_dir, name)``,
+``WorkerHello`` STARTING -> READY (or FATAL) to the supervisor, metrics on the PUB bus, ``Cancel`` by
+request_id, exit when the supervisor goes away. The model loads and every transcription runs in threads, so
+the event loop keeps answering cancels, metrics and new jobs (queued, 429 beyond ``queue_size``) meanwhile.
+Answers: ``Head`` (NDJSON), ``Data`` with the JSON lines produced since the last send, ``End`` or ``Fail``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import msgspec
+import psutil
+import structlog
+import zmq
+import zmq.asyncio
+
+from bus import endpoints
+from bus.codec import COMMANDS, JOBS, STREAM, BusDecodeError, encode_event
+from bus.protocol import (
+    Cancel,
+    Data,
+    End,
+    Fail,
+    Head,
+    HttpJob,
+    TranscribeJob,
+    WorkerHello,
+    WorkerLaunch,
+    WorkerMetrics,
+    WorkerState,
+)
+from supervisor.child import install_stop_signals, watch_parent
+from workers import whisper_engine as engine
+
+log = structlog.get_logger()
+NDJSON = "application/x-ndjson"
+STOP_WAIT_S = 2.0  # at stop, how long running transcriptions get to reach their next segment boundary
+
+
+class _Job:
+    __slots__ = ("ident", "job", "cancel", "task", "fail")
+
+    def __init__(self, ident: bytes, job: TranscribeJob) -> None:
+        self.ident = ident
+        self.job = job
+        self.cancel = threading.Event()
+        self.task: asyncio.Task[None] | None = None
+        self.fail: Fail | None = None  # what to answer when cancelled (None: the gateway asked, answer nothing)
+
+
+class WhisperWorker:
+    def __init__(self, launch: WorkerLaunch) -> None:
+        self.launch = launch
+        self.params = launch.whisper
+        self.parallel = max(1, launch.params.parallel)
+        self.ctx = zmq.asyncio.Context()
+        self.endpoint = endpoints.worker(launch.run_dir, launch.name)
+        self.executor = ThreadPoolExecutor(max_workers=self.parallel + 1, thread_name_prefix="whisper")
+        self.model: Any = None
+        self.state = WorkerState.STARTING
+        self.stopping = asyncio.Event()
+        self.jobs: dict[str, _Job] = {}
+        self.slots = asyncio.Semaphore(self.parallel)
+        self.waiting = self.in_flight = 0
+        self.requests_total = self.errors_total = self.tokens_total = 0
+        self.started = time.monotonic()
+        self._enc = msgspec.json.Encoder()
+
+    # ------------------------------------------------------------------ bus plumbing
+    def _sockets(self) -> None:
+        self.control = self.ctx.socket(zmq.DEALER)
+        self.control.linger = 0
+        self.control.connect(endpoints.control(self.launch.run_dir))
+        self.pub = self.ctx.socket(zmq.PUB)
+        self.pub.linger = 0
+        self.pub.sndhwm = 1000
+        self.pub.connect(endpoints.metrics_in(self.launch.run_dir))
+        self.router = self.ctx.socket(zmq.ROUTER)
+        self.router.linger = 0
+        self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.router.sndhwm = 10000
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.endpoint.removeprefix("ipc://"))
+        self.router.bind(self.endpoint)
+
+    async def hello(self, state: WorkerState, message: str = "") -> None:
+        self.state = state
+        await self.control.send(COMMANDS.encode(WorkerHello(
+            request_id=uuid.uuid4().hex, name=self.launch.name, pid=os.getpid(), state=state,
+            endpoint=self.endpoint if state == WorkerState.READY else "", message=message)))
+
+    async def _send(self, ident: bytes, item: Head | Data | End | Fail) -> bool:
+        try:
+            await self.router.send_multipart([ident, STREAM.encode(item)], copy=False)
+            return True
+        except zmq.ZMQError as exc:  # EHOSTUNREACH: that gateway is gone
+            log.info("gateway_unreachable", error=str(exc))
+            return False
+
+    # ------------------------------------------------------------------ main
+    async def run(self) -> int:
+        self._sockets()
+        install_stop_signals(self.stopping.set)
+        parent = asyncio.create_task(watch_parent(self.launch.supervisor_pid, self.stopping.set))
+        await self.hello(WorkerState.STARTING)
+        try:
+            loop = asyncio.get_running_loop()
+            t0 = time.monotonic()
+            load = loop.run_in_executor(self.executor, engine.load_model, self.launch.model_path, self.params,
+                                        self.parallel)
+            stop_wait = asyncio.create_task(self.stopping.wait())
+            await asyncio.wait({load, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+            if not load.done():  # a stop during the load aborts the start (the thread finishes on its own)
+                return 0
+            stop_wait.cancel()
+            try:
+                self.model = load.result()
+            except Exception as exc:
+                message = f"cannot load whisper model {self.launch.model_path}: {exc}"
+                log.error("model_load_failed", error=message)
+                await self.hello(WorkerState.FATAL, message)
+                return 3
+            await self.hello(WorkerState.READY)
+            log.info("worker_ready", model_path=self.launch.model_path, load_s=round(time.monotonic() - t0, 2),
+                     device=self.params.device, compute_type=self.params.compute_type,
+                     cpu_threads=self.params.cpu_threads)
+            return await self._serve()
+        finally:
+            parent.cancel()
+            await self._shutdown()
+
+    async def _serve(self) -> int:
+        receiver = asyncio.create_task(self._receive())
+        metrics = asyncio.create_task(self._metrics())
+        stop_wait = asyncio.create_task(self.stopping.wait())
+        done, _ = await asyncio.wait({receiver, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+        for t in (receiver, metrics, stop_wait):
+            t.cancel()
+        if receiver in done and not receiver.cancelled() and receiver.exception():
+            log.error("receiver_failed", error=repr(receiver.exception()))
+            return 5
+        return 0
+
+    async def _shutdown(self) -> None:
+        self.state = WorkerState.STOPPING
+        jobs = list(self.jobs.values())
+        for j in jobs:
+            self._cancel(j, Fail(request_id=j.job.request_id, status=503, code="worker_stopping",
+                                 message=f"model {self.launch.name!r} is stopping"))
+        tasks = [j.task for j in jobs if j.task is not None]
+        if tasks:
+            await asyncio.wait(tasks, timeout=STOP_WAIT_S)
+        self.executor.shutdown(wait=False, cancel_futures=True)
+        with contextlib.suppress(zmq.ZMQError, TimeoutError):
+            await asyncio.wait_for(self.hello(WorkerState.STOPPED), 0.5)
+        for sock in (self.router, self.control, self.pub):
+            sock.close(linger=0)
+        self.ctx.term()
+
+    # ------------------------------------------------------------------ jobs
+    async def _receive(self) -> None:
+        while True:
+            frames = await self.router.recv_multipart(copy=False)
+            await self._dispatch(frames)
+            for _ in range(256):  # drain what is already queued without yielding per message (bounded)
+                try:
+                    frames = await self.router.recv_multipart(zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    break
+                await self._dispatch(frames)
+
+    async def _dispatch(self, frames: list[zmq.Frame]) -> None:
+        if len(frames) != 2:
+            log.warning("bad_job_frames", count=len(frames))
+            return
+        ident = frames[0].bytes
+        try:
+            job = JOBS.decode(frames[1].buffer)
+        except BusDecodeError as exc:
+            log.warning("bad_job", error=str(exc))
+            return
+        if isinstance(job, Cancel):
+            j = self.jobs.get(job.request_id)
+            if j is not None:
+                self._cancel(j, None)
+            return
+        if isinstance(job, HttpJob):  # a chat/completion/... route sent a llama request to this model
+            await self._send(ident, Fail(
+                request_id=job.request_id, status=400, code="wrong_model_type",
+                message=f"model {self.launch.name!r} is a speech-to-text (whisper) model: "
+                        "use POST /v1/audio/transcriptions or /v1/audio/translations"))
+            return
+        if job.request_id in self.jobs:
+            log.warning("duplicate_request_id", request_id=job.request_id)
+            return
+        self.requests_total += 1
+        if self.waiting >= self.launch.queue_size and self.slots.locked():
+            self.errors_total += 1
+            await self._send(ident, Fail(request_id=job.request_id, status=429, code="busy",
+                                         message=f"model {self.launch.name!r} is busy: queue is full"))
+            return
+        j = self.jobs[job.request_id] = _Job(ident, job)
+        j.task = asyncio.create_task(self._run_job(j))
+
+    def _cancel(self, j: _Job, fail: Fail | None) -> None:
+        """Stop a job: its thread stops at the next segment boundary; a queued job never starts."""
+        j.fail = fail
+        j.cancel.set()
+        if j.task is not None:
+            j.task.cancel()
+
+    async def _run_job(self, j: _Job) -> None:
+        rid = j.job.request_id
+        try:
+            self.waiting += 1
+            try:
+                await self.slots.acquire()
+            finally:
+                self.waiting -= 1
+            try:
+                self.in_flight += 1
+                await self._transcribe(j)
+            finally:
+                self.in_flight -= 1
+                self.slots.release()
+        except asyncio.CancelledError:
+            if j.fail is not None:
+                await self._send(j.ident, j.fail)
+        except engine.AudioError as exc:
+            self.errors_total += 1
+            await self._send(j.ident, Fail(request_id=rid, status=400, code="invalid_audio", message=str(exc)))
+        except Exception as exc:  # never let one request take the worker down
+            self.errors_total += 1
+            log.exception("job_failed", request_id=rid)
+            await self._send(j.ident, Fail(request_id=rid, status=500, code="transcription_failed",
+                                           message=f"faster-whisper: {type(exc).__name__}: {exc}",
+                                           source="backend"))
+        finally:
+            self.jobs.pop(rid, None)
+
+    async def _transcribe(self, j: _Job) -> None:
+        """Run the transcription in a thread; send its lines as they come, all queued ones in one Data."""
+        loop = asyncio.get_running_loop()
+        rid = j.job.request_id
+        lines: list[bytes] = []
+        wake = asyncio.Event()
+
+        def emit(line: engine.Line) -> None:  # in the thread
+            data = self._enc.encode(line) + b"\n"
+            loop.call_soon_threadsafe(_push, data)
+
+        def _push(data: bytes) -> None:
+            lines.append(data)
+            wake.set()
+
+        fut = loop.run_in_executor(self.executor, engine.transcribe, self.model, j.job, self.params, emit,
+                                   j.cancel.is_set)
+        head_sent = False
+        try:
+            while True:
+                waiter = asyncio.ensure_future(wake.wait())
+                await asyncio.wait({fut, waiter}, return_when=asyncio.FIRST_COMPLETED)
+                waiter.cancel()
+                wake.clear()
+                await asyncio.sleep(0)  # let lines scheduled by the thread before it returned land
+                if lines:
+                    if not head_sent:
+                        head_sent = await self._send(j.ident, Head(request_id=rid, status=200, content_type=NDJSON))
+                        if not head_sent:
+                            j.cancel.set()
+                    data, lines[:] = b"".join(lines), []
+                    if head_sent and not await self._send(j.ident, Data(request_id=rid, data=data)):
+                        j.cancel.set()  # the gateway is gone: stop at the next segment
+                if fut.done():
+                    break
+            self.tokens_total += fut.result()  # raises AudioError / the thread's error
+        except asyncio.CancelledError:
+            j.cancel.set()
+            with contextlib.suppress(BaseException):
+                await asyncio.shield(fut)  # hold the slot until the thread really stops
+            raise
+        except engine.Cancelled:
+            raise asyncio.CancelledError from None
+        if not head_sent:
+            await self._send(j.ident, Head(request_id=rid, status=200, content_type=NDJSON))
+        await self._send(j.ident, End(request_id=rid))
+
+    # ------------------------------------------------------------------ metrics
+    async def _metrics(self) -> None:
+        me = psutil.Process()
+        topic = endpoints.topic_worker_metrics(self.launch.name)
+        while True:
+            event = WorkerMetrics(
+                name=self.launch.name, state=self.state, pid=os.getpid(), cpu_percent=me.cpu_percent(),
+                rss_bytes=me.memory_info().rss, in_flight=self.in_flight, queued=self.waiting,
+                requests_total=self.requests_total, errors_total=self.errors_total, tokens_total=self.tokens_total,
+                uptime_s=time.monotonic() - self.started,
+            )
+            with contextlib.suppress(zmq.ZMQError):
+                await self.pub.send_multipart(encode_event(topic, event))
+            await asyncio.sleep(1.0)
