@@ -93,6 +93,22 @@ Pooling = Literal["none", "mean", "cls", "last", "rank"]
 class ModelConfig(_Cfg):
     model_path: Annotated[str, msgspec.Meta(min_length=1)]
     type: Literal["llama", "whisper"] = "llama"
+def embedding_args(mode: str, pooling: str | None, p: ModelParameters) -> list[str]:
+    """``p.extra_args`` plus what an embedding model needs: ``--embeddings``, ``--pooling``, and a batch as
+    large as the context (llama-server embeds an input in one batch). Idempotent: flags already there stay."""
+    args = list(p.extra_args)
+    if mode == "chat":
+        return args
+    if not {"--embedding", "--embeddings"} & set(args):
+        args.append("--embeddings")
+    if pooling is not None and "--pooling" not in args:
+        args += ["--pooling", pooling]
+    for short, long in (("-b", "--batch-size"), ("-ub", "--ubatch-size")):
+        if short not in args and long not in args:
+            args += [short, str(p.ctx_size)]
+    return args
+
+
     aliases: list[ModelName] = []
     parameters: ModelParameters = msgspec.field(default_factory=ModelParameters)
     idle_ttl_s: float | None = None  # overrides limits.idle_ttl_s for this model
@@ -103,14 +119,8 @@ class ModelConfig(_Cfg):
     whisper: WhisperConfig = msgspec.field(default_factory=WhisperConfig)
 
     def __post_init__(self) -> None:
-        # The worker's llama-server argv is built from parameters.extra_args: the embedding flags go there
-        # (idempotent, so a config written back and read again does not get them twice).
-        args = list(self.parameters.extra_args)
-        if self.mode != "chat" and not {"--embedding", "--embeddings"} & set(args):
-            args.append("--embeddings")
-        if self.pooling is not None and "--pooling" not in args:
-            args += ["--pooling", self.pooling]
-        self.parameters.extra_args = args
+        # The worker's llama-server argv is built from parameters.extra_args: the embedding flags go there.
+        self.parameters.extra_args = embedding_args(self.mode, self.pooling, self.parameters)
 
     @property
     def serves_chat(self) -> bool:

@@ -74,6 +74,8 @@ def openai_error_body(err: ApiError) -> dict[str, Any]:
     if 400 <= err.status < 500:
         kind = "invalid_request_error"
         code: str | None = err.code or ("model_not_found" if err.status == 404 else None)
+        if code == "unknown_model":  # the supervisor's name for it
+            code = "model_not_found"
     else:
         kind = "server_error"
         code = err.code or None

@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-import hashlib
-from datetime import UTC, datetime
 from typing import Any, Literal
 
 import msgspec
 from aiohttp import web
 
 from bus.protocol import GatewayLaunch
+from gateway import catalog, embed_routes, openai_app
+from gateway import ollama_models as om
 from gateway import ollama_translate as tr
-from gateway.errors import ApiError, ollama_error_body
-from gateway.server import BUS, CONFIG, json_response, make_app, model_files, open_job, read_json, started_ns
+from gateway.errors import ApiError, ollama_error_body, openai_error_body
+from gateway.server import BUS, CONFIG, json_response, make_app, open_job, read_json, started_ns
 from gateway.sse import SSEParser
 
 OLLAMA_VERSION = "0.12.6"
@@ -24,10 +24,6 @@ def _ndjson(objs: list[dict[str, Any]]) -> bytes:
     return b"".join(_enc.encode(o) + b"\n" for o in objs)
 
 
-def _rfc3339(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
 async def root(_: web.Request) -> web.Response:
     return web.Response(text="Ollama is running")
 
@@ -37,15 +33,41 @@ async def version(_: web.Request) -> web.Response:
 
 
 async def tags(request: web.Request) -> web.Response:
+    entries = await catalog.entries(request.app[CONFIG])
+    return json_response({"models": [om.tags_entry(e) for e in entries]})
+
+
+async def show(request: web.Request) -> web.Response:
+    req = await read_json(request)
+    name = req.get("model") or req.get("name")  # "name": older clients
+    if not isinstance(name, str) or not name:
+        raise ApiError(400, "model is required", param="model")
+    verbose = req.get("verbose")
+    if verbose is not None and not isinstance(verbose, bool):
+        raise ApiError(400, "invalid verbose: must be a boolean", param="verbose")
+    entry = await catalog.entry(request.app[CONFIG], name)
+    return json_response(om.show_response(entry, bool(verbose)))
+
+
+async def ps(request: web.Request) -> web.Response:
+    config = request.app[CONFIG]
+    status = await request.app[BUS].status()
+    by_name = {e.name: e for e in await catalog.entries(config)}
     models = []
-    for name, (path, mtime, size) in model_files(request.app[CONFIG]).items():
-        models.append({
-            "name": name, "model": name, "modified_at": _rfc3339(mtime), "size": size,
-            "digest": hashlib.sha256(f"{path}:{size}:{mtime}".encode()).hexdigest(),
-            "details": {"parent_model": "", "format": "gguf", "family": "", "families": None,
-                        "parameter_size": "", "quantization_level": ""},
-        })
+    for w in status.workers:
+        entry = by_name.get(w.name)
+        if entry is None or not om.is_loaded(w):
+            continue
+        ttl = entry.config.idle_ttl_s
+        models.append(om.ps_entry(entry, w, config.app.limits.idle_ttl_s if ttl is None else ttl))
     return json_response({"models": models})
+
+
+def _unsupported(endpoint: str) -> Any:
+    async def handler(_: web.Request) -> web.Response:
+        raise om.unsupported(endpoint)
+
+    return handler
 
 
 def _model(req: dict[str, Any]) -> str:
@@ -66,6 +88,7 @@ async def generate(request: web.Request) -> web.StreamResponse:
 async def _generate(request: web.Request, kind: Literal["chat", "generate"]) -> web.StreamResponse:
     req = await read_json(request)
     model = _model(req)
+    catalog.require_capability(request.app[CONFIG], model, "chat")
     t0 = started_ns()
     keep_alive = tr.parse_keep_alive(req.get("keep_alive"))
     if tr.is_load_only(req, kind):
@@ -113,12 +136,22 @@ async def _generate(request: web.Request, kind: Literal["chat", "generate"]) -> 
 
 
 def build(launch: GatewayLaunch) -> web.Application:
-    app = make_app(launch, ollama_error_body)
+    # Ollama serves OpenAI's API under /v1 too: those routes answer errors in OpenAI's shape.
+    app = make_app(launch, ollama_error_body, {"/v1/": openai_error_body})
     r = app.router
     r.add_get("/", root)  # aiohttp answers HEAD for GET routes
     r.add_get("/api/version", version)
     r.add_get("/api/tags", tags)
+    r.add_post("/api/show", show)
+    r.add_get("/api/ps", ps)
     r.add_post("/api/chat", chat)
     r.add_post("/api/generate", generate)
+    r.add_post("/api/embed", embed_routes.ollama_embed)
+    r.add_post("/api/embeddings", embed_routes.ollama_embeddings)
+    for endpoint in ("pull", "push", "create", "copy"):
+        r.add_post(f"/api/{endpoint}", _unsupported(endpoint))
+    r.add_delete("/api/delete", _unsupported("delete"))
+    r.add_route("*", "/api/blobs/{digest}", _unsupported("blobs"))
+    openai_app.add_v1_routes(app)
     __import__("gateway.audio").audio.add_routes(app)  # speech to text (gateway/audio.py)
     return app

@@ -8,7 +8,9 @@ import msgspec
 from aiohttp import web
 
 from bus.protocol import GatewayLaunch
+from gateway import embed_routes
 from gateway import openai_translate as tr
+from gateway.catalog import require_capability
 from gateway.errors import ApiError, openai_error_body
 from gateway.server import CONFIG, json_response, make_app, model_files, open_job, read_json
 from gateway.sse import SSEParser
@@ -16,10 +18,24 @@ from gateway.sse import SSEParser
 _enc = msgspec.json.Encoder()
 
 
+def _model_object(name: str, mtime: float) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": int(mtime), "owned_by": "llama-runner"}
+
+
 async def models(request: web.Request) -> web.Response:
-    data = [{"id": name, "object": "model", "created": int(mtime), "owned_by": "llama-runner"}
-            for name, (_path, mtime, _size) in model_files(request.app[CONFIG]).items()]
+    data = [_model_object(name, mtime) for name, (_path, mtime, _size) in model_files(request.app[CONFIG]).items()]
     return json_response({"object": "list", "data": data})
+
+
+async def retrieve_model(request: web.Request) -> web.Response:
+    """``/v1/models/{id}``: a configured name or alias (answered under the name asked for)."""
+    name = request.match_info["model"]
+    config = request.app[CONFIG]
+    resolved = config.resolve_model(name)
+    files = model_files(config)
+    if resolved is None or resolved not in files:
+        raise ApiError(404, f"The model '{name}' does not exist", code="model_not_found", param="model")
+    return json_response(_model_object(name, files[resolved][1]))
 
 
 def _model(request: web.Request, req: dict[str, Any]) -> str:
@@ -46,6 +62,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
 
 async def _relay(request: web.Request, model: str, path: str, body: dict[str, Any], stream: bool
                  ) -> web.StreamResponse:
+    require_capability(request.app[CONFIG], model, "chat")
     relay = await open_job(request, model, path, body, stream)
     try:
         rename = model != relay.worker  # the backend answers with the configured name
@@ -87,11 +104,18 @@ def _renamed(parser: SSEParser, chunk: bytes, model: str) -> bytes:
     return b"".join(out)
 
 
-def build(launch: GatewayLaunch) -> web.Application:
-    app = make_app(launch, openai_error_body)
+def add_v1_routes(app: web.Application) -> None:
+    """OpenAI's ``/v1/*`` routes (also served on the Ollama port, as Ollama does)."""
     r = app.router
     r.add_get("/v1/models", models)
+    r.add_get("/v1/models/{model:.+}", retrieve_model)
     r.add_post("/v1/chat/completions", chat_completions)
     r.add_post("/v1/completions", completions)
+    r.add_post("/v1/embeddings", embed_routes.openai_embeddings)
+
+
+def build(launch: GatewayLaunch) -> web.Application:
+    app = make_app(launch, openai_error_body)
+    add_v1_routes(app)
     __import__("gateway.audio").audio.add_routes(app)  # speech to text (gateway/audio.py)
     return app

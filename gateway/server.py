@@ -47,25 +47,42 @@ def json_response(doc: Any, status: int = 200) -> web.Response:
     return web.Response(body=msgspec.json.encode(doc), status=status, content_type="application/json")
 
 
-def error_middleware(shape: ErrorShape) -> Any:
+RETRY_AFTER_S = 1  # told to clients on 429 / 503 (overloaded, loading, supervisor away)
+
+
+def error_response(shape: ErrorShape, err: ApiError) -> web.Response:
+    resp = json_response(shape(err), err.status)
+    if err.status in (429, 503):
+        resp.headers["Retry-After"] = str(RETRY_AFTER_S)
+    return resp
+
+
+def error_middleware(shape: ErrorShape, path_shapes: dict[str, ErrorShape] | None = None) -> Any:
+    """Answer every error in the protocol's shape: ``shape``, or the shape of the first ``path_shapes``
+    prefix the path starts with (the Ollama port serves OpenAI's ``/v1/*`` with OpenAI's errors)."""
+    prefixes = sorted((path_shapes or {}).items(), key=lambda kv: -len(kv[0]))
+
+    def shape_for(path: str) -> ErrorShape:
+        return next((s for prefix, s in prefixes if path.startswith(prefix)), shape)
+
     @web.middleware
     async def middleware(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
                          ) -> web.StreamResponse:
         try:
             return await handler(request)
         except ApiError as err:
-            return json_response(shape(err), err.status)
+            return error_response(shape_for(request.path), err)
         except web.HTTPException as exc:
             if exc.status < 400:
                 raise
             reason = {404: f"path {request.path} not found", 405: f"method {request.method} not allowed on "
                       f"{request.path}", 413: "request body too large"}.get(exc.status, exc.reason)
-            return json_response(shape(ApiError(exc.status, reason)), exc.status)
+            return error_response(shape_for(request.path), ApiError(exc.status, reason))
         except (ConnectionResetError, asyncio.CancelledError):
             raise
         except Exception:
             log.exception("handler_failed", path=request.path)
-            return json_response(shape(ApiError(500, "internal error in llama-runner")), 500)
+            return error_response(shape_for(request.path), ApiError(500, "internal error in llama-runner"))
 
     return middleware
 
@@ -111,8 +128,9 @@ def started_ns() -> int:
     return time.monotonic_ns()
 
 
-def make_app(launch: GatewayLaunch, shape: ErrorShape) -> web.Application:
-    app = web.Application(middlewares=[error_middleware(shape)], client_max_size=MAX_BODY)
+def make_app(launch: GatewayLaunch, shape: ErrorShape,
+             path_shapes: dict[str, ErrorShape] | None = None) -> web.Application:
+    app = web.Application(middlewares=[error_middleware(shape, path_shapes)], client_max_size=MAX_BODY)
     app[LAUNCH] = launch
     try:
         app[CONFIG] = load_config(launch.config_dir or None)

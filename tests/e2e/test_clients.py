@@ -40,7 +40,7 @@ def test_ollama_root_and_version(system: System) -> None:
 
 def test_ollama_list_shows_config_names(system: System) -> None:
     names = [m.model for m in ollama.Client(system.ollama_url).list().models]
-    assert names == [MODEL]
+    assert names == [MODEL, "smollm2-embed"]
 
 
 def test_ollama_chat_stream_yields_tokens(system: System) -> None:
@@ -88,7 +88,7 @@ def client(system: System) -> openai.OpenAI:
 
 
 def test_openai_models_lists_config_names(system: System) -> None:
-    assert [m.id for m in client(system).models.list()] == [MODEL]
+    assert [m.id for m in client(system).models.list()] == [MODEL, "smollm2-embed"]
 
 
 def test_openai_chat_stream_yields_deltas(system: System) -> None:

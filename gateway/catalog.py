@@ -1,0 +1,100 @@
+"""The configured llama models as the APIs describe them: config entry, file, and GGUF facts.
+
+Shared by the Ollama, OpenAI and LM Studio routes. GGUF metadata is read in a thread (cached per file).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from config.loader import Config
+from config.schema import ModelConfig
+from gateway.errors import ApiError
+from gateway.gguf_info import ModelFacts, read_facts
+
+__all__ = ["ModelEntry", "capabilities", "entries", "entry", "require_capability"]
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str
+    config: ModelConfig
+    path: Path
+    mtime: float
+    size: int
+    facts: ModelFacts
+
+    @property
+    def digest(self) -> str:
+        """A stable stand-in for the file's sha256 (hashing a multi-GB file per listing is too slow)."""
+        return hashlib.sha256(f"{self.path}:{self.size}:{self.mtime}".encode()).hexdigest()
+
+    @property
+    def capabilities(self) -> list[str]:
+        return capabilities(self.config, self.facts)
+
+    @property
+    def ctx_size(self) -> int:
+        return self.config.parameters.ctx_size
+
+
+def capabilities(model: ModelConfig, facts: ModelFacts) -> list[str]:
+    """Ollama's capability names: ``completion`` (chat/generate), ``embedding``, ``tools`` (the chat template
+    takes tools)."""
+    out = []
+    if model.serves_chat:
+        out.append("completion")
+        if facts.supports_tools:
+            out.append("tools")
+    if model.serves_embeddings:
+        out.append("embedding")
+    return out
+
+
+def _stat(path: Path) -> tuple[float, int]:
+    try:
+        st = path.stat()
+        return st.st_mtime, st.st_size
+    except OSError:
+        return 0.0, 0
+
+
+def _build(config: Config, name: str) -> ModelEntry:
+    model = config.models.models[name]
+    path = config.model_path(model)
+    mtime, size = _stat(path)
+    return ModelEntry(name, model, path, mtime, size, read_facts(path))
+
+
+async def entries(config: Config) -> list[ModelEntry]:
+    """Every configured llama model, in config order."""
+    names = [n for n, m in config.models.models.items() if m.type == "llama"]
+    return await asyncio.to_thread(lambda: [_build(config, n) for n in names])
+
+
+async def entry(config: Config, name: str, dialect: str = "model") -> ModelEntry:
+    """The llama model called ``name`` (a name, an alias, or ``name:latest``); ApiError(404) if unknown."""
+    resolved = config.resolve_model(name) if name else None
+    if resolved is None or config.models.models[resolved].type != "llama":
+        raise ApiError(404, f"{dialect} '{name}' not found", code="model_not_found")
+    return await asyncio.to_thread(_build, config, resolved)
+
+
+def require_capability(config: Config, name: str, what: str) -> None:
+    """Refuse (400) a request for ``what`` ("chat" or "embeddings") that the named model does not serve.
+    Unknown names pass: the supervisor answers them with its own 404."""
+    resolved = config.resolve_model(name)
+    if resolved is None:
+        return
+    model = config.models.models[resolved]
+    if model.type != "llama":
+        return
+    if what == "embeddings" and not model.serves_embeddings:
+        raise ApiError(400, f'model "{name}" does not support embeddings (set "mode": "embedding" or "both" '
+                       "in models_config.json)", code="model_not_supported", param="model")
+    if what == "chat" and not model.serves_chat:
+        raise ApiError(400, f'model "{name}" is an embedding model and does not support chat or completions',
+                       code="model_not_supported", param="model")

@@ -1,0 +1,107 @@
+"""Embedding routes of both gateways: Ollama ``/api/embed`` + ``/api/embeddings``, OpenAI ``/v1/embeddings``.
+
+An input longer than the model's context fails at llama-server; with ``truncate`` (Ollama's default) the
+inputs are then tokenized by llama-server, cut to the context length, and embedded again as token lists.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+from aiohttp import web
+
+from gateway import embed_translate as tr
+from gateway.catalog import require_capability
+from gateway.errors import ApiError
+from gateway.ollama_translate import parse_keep_alive
+from gateway.server import BUS, CONFIG, json_response, open_job, read_json, started_ns
+
+
+async def _call(request: web.Request, model: str, path: str, body: dict[str, Any],
+                keep_alive: float | None) -> tuple[Any, int]:
+    relay = await open_job(request, model, path, body, False, keep_alive)
+    try:
+        raw = await relay.body()
+    finally:
+        await relay.close()
+    try:
+        return msgspec.json.decode(raw), relay.load_ns
+    except msgspec.DecodeError:
+        raise ApiError(502, "llama-server sent an answer that is not JSON", source="backend") from None
+
+
+async def _truncated(request: web.Request, model: str, inputs: list[Any], keep_alive: float | None
+                     ) -> list[Any]:
+    config = request.app[CONFIG]
+    resolved = config.resolve_model(model) or model
+    limit = config.models.models[resolved].parameters.ctx_size if resolved in config.models.models else 512
+    out = []
+    for item in inputs:
+        if isinstance(item, str):
+            doc, _ = await _call(request, model, "/tokenize", {"content": item, "add_special": True}, keep_alive)
+            tokens = doc.get("tokens") if isinstance(doc, dict) else None
+            if not isinstance(tokens, list):
+                raise ApiError(502, "llama-server sent no tokens", source="backend")
+            item = tokens
+        out.append(item[:limit])
+    return out
+
+
+async def embed(request: web.Request, model: str, ereq: tr.EmbedRequest, keep_alive: float | None = None
+                ) -> tuple[list[list[float]], int, int]:
+    """Embed ``ereq.inputs`` with ``model``: (vectors, prompt tokens, load ns). No inputs: just load."""
+    require_capability(request.app[CONFIG], model, "embeddings")
+    if not ereq.inputs:
+        bus = request.app[BUS]
+        t0 = started_ns()
+        bus.release((await bus.acquire(model, keep_alive)).request_id)
+        return [], 0, started_ns() - t0
+    try:
+        doc, load_ns = await _call(request, model, tr.EMBEDDINGS_PATH, ereq.backend_body(model), keep_alive)
+    except ApiError as err:
+        if err.source != "backend" or not tr.is_too_long(err):
+            raise
+        if not ereq.truncate:
+            raise ApiError(400, f"input length exceeds the context length ({err.message})",
+                           code="context_length_exceeded", param="input") from None
+        inputs = await _truncated(request, model, ereq.inputs, keep_alive)
+        doc, load_ns = await _call(request, model, tr.EMBEDDINGS_PATH, ereq.backend_body(model, inputs),
+                                   keep_alive)
+    vectors, tokens = tr.vectors_from_backend(doc)
+    return vectors, tokens, load_ns
+
+
+def _model(req: dict[str, Any]) -> str:
+    model = req.get("model")
+    if not isinstance(model, str) or not model:
+        raise ApiError(400, "model is required", param="model")
+    return model
+
+
+async def ollama_embed(request: web.Request) -> web.Response:
+    req = await read_json(request)
+    t0 = started_ns()
+    ereq = tr.ollama_embed_request(req)
+    model = _model(req)
+    vectors, tokens, load_ns = await embed(request, model, ereq, parse_keep_alive(req.get("keep_alive")))
+    return json_response(tr.ollama_embed_response(model, vectors, tokens, started_ns() - t0, load_ns,
+                                                  ereq.dimensions))
+
+
+async def ollama_embeddings(request: web.Request) -> web.Response:
+    """Legacy ``/api/embeddings``: ``{"embedding": [...]}`` for one ``prompt``."""
+    req = await read_json(request)
+    ereq = tr.ollama_embeddings_request(req)
+    vectors, _, _ = await embed(request, _model(req), ereq, parse_keep_alive(req.get("keep_alive")))
+    return json_response({"embedding": vectors[0] if vectors else []})
+
+
+async def openai_embeddings(request: web.Request) -> web.Response:
+    req = await read_json(request)
+    ereq = tr.openai_embeddings_request(req)
+    model = req.get("model") or request.app[CONFIG].models.default_model or ""
+    if not isinstance(model, str) or not model:
+        raise ApiError(400, "model is required", param="model")
+    vectors, tokens, _ = await embed(request, model, ereq)
+    return json_response(tr.openai_embeddings_response(model, vectors, tokens, ereq))

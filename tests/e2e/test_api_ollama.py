@@ -1,0 +1,160 @@
+"""Ollama's API beyond chat/generate, on the real system, with the real `ollama` client where it reaches."""
+
+from __future__ import annotations
+
+import json
+import math
+import urllib.error
+import urllib.request
+from datetime import UTC, datetime
+
+import ollama
+import openai
+import pytest
+
+from tests.conftest import System
+
+pytestmark = pytest.mark.e2e
+MODEL = "smollm2"
+EMBED = "smollm2-embed"
+OPTS = {"num_predict": 4, "temperature": 0, "seed": 1}
+
+
+def http(method: str, url: str, body: object | None = None) -> tuple[int, dict, dict[str, str]]:
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status, json.loads(r.read() or b"null"), dict(r.headers)
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"null"), dict(e.headers)
+
+
+def norm(v: list[float]) -> float:
+    return math.sqrt(sum(x * x for x in v))
+
+
+def test_list_has_gguf_details(system: System) -> None:
+    models = {m.model: m for m in ollama.Client(system.ollama_url).list().models}
+    assert set(models) == {MODEL, EMBED}
+    d = models[MODEL].details
+    assert d is not None
+    assert (d.format, d.family, d.parameter_size, d.quantization_level) == ("gguf", "llama", "134.52M", "Q4_1")
+    assert models[MODEL].size and models[MODEL].size > 50_000_000 and models[MODEL].modified_at
+
+
+def test_show_reports_gguf_metadata_and_capabilities(system: System) -> None:
+    c = ollama.Client(system.ollama_url)
+    r = c.show(MODEL)
+    assert r.details is not None and r.details.family == "llama" and r.details.families == ["llama"]
+    assert r.details.quantization_level == "Q4_1" and r.details.parameter_size == "134.52M"
+    info = r.modelinfo or {}
+    assert info["general.architecture"] == "llama"
+    assert info["llama.context_length"] == 8192 and info["llama.embedding_length"] == 576
+    assert info["general.parameter_count"] == 134515008
+    assert info["tokenizer.ggml.tokens"] == []  # long arrays hidden, as Ollama does without verbose
+    assert r.capabilities == ["completion"]
+    assert r.modified_at is not None and r.license == "apache-2.0"
+    assert "num_ctx" in (r.parameters or "")
+    assert c.show(f"{MODEL}:latest").details == r.details
+    assert c.show(EMBED).capabilities == ["embedding"]
+
+
+def test_show_unknown_model_is_404(system: System) -> None:
+    with pytest.raises(ollama.ResponseError) as err:
+        ollama.Client(system.ollama_url).show("no-such-model")
+    assert err.value.status_code == 404 and "no-such-model" in err.value.error
+
+
+def test_ps_lists_loaded_models_with_expiry(system: System) -> None:
+    c = ollama.Client(system.ollama_url)
+    c.generate(model=MODEL, prompt="Hi", options=OPTS, keep_alive="10m")
+    models = {m.model: m for m in c.ps().models}
+    assert MODEL in models
+    m = models[MODEL]
+    assert m.size and m.size > 50_000_000 and m.size_vram == 0 and m.context_length == 2048
+    assert m.details is not None and m.details.quantization_level == "Q4_1"
+    assert m.expires_at is not None
+    left = (m.expires_at - datetime.now(UTC)).total_seconds()
+    assert 300 < left <= 601
+
+
+def test_embed_string_and_list(system: System) -> None:
+    c = ollama.Client(system.ollama_url)
+    one = c.embed(model=EMBED, input="Why is the sky blue?")
+    assert len(one.embeddings) == 1 and len(one.embeddings[0]) == 576
+    assert abs(norm(one.embeddings[0]) - 1) < 1e-3
+    assert one.prompt_eval_count and one.total_duration
+    two = c.embed(model=EMBED, input=["Why is the sky blue?", "Why is the grass green?"])
+    assert len(two.embeddings) == 2 and two.embeddings[0] == pytest.approx(one.embeddings[0], abs=1e-4)
+    assert two.embeddings[0] != two.embeddings[1]
+
+
+def test_embed_dimensions_truncates_and_normalizes(system: System) -> None:
+    r = ollama.Client(system.ollama_url).embed(model=EMBED, input="hello", dimensions=64)
+    assert len(r.embeddings[0]) == 64 and abs(norm(r.embeddings[0]) - 1) < 1e-4
+
+
+def test_embed_truncate(system: System) -> None:
+    long = "hello world " * 1500  # ~3000 tokens, over the 2048 context
+    c = ollama.Client(system.ollama_url)
+    r = c.embed(model=EMBED, input=long)
+    assert len(r.embeddings[0]) == 576
+    with pytest.raises(ollama.ResponseError) as err:
+        c.embed(model=EMBED, input=long, truncate=False)
+    assert err.value.status_code == 400 and "context length" in err.value.error
+
+
+def test_legacy_embeddings(system: System) -> None:
+    r = ollama.Client(system.ollama_url).embeddings(model=EMBED, prompt="Here is an article about llamas")
+    assert len(r.embedding) == 576
+
+
+def test_embed_on_a_chat_model_is_a_clear_400(system: System) -> None:
+    with pytest.raises(ollama.ResponseError) as err:
+        ollama.Client(system.ollama_url).embed(model=MODEL, input="x")
+    assert err.value.status_code == 400 and "does not support embeddings" in err.value.error
+
+
+def test_chat_on_an_embedding_model_is_a_clear_400(system: System) -> None:
+    with pytest.raises(ollama.ResponseError) as err:
+        ollama.Client(system.ollama_url).chat(model=EMBED, messages=[{"role": "user", "content": "hi"}])
+    assert err.value.status_code == 400 and "embedding model" in err.value.error
+
+
+@pytest.mark.parametrize(("method", "path", "body"), [
+    ("POST", "/api/pull", {"model": "llama3"}),
+    ("POST", "/api/push", {"model": "me/llama3"}),
+    ("POST", "/api/create", {"model": "mario", "from": MODEL}),
+    ("POST", "/api/copy", {"source": MODEL, "destination": "copy"}),
+    ("DELETE", "/api/delete", {"model": MODEL}),
+])
+def test_model_management_answers_an_ollama_error(system: System, method: str, path: str, body: dict) -> None:
+    status, doc, headers = http(method, system.ollama_url + path, body)
+    assert status == 501 and headers["Content-Type"].startswith("application/json")
+    assert isinstance(doc["error"], str) and "not supported" in doc["error"] and "models_config.json" in doc["error"]
+
+
+def test_client_pull_raises_response_error(system: System) -> None:
+    with pytest.raises(ollama.ResponseError) as err:
+        ollama.Client(system.ollama_url).pull("llama3", stream=False)
+    assert "not supported" in err.value.error
+
+
+def test_unknown_route_is_json_404(system: System) -> None:
+    status, doc, _ = http("GET", system.ollama_url + "/api/nope")
+    assert status == 404 and isinstance(doc["error"], str)
+
+
+def test_openai_routes_on_the_ollama_port(system: System) -> None:
+    client = openai.OpenAI(base_url=system.ollama_url + "/v1", api_key="ollama")
+    assert {m.id for m in client.models.list()} == {MODEL, EMBED}
+    r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=3)
+    assert r.choices[0].message.content is not None and r.model == MODEL
+    e = client.embeddings.create(model=EMBED, input="hello")
+    assert len(e.data[0].embedding) == 576
+    with pytest.raises(openai.NotFoundError) as err:
+        client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "Hi"}])
+    assert err.value.code == "model_not_found"  # OpenAI's error shape under /v1, Ollama's elsewhere
+    status, doc, _ = http("GET", system.ollama_url + "/v1/nope")
+    assert status == 404 and isinstance(doc["error"], dict) and doc["error"]["message"]
