@@ -86,6 +86,14 @@ class Reload(_Msg, tag="reload"):
     request_id: str
 
 
+class ProcessHello(_Msg, tag="process_hello"):
+    """A gateway or the dashboard says who it is: when that process dies, the supervisor releases its leases."""
+
+    request_id: str
+    name: str
+    pid: int
+
+
 class WorkerHello(_Msg, tag="worker_hello"):
     """A worker tells the supervisor its state (sent on every change of its backend's state)."""
 
@@ -100,6 +108,7 @@ class WorkerHello(_Msg, tag="worker_hello"):
 
 Command = (
     Status | StartWorker | StopWorker | RestartWorker | Shutdown | Acquire | Release | Reload | WorkerHello
+    | ProcessHello
 )
 
 

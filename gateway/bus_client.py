@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from bus.protocol import (
     Fail,
     HttpJob,
     Job,
+    ProcessHello,
     Release,
     Status,
     StatusReply,
@@ -115,7 +117,8 @@ class WorkerLink:
 
 
 class GatewayBus:
-    def __init__(self, run_dir: Path | str, load_timeout: float) -> None:
+    def __init__(self, run_dir: Path | str, load_timeout: float, name: str = "") -> None:
+        self.name = name
         self.run_dir = run_dir
         self.load_timeout = load_timeout
         self.ctx = zmq.asyncio.Context()
@@ -126,6 +129,8 @@ class GatewayBus:
 
     def start(self) -> None:
         self._events = asyncio.create_task(self._watch_states())
+        if self.name:  # so that the supervisor releases our leases if we die
+            self.control.notify(ProcessHello(request_id=new_id(), name=self.name, pid=os.getpid()))
 
     async def _watch_states(self) -> None:
         sub = self.ctx.socket(zmq.SUB)

@@ -15,6 +15,7 @@ from aiohttp import web
 
 from bus.protocol import GatewayLaunch
 from config.loader import Config, ConfigError, load_config
+from gateway import metrics as gateway_metrics
 from gateway.bus_client import GatewayBus
 from gateway.errors import ApiError
 from gateway.relay import Relay, backend_error
@@ -136,8 +137,9 @@ def make_app(launch: GatewayLaunch, shape: ErrorShape,
         app[CONFIG] = load_config(launch.config_dir or None)
     except ConfigError as exc:
         raise SystemExit(f"config error: {exc}") from None
-    bus = GatewayBus(launch.run_dir, launch.load_timeout_s)
+    bus = GatewayBus(launch.run_dir, launch.load_timeout_s, name=f"gateway-{launch.protocol}")
     app[BUS] = bus
+    gateway_metrics.install(app, launch)  # GatewayMetrics on the bus every second; counts requests
 
     def reload_config() -> None:
         try:

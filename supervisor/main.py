@@ -25,6 +25,7 @@ from bus.protocol import (
     GatewayLaunch,
     ModelParams,
     Ok,
+    ProcessHello,
     ProcessInfo,
     ProcessStateEvent,
     Release,
@@ -77,6 +78,7 @@ class ManagedProcess:
             self.proc = await spawn(self.argv, self.log_path)
             self._set("running")
             code = await self.proc.wait()
+            self.sup.process_exited(self.proc.pid)
             if self.sup.stopping:
                 break
             failures = failures + 1 if time.monotonic() - started < 30 else 1
@@ -114,6 +116,7 @@ class Supervisor:
                              backoff_max_s=limits.restart_backoff_max_s, max_failures=limits.max_restarts)
         self.llama_server = runtime.find_llama_server(config.app.llama_server_path)
         self.scheduler: Scheduler | None = None
+        self._idents: dict[bytes, int] = {}  # control socket identity -> pid of a gateway/dashboard
 
     # ------------------------------------------------------------------ setup
     def _bind(self) -> None:
@@ -348,11 +351,21 @@ class Supervisor:
                 if mgr is not None:
                     mgr.hello(cmd)
                 continue
+            if isinstance(cmd, ProcessHello):
+                self._idents[ident] = cmd.pid
+                continue
             self._track(self._answer(ident, cmd))
+
+    def process_exited(self, pid: int) -> None:
+        """A gateway died: the leases it held are released (its requests are gone with it)."""
+        assert self.scheduler is not None
+        for ident in [i for i, p in self._idents.items() if p == pid]:
+            del self._idents[ident]
+            self.scheduler.release_owner(ident)
 
     async def _answer(self, ident: bytes, cmd: Any) -> None:
         try:
-            reply = await self._handle(cmd)
+            reply = await self._handle(cmd, ident)
         except WorkerUnavailable as exc:
             reply = ErrorReply(request_id=cmd.request_id, code=exc.code, message=exc.message, status=exc.status)
         except Exception as exc:
@@ -369,7 +382,7 @@ class Supervisor:
             raise WorkerUnavailable("unknown_model", f"model {name!r} not found", 404)
         return self.workers[resolved]
 
-    async def _handle(self, cmd: Any) -> Reply:
+    async def _handle(self, cmd: Any, ident: bytes = b"") -> Reply:
         rid = cmd.request_id
         if isinstance(cmd, Status):
             return StatusReply(request_id=rid, workers=[self.worker_info(w) for w in self.workers.values()],
@@ -386,7 +399,7 @@ class Supervisor:
         if isinstance(cmd, Acquire):
             mgr = self._worker(rid, cmd.model)
             assert self.scheduler is not None
-            fut = self.scheduler.acquire(rid, mgr.name, cmd.keep_alive_s)
+            fut = self.scheduler.acquire(rid, mgr.name, cmd.keep_alive_s, owner=ident)
             try:
                 endpoint = await asyncio.wait_for(fut, cmd.timeout_s)
             except TimeoutError:

@@ -50,12 +50,20 @@ class Scheduler:
     _expires: dict[str, float] = field(default_factory=dict)
     _timers: dict[str, asyncio.TimerHandle] = field(default_factory=dict)
     _pending: list[_Pending] = field(default_factory=list)
+    _owners: dict[str, bytes] = field(default_factory=dict)  # lease -> control socket identity of its holder
 
     # ------------------------------------------------------------------ API (any task)
-    def acquire(self, lease: str, name: str, keep_alive: float | None) -> asyncio.Future[str]:
+    def acquire(self, lease: str, name: str, keep_alive: float | None, owner: bytes = b"") -> asyncio.Future[str]:
         fut: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        if owner:
+            self._owners[lease] = owner
         self._inbox.put_nowait(("acquire", (lease, name, keep_alive, fut)))
         return fut
+
+    def release_owner(self, owner: bytes) -> None:
+        """Release every lease of a process that died (it will never release them itself)."""
+        for lease in [lease for lease, o in self._owners.items() if o == owner]:
+            self.release(lease)
 
     def release(self, lease: str) -> None:
         self._inbox.put_nowait(("release", lease))
@@ -136,6 +144,7 @@ class Scheduler:
     def _on_release(self, lease: str) -> None:
         name = self._leases.pop(lease, None)
         fut = self._granted.pop(lease, None)
+        self._owners.pop(lease, None)
         log.debug("release", lease=lease, worker=name)
         if name is None:
             return

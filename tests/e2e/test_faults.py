@@ -24,6 +24,7 @@ from tests.conftest import ROOT, System, alive, llama_server_available, start_sy
 
 pytestmark = pytest.mark.e2e
 A, B = "smollm2", "smollm2-b"
+LONG_PROMPT = "Write a very long story about a dragon and a knight, with many chapters."
 
 
 def two_model_config(**limits: Any) -> Path:
@@ -69,14 +70,15 @@ class Stream(threading.Thread):
         try:
             if self.api == "ollama":
                 c = ollama.Client(self.system.ollama_url, timeout=120)
-                for p in c.generate(model=self.model, prompt="Count slowly from one to two hundred.", stream=True,
-                                    options={"num_predict": self.tokens, "temperature": 0}):
+                for p in c.generate(model=self.model, prompt=LONG_PROMPT, stream=True,
+                                    options={"num_predict": self.tokens, "temperature": 0.7, "seed": 7}):
                     self.chunks.append(p)
                 self.done = bool(self.chunks and self.chunks[-1].done)
             else:
                 c = openai.OpenAI(base_url=self.system.openai_url, api_key="x", max_retries=0, timeout=120)
                 for ch in c.chat.completions.create(model=self.model, stream=True, max_tokens=self.tokens,
-                                                    messages=[{"role": "user", "content": "Count to fifty."}]):
+                                                    messages=[{"role": "user", "content": LONG_PROMPT}],
+                                                    extra_body={"ignore_eos": True}):
                     self.chunks.append(ch)
                 self.done = any(ch.choices and ch.choices[0].finish_reason for ch in self.chunks)
         except BaseException as exc:  # recorded for the test
@@ -234,3 +236,21 @@ def test_sigterm_lets_in_flight_stream_finish() -> None:
     s.join(30)
     assert s.error is None and s.done, s.error
     wait_for(lambda: not alive(tree), 10, "no process left")
+
+
+def test_leases_of_a_killed_gateway_are_released(faulty: System) -> None:
+    loaded(faulty, B)
+    gw = next(p for p in faulty.status()["processes"] if p["name"] == "gateway-ollama")
+    s = Stream(faulty, B, "ollama", 400)
+    s.start()
+    s.wait_streaming()
+    assert faulty.worker(B)["leases"] == 1
+    os.kill(gw["pid"], signal.SIGKILL)
+    s.join(30)
+    assert not s.is_alive() and not s.done  # the connection is gone with the gateway
+    wait_for(lambda: faulty.worker(B)["leases"] == 0, 20, "the dead gateway's lease released")
+    # the slot it held is free again: a one-slot model answers promptly
+    start = time.monotonic()
+    r = openai.OpenAI(base_url=faulty.openai_url, api_key="x", max_retries=0, timeout=60).chat.completions.create(
+        model=B, messages=[{"role": "user", "content": "Hi"}], max_tokens=2)
+    assert r.choices and time.monotonic() - start < 15
