@@ -1,110 +1,307 @@
-"""Dashboard process: a status page, a JSON status API, a live SSE relay of the metrics bus, and control actions.
+"""Dashboard process: the web UI, its JSON API, a live SSE relay of the metrics bus, Prometheus ``/metrics``.
 
-(The full Vue UI is issue #6; this is the live core it builds on.)
+- ``/``: the Vue 3 + Element Plus page (ES modules with an import map, vendor files from ``web/node_modules``).
+- ``/api/events``: SSE; a snapshot first (the hub is subscribed before the supervisor is asked for its
+  status, so nothing is missed), then every bus event as it comes.
+- ``/api/status``, ``/api/models``, ``/api/info``; actions ``POST /api/workers/{name}/{verb}``, ``POST
+  /api/reload``; ``/api/logs/{name}`` (SSE tail); ``POST /api/chat`` (proxied to the OpenAI gateway).
+- ``/metrics``: Prometheus text format.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+from pathlib import Path
 from typing import Any
 
+import aiohttp
 import msgspec
 import structlog
-import zmq
-import zmq.asyncio
 from aiohttp import web
 
-from bus import endpoints
 from bus.control_client import ControlClient, ControlTimeout, new_id
-from bus.protocol import ErrorReply, GatewayLaunch, RestartWorker, StartWorker, Status, StopWorker
+from bus.protocol import (
+    ErrorReply,
+    GatewayLaunch,
+    Reload,
+    RestartWorker,
+    StartWorker,
+    Status,
+    StatusReply,
+    StopWorker,
+)
+from config.loader import ConfigError, load_config
+from dashboard import auth, logtail, prom
+from dashboard.hub import Hub
 
 log = structlog.get_logger()
 CONTROL: web.AppKey[ControlClient] = web.AppKey("control", ControlClient)
 LAUNCH: web.AppKey[GatewayLaunch] = web.AppKey("launch", GatewayLaunch)
+HUB: web.AppKey[Hub] = web.AppKey("hub", Hub)
+TOKEN: web.AppKey[str | None] = web.AppKey("token")
+HTTP: web.AppKey[aiohttp.ClientSession] = web.AppKey("http", aiohttp.ClientSession)
+PROM: web.AppKey[Any] = web.AppKey("prom")
 
-PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>llama-runner</title>
-<style>body{font-family:sans-serif;margin:2em}td,th{padding:4px 10px;text-align:left}
-.ready{color:green}.starting{color:orange}.backoff,.fatal{color:red}.stopped{color:gray}</style></head>
-<body><h1>llama-runner</h1><table id="workers"><thead><tr><th>model</th><th>state</th><th>pid</th>
-<th>restarts</th><th>rss MB</th><th>in flight</th><th></th></tr></thead><tbody></tbody></table>
-<script>
-const rows = {};
-function row(name){ if(!rows[name]){ const tr=document.createElement('tr'); tr.id='w-'+name;
-  tr.innerHTML='<td>'+name+'</td><td class=state></td><td class=pid></td><td class=restarts></td>'+
-  '<td class=rss></td><td class=inflight></td><td><button>restart</button></td>';
-  tr.querySelector('button').onclick=()=>fetch('/api/workers/'+encodeURIComponent(name)+'/restart',{method:'POST'});
-  document.querySelector('#workers tbody').appendChild(tr); rows[name]=tr;} return rows[name]; }
-function set(tr,cls,v){ tr.querySelector('.'+cls).textContent=v; }
-function show(w){ const tr=row(w.name); const s=tr.querySelector('.state'); s.textContent=w.state; s.className='state '+w.state;
-  set(tr,'pid',w.pid||'-'); if(w.restarts!==undefined) set(tr,'restarts',w.restarts); }
-const es = new EventSource('/api/events');
-es.onmessage = (m) => { const e = JSON.parse(m.data);
-  if(e.type==='worker_state') show(e);
-  if(e.type==='worker_metrics'){ const tr=row(e.name); set(tr,'rss',(e.rss_bytes/1e6).toFixed(0)); set(tr,'inflight',e.in_flight); show(e);} };
-fetch('/api/status').then(r=>r.json()).then(s=>s.workers.forEach(show));
-</script></body></html>"""
-
-
-async def index(_: web.Request) -> web.Response:
-    return web.Response(text=PAGE, content_type="text/html")
+HERE = Path(__file__).resolve().parent
+STATIC = HERE / "static"
+NODE_MODULES = HERE / "web" / "node_modules"
+# The only files served from node_modules: URL name -> path inside node_modules.
+VENDOR = {
+    "vue.js": "vue/dist/vue.esm-browser.prod.js",
+    "element-plus.js": "element-plus/dist/index.full.min.mjs",
+    "element-plus.css": "element-plus/dist/index.css",
+    "uplot.js": "uplot/dist/uPlot.esm.js",
+    "uplot.css": "uplot/dist/uPlot.min.css",
+}
+STATIC_FILES = {"app.js", "style.css"}
+MISSING_ASSETS = """<!doctype html><html><head><meta charset="utf-8"><title>llama-runner</title></head><body>
+<h1>llama-runner dashboard</h1><p>The dashboard's browser files are not installed: run <code>make setup</code>
+(it runs <code>npm ci</code> in <code>dashboard/web</code>). The JSON API works: <a href="/api/status">/api/status</a>,
+<a href="/metrics">/metrics</a>.</p></body></html>"""
 
 
-async def _ask(request: web.Request, cmd: Any) -> web.Response:
+# --------------------------------------------------------------------------- pages and files
+async def index(_: web.Request) -> web.StreamResponse:
+    if not all((NODE_MODULES / p).is_file() for p in VENDOR.values()):
+        return web.Response(text=MISSING_ASSETS, content_type="text/html", status=503)
+    return web.FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
+
+
+async def vendor(request: web.Request) -> web.StreamResponse:
+    rel = VENDOR.get(request.match_info["file"])
+    if rel is None or not (NODE_MODULES / rel).is_file():
+        raise web.HTTPNotFound()
+    return web.FileResponse(NODE_MODULES / rel, headers={"Cache-Control": "max-age=86400"})
+
+
+async def static(request: web.Request) -> web.StreamResponse:
+    name = request.match_info["file"]
+    if name not in STATIC_FILES:
+        raise web.HTTPNotFound()
+    return web.FileResponse(STATIC / name, headers={"Cache-Control": "no-cache"})
+
+
+# --------------------------------------------------------------------------- supervisor
+async def _status(app: web.Application) -> StatusReply:
+    reply = await app[CONTROL].request(Status(request_id=new_id()), 10)
+    if not isinstance(reply, StatusReply):
+        raise web.HTTPServiceUnavailable(text="no status from the supervisor")
+    return reply
+
+
+async def _ask(request: web.Request, cmd: Any, timeout: float = 60) -> web.Response:
     try:
-        reply = await request.app[CONTROL].request(cmd, 30)
+        reply = await request.app[CONTROL].request(cmd, timeout)
     except ControlTimeout as exc:
-        return web.json_response({"error": str(exc)}, status=503)
+        return web.json_response({"type": "error", "code": "timeout", "message": str(exc)}, status=503)
     status = reply.status if isinstance(reply, ErrorReply) else 200
     return web.Response(body=msgspec.json.encode(reply), status=status, content_type="application/json")
 
 
 async def status(request: web.Request) -> web.Response:
-    return await _ask(request, Status(request_id=new_id()))
+    return await _ask(request, Status(request_id=new_id()), 10)
+
+
+async def info(request: web.Request) -> web.Response:
+    launch = request.app[LAUNCH]
+    token = request.app[TOKEN]
+    return web.json_response({"token_required": token is not None,
+                              "token_ok": auth.check(request, token), "host": launch.host, "port": launch.port})
 
 
 async def action(request: web.Request) -> web.Response:
     name, verb = request.match_info["name"], request.match_info["verb"]
-    kinds = {"start": StartWorker, "stop": StopWorker, "restart": RestartWorker}
+    kinds = {"start": StartWorker, "stop": StopWorker, "restart": RestartWorker, "unload": StopWorker}
     if verb not in kinds:
-        return web.json_response({"error": f"unknown action {verb!r}"}, status=404)
+        return web.json_response({"type": "error", "code": "bad_request", "message": f"unknown action {verb!r}"},
+                                 status=404)
+    if verb == "unload":  # an unload leaves a busy model alone (stop is the forceful one)
+        try:
+            st = await _status(request.app)
+        except ControlTimeout as exc:
+            return web.json_response({"type": "error", "code": "timeout", "message": str(exc)}, status=503)
+        w = next((w for w in st.workers if w.name == name), None)
+        if w is not None and w.leases:
+            return web.json_response({"type": "error", "code": "busy", "message":
+                                      f"{name} is serving {w.leases} request(s); stop it to cut them off"},
+                                     status=409)
     return await _ask(request, kinds[verb](request_id=new_id(), name=name))
 
 
+async def reload(request: web.Request) -> web.Response:
+    return await _ask(request, Reload(request_id=new_id()))
+
+
+# --------------------------------------------------------------------------- live
 async def events(request: web.Request) -> web.StreamResponse:
-    """Relay the metrics bus to the browser as SSE (subscribe first; the page then asks for a snapshot)."""
-    ctx = zmq.asyncio.Context.instance()
-    sub = ctx.socket(zmq.SUB)
-    sub.linger = 0
-    sub.rcvhwm = 1000
-    sub.connect(endpoints.metrics(request.app[LAUNCH].run_dir))
-    sub.setsockopt(zmq.SUBSCRIBE, b"")
-    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
-    await resp.prepare(request)
+    """SSE: a snapshot, then the bus (the listener is registered before the status is asked for)."""
+    hub = request.app[HUB]
+    await hub.ready.wait()
+    q = hub.listen()
     try:
+        with contextlib.suppress(ControlTimeout, web.HTTPException):
+            hub.apply_status(msgspec.to_builtins(await _status(request.app)))
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+                                           "X-Accel-Buffering": "no"})
+        await resp.prepare(request)
+        await resp.write(b"data: " + msgspec.json.encode(hub.snapshot()) + b"\n\n")
         while True:
-            frames = await sub.recv_multipart()
-            if len(frames) == 2:
-                await resp.write(b"data: " + frames[1] + b"\n\n")
+            try:
+                first = await asyncio.wait_for(q.get(), 15)
+            except TimeoutError:
+                await resp.write(b": keepalive\n\n")
+                continue
+            batch = [first]
+            while not q.empty() and len(batch) < 500:
+                batch.append(q.get_nowait())
+            await resp.write(b"".join(b"data: " + body + b"\n\n" for body in batch))
     except (ConnectionResetError, asyncio.CancelledError):
         pass
     finally:
-        sub.close(0)
+        hub.unlisten(q)
     return resp
 
 
-def build(launch: GatewayLaunch) -> web.Application:
-    app = web.Application()
+async def logs(request: web.Request) -> web.StreamResponse:
+    name = request.match_info["name"]
+    try:
+        st = await _status(request.app)
+    except ControlTimeout as exc:
+        return web.json_response({"error": str(exc)}, status=503)
+    if name not in {w.name for w in st.workers}:  # only names the supervisor knows become file names
+        return web.json_response({"error": f"unknown model {name!r}"}, status=404)
+    return await logtail.tail(request, Path(request.app[LAUNCH].logs_dir), name)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body = prom.render(request.app[PROM])
+    return web.Response(body=body, headers={"Content-Type": prom.CONTENT_TYPE})
+
+
+# --------------------------------------------------------------------------- models and chat
+async def models(request: web.Request) -> web.Response:
+    launch = request.app[LAUNCH]
+    try:
+        config = load_config(launch.config_dir or None)
+    except ConfigError as exc:
+        return web.json_response({"error": f"config error: {exc}"}, status=500)
+    loaded: dict[str, Any] = {}
+    with contextlib.suppress(ControlTimeout, web.HTTPException):
+        loaded = {w.name: w for w in (await _status(request.app)).workers}
+    out = []
+    for name, m in config.models.models.items():
+        w = loaded.get(name)
+        path = config.model_path(m)
+        size = 0
+        with contextlib.suppress(OSError):
+            size = path.stat().st_size
+        out.append({
+            "name": name, "type": m.type, "model_path": str(path), "exists": path.exists(), "size_bytes": size,
+            "aliases": list(m.aliases), "parameters": msgspec.to_builtins(m.parameters),
+            "idle_ttl_s": m.idle_ttl_s if m.idle_ttl_s is not None else config.app.limits.idle_ttl_s,
+            "default": name == config.models.default_model, "preload": name in config.models.preload,
+            "state": w.state.value if w else "unknown", "loaded": bool(w and w.state.value == "ready"),
+            "pid": w.pid if w else 0,
+        })
+    return web.json_response({"models": out, "config_dir": str(config.config_dir)})
+
+
+def _gateway_base(st: StatusReply, launch: GatewayLaunch) -> str | None:
+    proc = next((p for p in st.processes if p.name == "gateway-openai" and p.port), None)
+    if proc is None:
+        return None
+    host = launch.host if launch.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
+    host = f"[{host}]" if ":" in host else host
+    return f"http://{host}:{proc.port}"
+
+
+async def chat(request: web.Request) -> web.StreamResponse:
+    """Try a model: a streamed chat completion through the OpenAI gateway, relayed as it comes (SSE)."""
+    try:
+        doc = await request.json()
+    except ValueError:
+        return web.json_response({"error": "expected a JSON body"}, status=400)
+    if not isinstance(doc, dict) or not isinstance(doc.get("model"), str) or not isinstance(doc.get("messages"),
+                                                                                            list):
+        return web.json_response({"error": "expected {model, messages}"}, status=400)
+    try:
+        base = _gateway_base(await _status(request.app), request.app[LAUNCH])
+    except ControlTimeout as exc:
+        return web.json_response({"error": str(exc)}, status=503)
+    if base is None:
+        return web.json_response({"error": "the OpenAI gateway is not running"}, status=503)
+    body = {"model": doc["model"], "messages": doc["messages"], "stream": True,
+            "max_tokens": int(doc.get("max_tokens") or 256)}
+    try:
+        async with request.app[HTTP].post(f"{base}/v1/chat/completions", json=body) as up:
+            if up.status >= 400:
+                return web.Response(body=await up.read(), status=up.status, content_type="application/json")
+            resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+            await resp.prepare(request)
+            async for chunk in up.content.iter_any():
+                await resp.write(chunk)
+            return resp
+    except aiohttp.ClientError as exc:
+        return web.json_response({"error": f"gateway: {exc}"}, status=502)
+
+
+# --------------------------------------------------------------------------- app
+def _protected(request: web.Request) -> bool:
+    """Actions, the log tail and the chat need the token (when one is required)."""
+    path = request.path
+    return request.method == "POST" or path.startswith("/api/logs/")
+
+
+def build(launch: GatewayLaunch, token: str | None = None) -> web.Application:
+    if token is None:
+        configured = None
+        with contextlib.suppress(ConfigError):
+            configured = load_config(launch.config_dir or None).app.dashboard.token
+        token = auth.dashboard_token(launch.host, configured)
+        if token and not auth.is_loopback(launch.host) and not configured:
+            log.warning("dashboard_token_generated", token=token)
+    app = web.Application(middlewares=[auth.guard(token, _protected)])
     app[LAUNCH] = launch
+    app[TOKEN] = token
     app[CONTROL] = ControlClient(launch.run_dir)
+    hub = app[HUB] = Hub(launch.run_dir)
+    app[PROM] = prom.registry(hub)
+
+    async def seed() -> None:  # the supervisor's view, for a scrape that comes before any browser
+        with contextlib.suppress(Exception):
+            await hub.ready.wait()
+            hub.apply_status(msgspec.to_builtins(await _status(app)))
+
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def on_startup(_: web.Application) -> None:
+        hub.start()
+        app[HTTP] = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=10))
+        tasks.add(asyncio.create_task(seed()))
 
     async def on_cleanup(_: web.Application) -> None:
+        for t in tasks:
+            t.cancel()
+        await hub.stop()
+        if HTTP in app:
+            await app[HTTP].close()
         with contextlib.suppress(Exception):
             await app[CONTROL].close()
 
+    app.on_startup.append(on_startup)
     app.on_cleanup.append(on_cleanup)
-    app.router.add_get("/", index)
-    app.router.add_get("/api/status", status)
-    app.router.add_get("/api/events", events)
-    app.router.add_post("/api/workers/{name}/{verb}", action)
+    r = app.router
+    r.add_get("/", index)
+    r.add_get("/vendor/{file}", vendor)
+    r.add_get("/static/{file}", static)
+    r.add_get("/metrics", metrics)
+    r.add_get("/api/info", info)
+    r.add_get("/api/status", status)
+    r.add_get("/api/models", models)
+    r.add_get("/api/events", events)
+    r.add_get("/api/logs/{name}", logs)
+    r.add_post("/api/workers/{name}/{verb}", action)
+    r.add_post("/api/reload", reload)
+    r.add_post("/api/chat", chat)
     return app

@@ -16,6 +16,7 @@ from aiohttp import web
 from bus.protocol import GatewayLaunch
 from config.loader import Config, ConfigError, load_config
 from gateway import metrics as gateway_metrics
+from gateway import metrics as gateway_metrics
 from gateway.bus_client import GatewayBus
 from gateway.errors import ApiError
 from gateway.relay import Relay, backend_error
@@ -139,6 +140,7 @@ def make_app(launch: GatewayLaunch, shape: ErrorShape,
         raise SystemExit(f"config error: {exc}") from None
     bus = GatewayBus(launch.run_dir, launch.load_timeout_s, name=f"gateway-{launch.protocol}")
     app[BUS] = bus
+    gateway_metrics.install(app, launch)  # GatewayMetrics on the bus every second; counts requests
     gateway_metrics.install(app, launch)  # GatewayMetrics on the bus every second; counts requests
 
     def reload_config() -> None:

@@ -35,6 +35,7 @@ from bus.protocol import (
 )
 from supervisor.child import install_stop_signals, watch_parent
 from workers.llama_server import BackendError, LlamaServer
+from workers.metrics import WorkerStats
 
 log = structlog.get_logger()
 
@@ -57,6 +58,7 @@ class LlamaWorker:
         self.requests_total = 0
         self.errors_total = 0
         self.started = time.monotonic()
+        self.stats = WorkerStats(launch.name)
         self.session: aiohttp.ClientSession | None = None
 
     # ------------------------------------------------------------------ bus plumbing
@@ -202,8 +204,10 @@ class LlamaWorker:
     async def _run_job(self, ident: bytes, job: HttpJob) -> None:
         rid = job.request_id
         self.requests_total += 1
+        self.stats.queued(rid, job.path, job.stream)
         try:
             if self.waiting >= self.launch.queue_size and self.slots.locked():
+                self.stats.finished(rid, 429, "rejected")
                 await self._send(ident, Fail(request_id=rid, status=429, code="busy",
                                              message=f"model {self.launch.name!r} is busy: queue is full"))
                 return
@@ -228,14 +232,19 @@ class LlamaWorker:
             log.exception("job_failed", request_id=rid)
             await self._send(ident, Fail(request_id=rid, status=500, code="internal", message=repr(exc)))
         finally:
+            self.stats.finished(rid, 499, "cancelled")  # no-op when _forward already finished it
             self.jobs.pop(rid, None)
 
     async def _forward(self, ident: bytes, job: HttpJob) -> None:
         assert self.session is not None
         rid = job.request_id
+        stats = self.stats
+        stats.started(rid)
         headers = {"Content-Type": "application/json"} if job.body else {}
         try:
             async with self.session.request(job.method, job.path, data=job.body or None, headers=headers) as resp:
+                if resp.status >= 500:
+                    self.errors_total += 1
                 if not await self._send(ident, Head(request_id=rid, status=resp.status,
                                                     content_type=resp.headers.get("Content-Type", ""))):
                     return
@@ -243,11 +252,14 @@ class LlamaWorker:
                     chunk = await resp.content.readany()
                     if not chunk:
                         break
+                    stats.data(rid, chunk)
                     if not await self._send(ident, Data(request_id=rid, data=chunk)):
                         return  # gateway gone: leaving the block closes the upstream response
                 await self._send(ident, End(request_id=rid))
+                stats.finished(rid, resp.status, "ok" if resp.status < 400 else "error")
         except aiohttp.ClientError as exc:
             self.errors_total += 1
+            stats.finished(rid, 502, "error")
             await self._send(ident, Fail(request_id=rid, status=502, code="backend_error",
                                          message=f"llama-server: {exc}", source="backend"))
 
@@ -256,6 +268,7 @@ class LlamaWorker:
         me = psutil.Process()
         topic = endpoints.topic_worker_metrics(self.launch.name)
         backend = None
+        self.stats.pub = zmq.Socket.shadow(self.pub.underlying)  # per-request events: sync, never awaited
         while True:
             rss = me.memory_info().rss
             cpu = me.cpu_percent()
@@ -265,11 +278,14 @@ class LlamaWorker:
                 cpu += backend.cpu_percent()
             except psutil.Error:
                 backend = None
+            tps, rps = self.stats.rates(self.requests_total)
             event = WorkerMetrics(
                 name=self.launch.name, state=self.state, pid=os.getpid(), backend_pid=self.backend.pid,
                 cpu_percent=cpu, rss_bytes=rss, in_flight=self.in_flight, queued=self.waiting,
                 requests_total=self.requests_total, errors_total=self.errors_total,
-                uptime_s=time.monotonic() - self.started,
+                uptime_s=time.monotonic() - self.started, tokens_total=self.stats.tokens_total,
+                tokens_per_s=tps, requests_per_s=rps, ttft_last_s=self.stats.ttft_last,
+                ttft_p50_s=self.stats.ttft_p50(), model_path=self.launch.model_path,
             )
             with contextlib.suppress(zmq.ZMQError):
                 await self.pub.send_multipart(encode_event(topic, event))

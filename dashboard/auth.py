@@ -1,0 +1,78 @@
+"""Who may act: control actions need the dashboard token when the dashboard listens beyond 127.0.0.1.
+
+The token comes from the config (``dashboard.token``), else from ``LLAMA_RUNNER_DASHBOARD_TOKEN`` (set by
+``llama-runner up``, which prints it), else one is made at start and logged. On loopback no token is needed,
+but a state-changing request from a page of another origin is always refused (no cross-site actions).
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import os
+import secrets
+from collections.abc import Awaitable, Callable
+from urllib.parse import urlsplit
+
+from aiohttp import web
+
+ENV_TOKEN = "LLAMA_RUNNER_DASHBOARD_TOKEN"
+HEADER = "X-Llama-Runner-Token"
+
+
+def is_loopback(host: str) -> bool:
+    if host in ("localhost", "localhost.localdomain"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def dashboard_token(host: str, configured: str | None, *, generate: bool = True) -> str | None:
+    """The token actions need, or None when the dashboard is loopback-only and none is configured."""
+    if configured:
+        return configured
+    env = os.environ.get(ENV_TOKEN)
+    if env:
+        return env
+    if is_loopback(host) or not generate:
+        return None
+    return secrets.token_urlsafe(18)
+
+
+def presented(request: web.Request) -> str:
+    auth = request.headers.get("Authorization", "")
+    if auth.lower().startswith("bearer "):
+        return auth[7:].strip()
+    return request.headers.get(HEADER, "") or request.query.get("token", "")
+
+
+def check(request: web.Request, token: str | None) -> bool:
+    return token is None or hmac.compare_digest(presented(request).encode(), token.encode())
+
+
+def same_origin(request: web.Request) -> bool:
+    origin = request.headers.get("Origin")
+    if not origin or origin == "null":
+        return origin is None
+    return urlsplit(origin).netloc == request.host
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def guard(token: str | None, protected: Callable[[web.Request], bool]) -> Callable[..., Awaitable[web.StreamResponse]]:
+    """Middleware: ``protected(request)`` requests need the token; any non-GET needs the same origin."""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.method not in ("GET", "HEAD", "OPTIONS") and not same_origin(request):
+            return web.json_response({"error": "cross-origin request refused"}, status=403)
+        if protected(request) and not check(request, token):
+            return web.json_response({"error": "this action needs the dashboard token "
+                                      "(printed by `llama-runner up`, or dashboard.token in app_config.json)",
+                                      "code": "unauthorized"}, status=401)
+        return await handler(request)
+
+    return middleware

@@ -1,0 +1,132 @@
+"""One subscription to the metrics bus for the whole dashboard: the latest figures, and a fan-out to browsers.
+
+Every browser connection gets a bounded queue of raw JSON events (a slow browser loses events, never blocks
+the hub). The hub also keeps the latest event of each worker, gateway and process and the latest system
+figures, for the Prometheus endpoint and for the snapshot a new browser starts from.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+import msgspec
+import structlog
+import zmq
+import zmq.asyncio
+
+from bus import endpoints
+
+log = structlog.get_logger()
+
+QUEUE_SIZE = 2000
+
+
+class Hub:
+    def __init__(self, run_dir: str) -> None:
+        self.run_dir = run_dir
+        self.workers: dict[str, dict[str, Any]] = {}  # name -> merged worker_state + worker_metrics fields
+        self.gateways: dict[str, dict[str, Any]] = {}  # protocol -> latest gateway_metrics
+        self.processes: dict[str, dict[str, Any]] = {}  # name -> latest process_state
+        self.system: dict[str, Any] = {}
+        self.requests_finished: dict[tuple[str, str], int] = {}  # (model, outcome) -> count seen
+        self.listeners: set[asyncio.Queue[bytes]] = set()
+        self.ready = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._dec = msgspec.json.Decoder()
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _run(self) -> None:
+        ctx = zmq.asyncio.Context.instance()
+        sub = ctx.socket(zmq.SUB)
+        sub.linger = 0
+        sub.rcvhwm = 10000
+        sub.connect(endpoints.metrics(self.run_dir))
+        sub.setsockopt(zmq.SUBSCRIBE, b"")
+        self.ready.set()
+        try:
+            while True:
+                frames = await sub.recv_multipart()
+                self._on_frames(frames)
+                for _ in range(256):  # drain what is queued without a wakeup per message
+                    try:
+                        frames = await sub.recv_multipart(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    self._on_frames(frames)
+        finally:
+            sub.close(0)
+
+    def _on_frames(self, frames: list[bytes]) -> None:
+        if len(frames) != 2:
+            return
+        body = frames[1]
+        try:
+            event = self._dec.decode(body)
+        except msgspec.DecodeError:
+            log.warning("bad_event", topic=frames[0][:100])
+            return
+        if not isinstance(event, dict):
+            return
+        self.apply(event)
+        self.broadcast(body)
+
+    # ------------------------------------------------------------------ state
+    def apply(self, event: dict[str, Any]) -> None:
+        kind = event.get("type")
+        if kind in ("worker_state", "worker_metrics"):
+            name = str(event.get("name", ""))
+            w = self.workers.setdefault(name, {"name": name})
+            w.update({k: v for k, v in event.items() if k not in ("type", "v")})
+        elif kind == "gateway_metrics":
+            self.gateways[str(event.get("protocol", ""))] = event
+        elif kind == "process_state":
+            self.processes[str(event.get("name", ""))] = event
+        elif kind == "system_metrics":
+            self.system = event
+        elif kind == "request" and event.get("phase") == "finished":
+            key = (str(event.get("model", "")), str(event.get("outcome", "")))
+            self.requests_finished[key] = self.requests_finished.get(key, 0) + 1
+
+    def apply_status(self, status: dict[str, Any]) -> None:
+        """Merge a Status reply (the supervisor's authoritative list of workers and processes)."""
+        names = set()
+        for w in status.get("workers", []):
+            names.add(w["name"])
+            cur = self.workers.setdefault(w["name"], {"name": w["name"]})
+            cur.update(w)
+        for name in list(self.workers):
+            if name not in names:
+                del self.workers[name]  # removed from the config
+        for p in status.get("processes", []):
+            cur = self.processes.setdefault(p["name"], {})
+            cur.update(p)
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"type": "snapshot", "workers": list(self.workers.values()),
+                "gateways": list(self.gateways.values()), "processes": list(self.processes.values()),
+                "system": self.system}
+
+    # ------------------------------------------------------------------ fan-out
+    def listen(self) -> asyncio.Queue[bytes]:
+        q: asyncio.Queue[bytes] = asyncio.Queue(QUEUE_SIZE)
+        self.listeners.add(q)
+        return q
+
+    def unlisten(self, q: asyncio.Queue[bytes]) -> None:
+        self.listeners.discard(q)
+
+    def broadcast(self, body: bytes) -> None:
+        for q in self.listeners:
+            with contextlib.suppress(asyncio.QueueFull):
+                q.put_nowait(body)

@@ -1,0 +1,125 @@
+"""A worker's request figures: per-request events and the counters behind its WorkerMetrics.
+
+Hot path: ``data()`` runs once per backend read (not per token) and does only byte counting in C
+(``bytes.count`` of the ``"content":"`` each streamed piece carries) — no JSON parsing. The exact token count
+of a request is read once, at its end, from the ``timings``/``usage`` llama-server puts in its last chunk.
+Events go out on a non-blocking PUB (dropped, never awaited, when nobody reads).
+"""
+
+from __future__ import annotations
+
+import collections
+import re
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import zmq
+
+from bus import endpoints
+from bus.codec import encode_event
+from bus.protocol import RequestEvent
+
+_PREDICTED = re.compile(rb'"predicted_n":\s*(\d+)')
+_COMPLETION = re.compile(rb'"completion_tokens":\s*(\d+)')
+_CONTENT = b'"content":"'  # one per generated piece in chat (and llama-server /completion) streams
+_TEXT = b'"text":"'  # the same in /v1/completions streams
+
+
+@dataclass
+class _Live:
+    path: str
+    stream: bool
+    arrived: float
+    started: float = 0.0
+    first: float = 0.0
+    marker: bytes = _CONTENT
+    tail: bytes = b""  # the last read, where llama-server puts timings/usage
+    prev: bytes = b""  # the read before it (the final [DONE] may come alone)
+    counted: int = 0  # tokens already added to the worker's total for this request
+
+
+@dataclass
+class WorkerStats:
+    name: str
+    pub: zmq.Socket | None = None  # a sync view of the worker's PUB socket (None: no events, e.g. tests)
+    tokens_total: int = 0
+    ttfts: collections.deque[float] = field(default_factory=lambda: collections.deque(maxlen=100))
+    ttft_last: float = 0.0
+    live: dict[str, _Live] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.topic = endpoints.topic_request(self.name)
+        self._last_tokens = 0
+        self._last_requests = 0
+        self._last_tick = time.monotonic()
+
+    # ------------------------------------------------------------------ per request
+    def queued(self, rid: str, path: str, stream: bool) -> None:
+        marker = _TEXT if path.rstrip("/").endswith("/v1/completions") else _CONTENT
+        self.live[rid] = _Live(path, stream, time.monotonic(), marker=marker)
+        self._emit(RequestEvent(request_id=rid, model=self.name, phase="queued", path=path, stream=stream))
+
+    def started(self, rid: str) -> None:
+        st = self.live.get(rid)
+        if st is None:
+            return
+        st.started = time.monotonic()
+        self._emit(RequestEvent(request_id=rid, model=self.name, phase="started", path=st.path,
+                                stream=st.stream, queued_s=st.started - st.arrived))
+
+    def data(self, rid: str, chunk: bytes) -> None:
+        """One backend read (hot path: byte counts only)."""
+        st = self.live.get(rid)
+        if st is None:
+            return
+        st.prev, st.tail = st.tail, chunk
+        if st.stream:
+            n = chunk.count(st.marker)
+            self.tokens_total += n
+            st.counted += n
+        if not st.first and (not st.stream or st.marker in chunk):
+            st.first = time.monotonic()
+            ttft = st.first - st.arrived
+            self.ttft_last = ttft
+            self.ttfts.append(ttft)
+            self._emit(RequestEvent(request_id=rid, model=self.name, phase="first_token", path=st.path,
+                                    stream=st.stream, ttft_s=ttft))
+
+    def finished(self, rid: str, status: int, outcome: str) -> None:
+        st = self.live.pop(rid, None)
+        if st is None:
+            return
+        exact = None
+        for part in (st.tail, st.prev):
+            exact = _PREDICTED.search(part) or _COMPLETION.search(part)
+            if exact:
+                break
+        tokens = int(exact.group(1)) if exact else st.counted
+        self.tokens_total += max(0, tokens - st.counted)  # a counter: the exact figure only adds
+        now = time.monotonic()
+        self._emit(RequestEvent(
+            request_id=rid, model=self.name, phase="finished", path=st.path, stream=st.stream,
+            queued_s=(st.started or now) - st.arrived, ttft_s=(st.first - st.arrived) if st.first else 0.0,
+            tokens=tokens, duration_s=now - st.arrived, status=status, outcome=outcome))
+
+    # ------------------------------------------------------------------ per second
+    def rates(self, requests_total: int) -> tuple[float, float]:
+        """(tokens/s, requests/s) since the previous call."""
+        now = time.monotonic()
+        dt = max(1e-3, now - self._last_tick)
+        tps = max(0, self.tokens_total - self._last_tokens) / dt
+        rps = max(0, requests_total - self._last_requests) / dt
+        self._last_tick, self._last_tokens, self._last_requests = now, self.tokens_total, requests_total
+        return tps, rps
+
+    def ttft_p50(self) -> float:
+        return statistics.median(self.ttfts) if self.ttfts else 0.0
+
+    def _emit(self, event: RequestEvent) -> None:
+        if self.pub is None:
+            return
+        try:
+            self.pub.send_multipart(encode_event(self.topic, event), zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass
