@@ -54,7 +54,59 @@ def _parser() -> argparse.ArgumentParser:
     disc.add_argument("--config-dir")
     disc.add_argument("--models-root", help="folder to scan (default: models_root of app_config.json)")
     disc.add_argument("--dry-run", action="store_true", help="only print what would be added")
+    met = sub.add_parser("metrics", help="print the metrics bus (state, metrics and request events) as JSON lines")
+    met.add_argument("--topic", action="append", default=[],
+                     help="topic prefix to follow, e.g. metrics/worker/ or request/smollm2/ (repeatable; "
+                     "default: everything)")
+    met.add_argument("--count", type=int, default=0, help="exit after N events (default: run until Ctrl-C)")
+    met.add_argument("--with-topic", action="store_true", help='print {"topic": ..., "event": ...} per line')
+    met.add_argument("--config-dir")
+    met.add_argument("--run-dir")
     return p
+
+
+def _metrics(args: argparse.Namespace) -> int:
+    """Subscribe to the metrics bus and print every event as one JSON line (flushed as it comes)."""
+    import zmq
+
+    config = None
+    if args.config_dir or not args.run_dir:
+        try:
+            config = load_config(args.config_dir)
+        except ConfigError:
+            config = None
+    run_dir = _run_dir(args, config)
+    if not (run_dir / endpoints.METRICS_SOCK).exists():
+        print(f"llama-runner: no running instance in {run_dir} (start one with `llama-runner up`)", file=sys.stderr)
+        return 1
+    ctx = zmq.Context()
+    sub = ctx.socket(zmq.SUB)
+    sub.linger = 0
+    sub.connect(endpoints.metrics(run_dir))
+    for prefix in args.topic or [""]:
+        sub.setsockopt(zmq.SUBSCRIBE, prefix.encode())
+    seen = 0
+    try:
+        while not args.count or seen < args.count:
+            frames = sub.recv_multipart()
+            if len(frames) != 2:
+                continue
+            if args.with_topic:
+                line = b'{"topic": ' + json.dumps(frames[0].decode("utf-8", "replace")).encode() + b', "event": ' \
+                    + frames[1] + b"}"
+            else:
+                line = frames[1]
+            sys.stdout.buffer.write(line + b"\n")
+            sys.stdout.flush()
+            seen += 1
+    except KeyboardInterrupt:
+        pass
+    except BrokenPipeError:  # e.g. piped into head
+        pass
+    finally:
+        sub.close(0)
+        ctx.term()
+    return 0
 
 
 def _discover(args: argparse.Namespace) -> int:
@@ -100,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
         return _up(args)
     if args.command == "discover":
         return _discover(args)
+    if args.command == "metrics":
+        return _metrics(args)
     return _client(args)
 
 
@@ -145,6 +199,7 @@ def _up(args: argparse.Namespace) -> int:
           f"OpenAI/LM Studio API on http://{host}:{config.app.proxies.lmstudio.port}/v1, "
           f"dashboard on http://{host}:{config.app.dashboard.port}, run dir {run_dir}, logs {logs_dir}",
           file=sys.stderr, flush=True)
+    _dashboard_token(config)
 
     async def _main() -> int:
         sup = Supervisor(config, run_dir, logs_dir)
@@ -161,6 +216,20 @@ def _up(args: argparse.Namespace) -> int:
         return uvloop.run(_main())
     except ImportError:
         return asyncio.run(_main())
+
+
+def _dashboard_token(config: Config) -> None:
+    """Beyond 127.0.0.1 the dashboard's actions need a token: the configured one, else one made for this run
+    (handed to the dashboard through the environment). Printed so the operator can use it."""
+    from dashboard.auth import ENV_TOKEN, dashboard_token, is_loopback
+
+    dash = config.app.dashboard
+    if not dash.enabled or is_loopback(config.app.host):
+        return
+    token = dashboard_token(config.app.host, dash.token)
+    if token and not dash.token:
+        os.environ[ENV_TOKEN] = token
+    print(f"llama-runner: dashboard token (needed for its actions): {token}", file=sys.stderr, flush=True)
 
 
 def _client(args: argparse.Namespace) -> int:
