@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import types
 import typing
 
 import msgspec
@@ -26,6 +27,8 @@ i64 = st.integers(min_value=-(2**63), max_value=2**63 - 1)
 
 def _strategy(tp: typing.Any) -> st.SearchStrategy[typing.Any]:
     origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return st.one_of(*[st.none() if a is type(None) else _strategy(a) for a in typing.get_args(tp)])
     if tp is float:
         return finite
     if tp is int:
