@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -38,7 +39,8 @@ async def retrieve_model(request: web.Request) -> web.Response:
     return json_response(_model_object(name, files[resolved][1]))
 
 
-def _model(request: web.Request, req: dict[str, Any]) -> str:
+def request_model(request: web.Request, req: dict[str, Any]) -> str:
+    """The request's ``model``, else the configured ``default_model`` (LM Studio's behaviour)."""
     model = req.get("model")
     if isinstance(model, str) and model:
         return model
@@ -51,36 +53,42 @@ def _model(request: web.Request, req: dict[str, Any]) -> str:
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     req = await read_json(request)
     breq = tr.chat_to_backend(req)
-    return await _relay(request, _model(request, req), breq.path, breq.body, breq.stream)
+    return await relay_openai(request, request_model(request, req), breq.path, breq.body, breq.stream)
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
     req = await read_json(request)
     breq = tr.completions_to_backend(req)
-    return await _relay(request, _model(request, req), breq.path, breq.body, breq.stream)
+    return await relay_openai(request, request_model(request, req), breq.path, breq.body, breq.stream)
 
 
-async def _relay(request: web.Request, model: str, path: str, body: dict[str, Any], stream: bool
-                 ) -> web.StreamResponse:
+Transform = Callable[[dict[str, Any]], dict[str, Any]]
+
+
+async def relay_openai(request: web.Request, model: str, path: str, body: dict[str, Any], stream: bool,
+                       transform: Transform | None = None) -> web.StreamResponse:
+    """Send an OpenAI-style request to ``model``'s llama-server and relay its answer (JSON or SSE), under
+    the model name asked for; ``transform`` may change each reply object / stream chunk (LM Studio's stats)."""
     require_capability(request.app[CONFIG], model, "chat")
     relay = await open_job(request, model, path, body, stream)
     try:
         rename = model != relay.worker  # the backend answers with the configured name
         if not stream:
             raw = await relay.body()
-            if rename:
+            if rename or transform is not None:
                 try:
-                    raw = _enc.encode(tr.rewrite_model(msgspec.json.decode(raw), model))
+                    doc = tr.rewrite_model(msgspec.json.decode(raw), model)
+                    raw = _enc.encode(transform(doc) if transform is not None and isinstance(doc, dict) else doc)
                 except msgspec.DecodeError:
                     pass
             return web.Response(body=raw, content_type="application/json")
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await resp.prepare(request)
-        parser = SSEParser() if rename else None
+        parser = SSEParser() if rename or transform is not None else None
         try:
             async for chunk in relay.chunks():
                 if parser is not None:
-                    chunk = _renamed(parser, chunk, model)
+                    chunk = _renamed(parser, chunk, model, transform)
                 await resp.write(chunk)
         except ApiError as err:
             await resp.write(b"data: " + _enc.encode(openai_error_body(err)) + b"\n\n")
@@ -90,12 +98,14 @@ async def _relay(request: web.Request, model: str, path: str, body: dict[str, An
         await relay.close()
 
 
-def _renamed(parser: SSEParser, chunk: bytes, model: str) -> bytes:
+def _renamed(parser: SSEParser, chunk: bytes, model: str, transform: Transform | None = None) -> bytes:
     out = []
     for payload in parser.feed(chunk):
         try:
             doc = msgspec.json.decode(payload)
-            payload = _enc.encode(tr.rewrite_model(doc, model)) if isinstance(doc, dict) else payload
+            if isinstance(doc, dict):
+                doc = tr.rewrite_model(doc, model)
+                payload = _enc.encode(transform(doc) if transform is not None and "error" not in doc else doc)
         except msgspec.DecodeError:
             pass
         out.append(b"data: " + payload + b"\n\n")
@@ -115,7 +125,10 @@ def add_v1_routes(app: web.Application) -> None:
 
 
 def build(launch: GatewayLaunch) -> web.Application:
+    from gateway import lmstudio  # it builds on this module's relay
+
     app = make_app(launch, openai_error_body)
     add_v1_routes(app)
+    lmstudio.add_routes(app)  # LM Studio's REST API v0
     __import__("gateway.audio").audio.add_routes(app)  # speech to text (gateway/audio.py)
     return app

@@ -1,0 +1,171 @@
+"""OpenAI and LM Studio APIs (port 1234) on the real system, with the real `openai` client and raw HTTP."""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import urllib.error
+import urllib.request
+
+import httpx
+import numpy as np
+import openai
+import pytest
+
+from tests.conftest import System
+
+pytestmark = pytest.mark.e2e
+MODEL = "smollm2"
+EMBED = "smollm2-embed"
+MSG = [{"role": "user", "content": "Say hello."}]
+
+
+def client(system: System) -> openai.OpenAI:
+    return openai.OpenAI(base_url=system.openai_url, api_key="lm-studio", max_retries=0)
+
+
+def base(system: System) -> str:
+    return f"http://127.0.0.1:{system.openai_port}"
+
+
+def http(method: str, url: str, body: object | None = None, raw: bytes | None = None
+         ) -> tuple[int, dict, dict[str, str]]:
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status, json.loads(r.read() or b"null"), dict(r.headers)
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"null"), dict(e.headers)
+
+
+# --------------------------------------------------------------------------- OpenAI
+def test_models_list_and_retrieve(system: System) -> None:
+    c = client(system)
+    assert [m.id for m in c.models.list()] == [MODEL, EMBED]
+    m = c.models.retrieve(MODEL)
+    assert m.id == MODEL and m.object == "model" and m.owned_by
+    assert c.models.retrieve("smollm2-135m-instruct").id == "smollm2-135m-instruct"  # an alias
+    with pytest.raises(openai.NotFoundError) as err:
+        c.models.retrieve("no-such-model")
+    assert err.value.code == "model_not_found"
+    assert isinstance(err.value.body, dict) and "no-such-model" in err.value.body["message"]
+
+
+def test_stream_include_usage_reports_usage_last(system: System) -> None:
+    chunks = list(client(system).chat.completions.create(
+        model=MODEL, messages=MSG, max_tokens=5, stream=True, stream_options={"include_usage": True}))
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 5
+    assert chunks[-1].choices == []
+    assert all(ch.usage is None for ch in chunks[:-1])
+
+
+def test_max_completion_tokens_limits_the_answer(system: System) -> None:
+    r = client(system).chat.completions.create(model=MODEL, messages=MSG, max_completion_tokens=3)
+    assert r.usage is not None and r.usage.completion_tokens == 3 and r.choices[0].finish_reason == "length"
+
+
+def test_response_format_json_schema(system: System) -> None:
+    schema = {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}
+    r = client(system).chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Give a JSON object with a name."}], max_tokens=40,
+        response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": schema}})
+    doc = json.loads(r.choices[0].message.content or "")
+    assert isinstance(doc["name"], str)
+
+
+def test_tools_are_accepted(system: System) -> None:
+    tool = {"type": "function", "function": {"name": "get_weather", "description": "weather in a city",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+    r = client(system).chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Weather in Paris?"}], tools=[tool], max_tokens=20)
+    assert r.choices[0].finish_reason in ("stop", "length", "tool_calls")
+
+
+def test_embeddings_float_and_base64(system: System) -> None:
+    c = client(system)
+    r = c.embeddings.create(model=EMBED, input=["hello", "world"])
+    assert [d.index for d in r.data] == [0, 1] and len(r.data[0].embedding) == 576
+    assert r.model == EMBED and r.usage.prompt_tokens > 0
+    # asked for explicitly, the client hands base64 over as is (it asks for base64 itself by default)
+    b64 = c.embeddings.create(model=EMBED, input="hello", encoding_format="base64")
+    decoded = np.frombuffer(base64.b64decode(str(b64.data[0].embedding)), dtype="<f4").tolist()
+    assert decoded == pytest.approx(r.data[0].embedding, abs=1e-5)
+    short = c.embeddings.create(model=EMBED, input="hello", dimensions=32)
+    v = short.data[0].embedding
+    assert len(v) == 32 and abs(math.sqrt(sum(x * x for x in v)) - 1) < 1e-4
+    tokens = c.embeddings.create(model=EMBED, input=[[28120, 905]])
+    assert len(tokens.data[0].embedding) == 576
+
+
+def test_embeddings_on_a_chat_model_is_400(system: System) -> None:
+    with pytest.raises(openai.BadRequestError) as err:
+        client(system).embeddings.create(model=MODEL, input="hello")
+    assert "does not support embeddings" in str(err.value)
+
+
+@pytest.mark.parametrize(("body", "param"), [
+    ({"model": MODEL}, "messages"),
+    ({"model": MODEL, "messages": MSG, "temperature": "hot"}, "temperature"),
+    ({"messages": MSG}, "model"),
+])
+def test_invalid_requests_are_400_in_openai_shape(system: System, body: dict, param: str) -> None:
+    status, doc, _ = http("POST", system.openai_url + "/chat/completions", body)
+    assert status == 400
+    err = doc["error"]
+    assert err["type"] == "invalid_request_error" and err["param"] == param and "(llama-runner)" in err["message"]
+
+
+def test_too_large_body_is_413_in_openai_shape(system: System) -> None:
+    status, doc, _ = http("POST", system.openai_url + "/chat/completions", raw=b" " * (33 * 1024 * 1024))
+    assert status == 413 and doc["error"]["type"] == "invalid_request_error"
+
+
+def test_unknown_model_is_404_model_not_found(system: System) -> None:
+    status, doc, _ = http("POST", system.openai_url + "/chat/completions", {"model": "nope", "messages": MSG})
+    assert status == 404 and doc["error"]["code"] == "model_not_found"
+
+
+# --------------------------------------------------------------------------- LM Studio REST API v0
+def test_v0_models(system: System) -> None:
+    client(system).chat.completions.create(model=MODEL, messages=MSG, max_tokens=1)  # loaded now
+    status, doc, _ = http("GET", base(system) + "/api/v0/models")
+    assert status == 200 and doc["object"] == "list"
+    by_id = {m["id"]: m for m in doc["data"]}
+    m = by_id[MODEL]
+    assert m == {"id": MODEL, "object": "model", "type": "llm", "publisher": "HuggingFaceTB", "arch": "llama",
+                 "compatibility_type": "gguf", "quantization": "Q4_1", "state": "loaded",
+                 "max_context_length": 8192}
+    assert by_id[EMBED]["type"] == "embeddings"
+    status, one, _ = http("GET", base(system) + f"/api/v0/models/{MODEL}")
+    assert status == 200 and one == m
+    status, err, _ = http("GET", base(system) + "/api/v0/models/nope")
+    assert status == 404 and err["error"]["code"] == "model_not_found"
+
+
+def test_v0_chat_completions_has_stats(system: System) -> None:
+    status, doc, _ = http("POST", base(system) + "/api/v0/chat/completions",
+                          {"model": MODEL, "messages": MSG, "max_tokens": 4})
+    assert status == 200 and doc["object"] == "chat.completion" and doc["model"] == MODEL
+    s = doc["stats"]
+    assert s["tokens_per_second"] > 0 and s["time_to_first_token"] > 0 and s["generation_time"] > 0
+    assert s["stop_reason"] == "maxPredictedTokensReached"
+    assert doc["model_info"] == {"arch": "llama", "quant": "Q4_1", "format": "gguf", "context_length": 2048}
+    assert doc["runtime"]["supported_formats"] == ["gguf"]
+
+
+def test_v0_completions_default_model_and_stream_stats(system: System) -> None:
+    status, doc, _ = http("POST", base(system) + "/api/v0/completions", {"prompt": "The sky is", "max_tokens": 3})
+    assert status == 200 and doc["object"] == "text_completion" and doc["stats"]["generation_time"] > 0
+    with httpx.stream("POST", base(system) + "/api/v0/chat/completions", timeout=60,
+                      json={"model": MODEL, "messages": MSG, "max_tokens": 3, "stream": True}) as resp:
+        events = [line[6:] for line in resp.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    last = json.loads(events[-2])
+    assert last["stats"]["stop_reason"] == "maxPredictedTokensReached" and last["model_info"]["arch"] == "llama"
+
+
+def test_v0_embeddings(system: System) -> None:
+    status, doc, _ = http("POST", base(system) + "/api/v0/embeddings", {"model": EMBED, "input": "Some text"})
+    assert status == 200 and doc["object"] == "list" and len(doc["data"][0]["embedding"]) == 576
