@@ -38,6 +38,9 @@ class ProxiesConfig(_Cfg):
 class DashboardConfig(_Cfg):
     enabled: bool = True
     port: Port = 8585
+    # Needed for control actions when the dashboard listens beyond 127.0.0.1 (`host` not loopback). Unset
+    # there: `llama-runner up` makes one per run and prints it.
+    token: str | None = None
 
 
 class LimitsConfig(_Cfg):
@@ -47,6 +50,10 @@ class LimitsConfig(_Cfg):
     request_timeout_s: PositiveFloat = 600.0
     # How long an idle model stays loaded (Ollama's keep_alive default): 0 unloads at once, negative never.
     idle_ttl_s: float = 300.0
+    # Optional memory budget for all loaded models together (bytes); each model's footprint is estimated as
+    # its file size plus its KV cache (ctx_size x parallel x kv_bytes_per_token), or set per model.
+    memory_budget_bytes: PositiveInt | None = None
+    kv_bytes_per_token: PositiveInt = 32 * 1024
     # The server's cap on a client's keep_alive / ttl (null: no cap; a negative request keeps forever).
     max_keep_alive_s: Annotated[float, msgspec.Meta(ge=0)] | None = None
     restart_backoff_s: PositiveFloat = 1.0
@@ -90,9 +97,6 @@ ModelMode = Literal["chat", "embedding", "both"]
 Pooling = Literal["none", "mean", "cls", "last", "rank"]
 
 
-class ModelConfig(_Cfg):
-    model_path: Annotated[str, msgspec.Meta(min_length=1)]
-    type: Literal["llama", "whisper"] = "llama"
 def embedding_args(mode: str, pooling: str | None, p: ModelParameters) -> list[str]:
     """``p.extra_args`` plus what an embedding model needs: ``--embeddings``, ``--pooling``, and a batch as
     large as the context (llama-server embeds an input in one batch). Idempotent: flags already there stay."""
@@ -109,9 +113,13 @@ def embedding_args(mode: str, pooling: str | None, p: ModelParameters) -> list[s
     return args
 
 
+class ModelConfig(_Cfg):
+    model_path: Annotated[str, msgspec.Meta(min_length=1)]
+    type: Literal["llama", "whisper"] = "llama"
     aliases: list[ModelName] = []
     parameters: ModelParameters = msgspec.field(default_factory=ModelParameters)
     idle_ttl_s: float | None = None  # overrides limits.idle_ttl_s for this model
+    memory_bytes: PositiveInt | None = None  # this model's footprint when loaded (default: estimated)
     # What a llama model serves: chat/completions, embeddings, or both (llama-server with --embeddings).
     mode: ModelMode = "chat"
     # Embedding pooling (llama-server --pooling); null: the model's own default.

@@ -189,7 +189,8 @@ class Supervisor:
         for name in self.config.models.models:
             self._add_worker(self._launch(self.config, name))
         self.scheduler = Scheduler(self.workers, max_loaded=app.limits.max_loaded_models,
-                                   default_ttl=self._ttl, max_keep_alive=app.limits.max_keep_alive_s)
+                                   default_ttl=self._ttl, max_keep_alive=app.limits.max_keep_alive_s,
+                                   memory_budget=app.limits.memory_budget_bytes, footprint=self._footprint)
         self._track(self.scheduler.run())
 
     async def reload(self) -> str:
@@ -206,6 +207,7 @@ class Supervisor:
         assert self.scheduler is not None
         self.scheduler.max_loaded = new.app.limits.max_loaded_models
         self.scheduler.max_keep_alive = new.app.limits.max_keep_alive_s
+        self.scheduler.memory_budget = new.app.limits.memory_budget_bytes
         for name in plan.added:
             self._add_worker(new_launches[name])
         for name in plan.changed:
@@ -237,6 +239,19 @@ class Supervisor:
         return Config(app=msgspec.structs.replace(
             config.app, proxies=self.config.app.proxies, dashboard=self.config.app.dashboard,
             logs_dir=self.config.app.logs_dir), models=config.models, config_dir=config.config_dir)
+
+    def _footprint(self, name: str) -> int:
+        """Estimated bytes of a loaded model: configured, else file size + KV cache."""
+        model = self.config.models.models.get(name)
+        if model is None:
+            return 0
+        if model.memory_bytes is not None:
+            return model.memory_bytes
+        size = 0
+        with contextlib.suppress(OSError):
+            size = self.config.model_path(model).stat().st_size
+        p = model.parameters
+        return size + p.ctx_size * p.parallel * self.config.app.limits.kv_bytes_per_token
 
     def _ttl(self, name: str) -> float:
         model = self.config.models.models.get(name)

@@ -1,8 +1,9 @@
 """Residency: which models are loaded. One owner task decides; workers' own managers carry it out.
 
 - Every Acquire is a lease: a worker with a lease is busy and is never evicted.
-- When a model must start and ``max_loaded_models`` are loaded, the least recently used *idle* worker is
-  stopped first; with none idle, the request waits (its caller's timeout bounds the wait).
+- When a model must start and ``max_loaded_models`` are loaded (or, with a memory budget, its estimated
+  footprint does not fit beside the loaded ones), the least recently used *idle* worker is stopped first;
+  with none idle, the request waits (its caller's timeout bounds the wait).
 - After its last lease, a worker stays loaded for its keep-alive (the request's, else the model's idle TTL;
   0 unloads at once; negative keeps it), then is stopped.
 - A lease released before its model finished loading (the client went away) stops that load when no one
@@ -42,6 +43,8 @@ class Scheduler:
     max_loaded: int
     default_ttl: Callable[[str], float]  # model name -> idle TTL in seconds (0: unload when idle, <0: never)
     max_keep_alive: float | None = None  # the server's cap on what a client may ask for
+    memory_budget: int | None = None  # bytes all loaded models may take together (None: no budget)
+    footprint: Callable[[str], int] = lambda name: 0  # model name -> estimated bytes when loaded
     _inbox: asyncio.Queue[tuple[str, Any]] = field(default_factory=asyncio.Queue)
     _leases: dict[str, str] = field(default_factory=dict)  # lease -> model
     _granted: dict[str, asyncio.Future[str]] = field(default_factory=dict)  # lease -> its acquire future
@@ -107,7 +110,7 @@ class Scheduler:
 
     def _try(self, p: _Pending) -> bool:
         """Grant now if the model is loaded or there is room; else make room (evict) and wait."""
-        if p.mgr.state != S.STOPPED or self._loaded() < self.max_loaded:
+        if p.mgr.state != S.STOPPED or self._fits(p.mgr.name):
             self._chain(p.mgr.acquire(), p.fut)
             return True
         if not any(m.state == S.STOPPING for m in self.managers.values()):
@@ -126,6 +129,15 @@ class Scheduler:
 
     def _loaded(self) -> int:
         return sum(1 for m in self.managers.values() if m.state in LOADED)
+
+    def _fits(self, name: str) -> bool:
+        if self._loaded() >= self.max_loaded:
+            return False
+        if self.memory_budget is None:
+            return True
+        used = sum(self.footprint(m.name) for m in self.managers.values() if m.state in LOADED)
+        # a model larger than the whole budget still loads when nothing else is loaded
+        return used == 0 or used + self.footprint(name) <= self.memory_budget
 
     @staticmethod
     def _chain(src: asyncio.Future[str], dst: asyncio.Future[str]) -> None:

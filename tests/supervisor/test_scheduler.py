@@ -160,3 +160,42 @@ async def test_unknown_release_is_ignored(world: Any) -> None:
     sched.release("nope")
     await load(sched, w["a"], "1")
     assert sched.leases("a") == 1
+
+
+async def test_memory_budget_evicts_to_make_room() -> None:
+    ref: list[Scheduler] = []
+    workers = {n: FakeWorker(n, ref) for n in ("a", "b", "c")}
+    sizes = {"a": 600, "b": 300, "c": 500}
+    sched = Scheduler(workers, max_loaded=3, default_ttl=lambda n: 60.0,  # type: ignore[arg-type]
+                      memory_budget=1000, footprint=lambda n: sizes[n])
+    ref.append(sched)
+    task = asyncio.create_task(sched.run())
+    try:
+        await load(sched, workers["a"], "1")
+        await load(sched, workers["b"], "2")  # 900 of 1000
+        sched.release("1")
+        sched.release("2")
+        await settle()
+        workers["a"].last_used, workers["b"].last_used = 10.0, 20.0
+        fut = sched.acquire("3", "c", None)  # 500 does not fit: evict a (LRU), then 300 + 500 fits
+        await settle()
+        assert workers["a"].state == S.STOPPING and workers["b"].state == S.READY
+        workers["a"].finish_stop()
+        await settle()
+        workers["c"].become_ready()
+        assert await asyncio.wait_for(fut, 1) == "ep-c"
+    finally:
+        task.cancel()
+
+
+async def test_a_model_larger_than_the_budget_loads_alone() -> None:
+    ref: list[Scheduler] = []
+    workers = {"big": FakeWorker("big", ref)}
+    sched = Scheduler(workers, max_loaded=2, default_ttl=lambda n: 60.0,  # type: ignore[arg-type]
+                      memory_budget=10, footprint=lambda n: 100)
+    ref.append(sched)
+    task = asyncio.create_task(sched.run())
+    try:
+        assert await load(sched, workers["big"], "1") == "ep-big"
+    finally:
+        task.cancel()
