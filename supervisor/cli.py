@@ -195,6 +195,9 @@ def _up(args: argparse.Namespace) -> int:
         print("llama-runner: warning: no llama-server found (set LLAMA_SERVER or llama_server_path, or run "
               "`make setup`); models will fail to load", file=sys.stderr)
     host = config.app.host
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"llama-runner: warning: listening on {host}, beyond this machine: anyone who reaches it can use "
+              "the models (set API keys, and the dashboard token, in the config)", file=sys.stderr)
     print(f"llama-runner: ollama API on http://{host}:{config.app.proxies.ollama.port}, "
           f"OpenAI/LM Studio API on http://{host}:{config.app.proxies.lmstudio.port}/v1, "
           f"dashboard on http://{host}:{config.app.dashboard.port}, run dir {run_dir}, logs {logs_dir}",
