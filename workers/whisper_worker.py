@@ -204,7 +204,7 @@ class WhisperWorker:
             log.warning("duplicate_request_id", request_id=job.request_id)
             return
         self.requests_total += 1
-        if self.waiting >= self.launch.queue_size and self.slots.locked():
+        if len(self.jobs) >= self.parallel + self.launch.queue_size:  # running + queued, counted right now
             self.errors_total += 1
             await self._send(ident, Fail(request_id=job.request_id, status=429, code="busy",
                                          message=f"model {self.launch.name!r} is busy: queue is full"))
