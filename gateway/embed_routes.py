@@ -15,7 +15,7 @@ from gateway import embed_translate as tr
 from gateway.catalog import require_capability
 from gateway.errors import ApiError
 from gateway.ollama_translate import parse_keep_alive
-from gateway.server import BUS, CONFIG, json_response, open_job, read_json, started_ns
+from gateway.server import BUS, CONFIG, LAUNCH, json_response, open_job, read_json, started_ns
 
 
 async def _call(request: web.Request, model: str, path: str, body: dict[str, Any],
@@ -100,7 +100,9 @@ async def ollama_embeddings(request: web.Request) -> web.Response:
 async def openai_embeddings(request: web.Request) -> web.Response:
     req = await read_json(request)
     ereq = tr.openai_embeddings_request(req)
-    model = req.get("model") or request.app[CONFIG].models.default_model or ""
+    model = req.get("model")
+    if model is None and request.app[LAUNCH].protocol == "openai":  # LM Studio: the default model
+        model = request.app[CONFIG].models.default_model
     if not isinstance(model, str) or not model:
         raise ApiError(400, "model is required", param="model")
     vectors, tokens, _ = await embed(request, model, ereq)

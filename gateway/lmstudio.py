@@ -15,7 +15,6 @@ from typing import Any
 from aiohttp import web
 
 from bus.protocol import WorkerState
-from config.loader import Config
 from gateway import catalog, embed_routes, openai_app
 from gateway import openai_translate as tr
 from gateway.catalog import ModelEntry
@@ -118,15 +117,9 @@ async def model(request: web.Request) -> web.Response:
     return json_response(doc)
 
 
-def _with_model(config: Config, req: dict[str, Any]) -> dict[str, Any]:
-    if req.get("model") is None and config.models.default_model:
-        req = {**req, "model": config.models.default_model}
-    return req
-
-
 async def _completion(request: web.Request, chat: bool) -> web.StreamResponse:
     config = request.app[CONFIG]
-    req = _with_model(config, await read_json(request))
+    req = openai_app.with_default_model(request, await read_json(request))
     breq = tr.chat_to_backend(req) if chat else tr.completions_to_backend(req)
     name = req["model"]
     catalog.require_capability(config, name, "chat")

@@ -13,7 +13,7 @@ from gateway import embed_routes
 from gateway import openai_translate as tr
 from gateway.catalog import require_capability
 from gateway.errors import ApiError, openai_error_body
-from gateway.server import CONFIG, json_response, make_app, model_files, open_job, read_json
+from gateway.server import CONFIG, LAUNCH, json_response, make_app, model_files, open_job, read_json
 from gateway.sse import SSEParser
 
 _enc = msgspec.json.Encoder()
@@ -50,14 +50,24 @@ def request_model(request: web.Request, req: dict[str, Any]) -> str:
     raise ApiError(400, "model is required", param="model")
 
 
+def with_default_model(request: web.Request, req: dict[str, Any]) -> dict[str, Any]:
+    """On the LM Studio port a request without ``model`` goes to ``default_model`` (LM Studio answers with
+    the loaded model); on the Ollama port, as in Ollama, ``model`` stays required."""
+    if req.get("model") is None and request.app[LAUNCH].protocol == "openai":
+        default = request.app[CONFIG].models.default_model
+        if default:
+            return {**req, "model": default}
+    return req
+
+
 async def chat_completions(request: web.Request) -> web.StreamResponse:
-    req = await read_json(request)
+    req = with_default_model(request, await read_json(request))
     breq = tr.chat_to_backend(req)
     return await relay_openai(request, request_model(request, req), breq.path, breq.body, breq.stream)
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
-    req = await read_json(request)
+    req = with_default_model(request, await read_json(request))
     breq = tr.completions_to_backend(req)
     return await relay_openai(request, request_model(request, req), breq.path, breq.body, breq.stream)
 

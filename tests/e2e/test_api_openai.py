@@ -108,13 +108,21 @@ def test_embeddings_on_a_chat_model_is_400(system: System) -> None:
 @pytest.mark.parametrize(("body", "param"), [
     ({"model": MODEL}, "messages"),
     ({"model": MODEL, "messages": MSG, "temperature": "hot"}, "temperature"),
-    ({"messages": MSG}, "model"),
+    ({"model": 7, "messages": MSG}, "model"),
 ])
 def test_invalid_requests_are_400_in_openai_shape(system: System, body: dict, param: str) -> None:
     status, doc, _ = http("POST", system.openai_url + "/chat/completions", body)
     assert status == 400
     err = doc["error"]
     assert err["type"] == "invalid_request_error" and err["param"] == param and "(llama-runner)" in err["message"]
+
+
+def test_default_model_answers_a_request_without_model(system: System) -> None:
+    status, doc, _ = http("POST", system.openai_url + "/chat/completions", {"messages": MSG, "max_tokens": 2})
+    assert status == 200 and doc["choices"][0]["message"]["role"] == "assistant"
+    # Ollama's port keeps OpenAI's rule: model is required
+    status, doc, _ = http("POST", system.ollama_url + "/v1/chat/completions", {"messages": MSG})
+    assert status == 400 and doc["error"]["param"] == "model"
 
 
 def test_too_large_body_is_413_in_openai_shape(system: System) -> None:
