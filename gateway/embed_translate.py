@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import base64
 import math
+import struct
 from dataclasses import dataclass
 from typing import Any
-
-import numpy as np
 
 from gateway.errors import ApiError
 
@@ -169,7 +168,7 @@ def ollama_embed_response(model: str, vectors: list[list[float]], prompt_tokens:
 
 
 def _base64(vector: list[float]) -> str:
-    return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode()
+    return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()  # little-endian float32
 
 
 def openai_embeddings_response(model: str, vectors: list[list[float]], prompt_tokens: int,

@@ -8,6 +8,7 @@ of parsed. Results are cached per file (path, mtime, size); reading is blocking,
 
 from __future__ import annotations
 
+import functools
 import struct
 import sys
 import threading
@@ -15,35 +16,40 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from gguf import GGUFReader, GGUFValueType, LlamaFileType
-
 __all__ = ["MAX_ARRAY", "ModelFacts", "human_number", "quantization_name", "read_facts"]
 
 MAX_ARRAY = 64  # longer array fields (token lists, merges) are skipped, as Ollama hides them unless verbose
 
 
-class _MetadataReader(GGUFReader):
-    """``GGUFReader`` that skips the content of long array fields (kept: their type and length)."""
+@functools.cache
+def _reader_class() -> Any:
+    """``GGUFReader`` that skips the content of long array fields (kept: their type and length).
 
-    def _get_field_parts(self, orig_offs: int, raw_type: int) -> Any:
-        if GGUFValueType(raw_type) != GGUFValueType.ARRAY:
-            return super()._get_field_parts(orig_offs, raw_type)
-        raw_itype = self._get(orig_offs, np.uint32)
-        alen = self._get(orig_offs + 4, np.uint64)
-        count, itype = int(alen[0]), GGUFValueType(int(raw_itype[0]))
-        if count <= MAX_ARRAY or itype == GGUFValueType.ARRAY:
-            return super()._get_field_parts(orig_offs, raw_type)
-        offs = orig_offs + 12
-        if itype == GGUFValueType.STRING:
-            fmt = "=Q" if self.byte_order == "I" else (">Q" if sys.byteorder == "little" else "<Q")
-            data = self.data
-            for _ in range(count):
-                offs += 8 + struct.unpack_from(fmt, data, offs)[0]
-        else:
-            offs += count * np.dtype(self.gguf_scalar_to_np[itype]).itemsize
-        # No data parts: ``contents()`` of the field is [].
-        return offs - orig_offs, [raw_itype, alen], [], [GGUFValueType.ARRAY, itype]
+    Built on first use: gguf and numpy cost a gateway ~15 MB of RSS, paid only once a model is described."""
+    import numpy as np
+    from gguf import GGUFReader, GGUFValueType
+
+    class MetadataReader(GGUFReader):  # type: ignore[misc]
+        def _get_field_parts(self, orig_offs: int, raw_type: int) -> Any:
+            if GGUFValueType(raw_type) != GGUFValueType.ARRAY:
+                return super()._get_field_parts(orig_offs, raw_type)
+            raw_itype = self._get(orig_offs, np.uint32)
+            alen = self._get(orig_offs + 4, np.uint64)
+            count, itype = int(alen[0]), GGUFValueType(int(raw_itype[0]))
+            if count <= MAX_ARRAY or itype == GGUFValueType.ARRAY:
+                return super()._get_field_parts(orig_offs, raw_type)
+            offs = orig_offs + 12
+            if itype == GGUFValueType.STRING:
+                fmt = "=Q" if self.byte_order == "I" else (">Q" if sys.byteorder == "little" else "<Q")
+                data = self.data
+                for _ in range(count):
+                    offs += 8 + struct.unpack_from(fmt, data, offs)[0]
+            else:
+                offs += count * np.dtype(self.gguf_scalar_to_np[itype]).itemsize
+            # No data parts: ``contents()`` of the field is [].
+            return offs - orig_offs, [raw_itype, alen], [], [GGUFValueType.ARRAY, itype]
+
+    return MetadataReader
 
 
 @dataclass(frozen=True)
@@ -85,6 +91,8 @@ def human_number(n: int) -> str:
 
 def quantization_name(file_type: int | None) -> str:
     """``general.file_type`` -> Ollama's quantization level (``MOSTLY_Q4_K_M`` -> ``Q4_K_M``)."""
+    from gguf import LlamaFileType
+
     if file_type is None:
         return ""
     try:
@@ -97,6 +105,9 @@ def quantization_name(file_type: int | None) -> str:
 
 
 def _value(field: Any) -> Any:
+    import numpy as np
+    from gguf import GGUFValueType
+
     main = field.types[0] if field.types else None
     value = field.contents()
     if main == GGUFValueType.FLOAT32:
@@ -109,7 +120,7 @@ def _value(field: Any) -> Any:
 
 
 def _read(path: Path) -> ModelFacts:
-    reader = _MetadataReader(str(path), "r")
+    reader = _reader_class()(str(path), "r")
     meta = {key: _value(fld) for key, fld in reader.fields.items() if not key.startswith("GGUF.")}
     arch = str(meta.get("general.architecture") or "")
     params = int(sum(t.n_elements for t in reader.tensors))

@@ -117,3 +117,15 @@ def test_ps_entry_expiry() -> None:
 def test_unsupported_endpoints_are_501_with_a_hint() -> None:
     err = om.unsupported("pull")
     assert err.status == 501 and "models_config.json" in err.message
+
+
+def test_gateways_start_without_numpy_or_gguf() -> None:
+    """gguf + numpy cost ~15 MB per gateway: loaded on first model description, not at startup."""
+    import subprocess
+    import sys
+
+    code = ("import sys, gateway.ollama_app, gateway.openai_app, gateway.lmstudio; "
+            "print(sorted(m for m in ('numpy', 'gguf') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[2])
+    assert out.stdout.strip() == "[]"
