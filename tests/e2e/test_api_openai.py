@@ -67,12 +67,22 @@ def test_max_completion_tokens_limits_the_answer(system: System) -> None:
 
 
 def test_response_format_json_schema(system: System) -> None:
-    schema = {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12}}, "required": ["name"],
+              "additionalProperties": False}
     r = client(system).chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "Give a JSON object with a name."}], max_tokens=40,
+        model=MODEL, messages=[{"role": "user", "content": "Give a JSON object with a name."}], max_tokens=60,
+        temperature=0, seed=1,
         response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": schema}})
+    assert r.choices[0].finish_reason == "stop"
     doc = json.loads(r.choices[0].message.content or "")
     assert isinstance(doc["name"], str)
+
+
+def test_logprobs_pass_through(system: System) -> None:
+    r = client(system).chat.completions.create(model=MODEL, messages=MSG, max_tokens=2, logprobs=True,
+                                               top_logprobs=2)
+    lp = r.choices[0].logprobs
+    assert lp is not None and lp.content and len(lp.content[0].top_logprobs) == 2
 
 
 def test_tools_are_accepted(system: System) -> None:

@@ -132,3 +132,20 @@ def test_is_too_long_matches_llama_server_messages() -> None:
     msg = "input (3001 tokens) is too large to process. increase the physical batch size (current batch size: 512)"
     assert tr.is_too_long(ApiError(500, msg, source="backend"))
     assert not tr.is_too_long(ApiError(500, "Input content cannot be empty", source="backend"))
+
+
+def test_golden_llama_server_embeddings_reply() -> None:
+    """A real reply of llama-server (--embeddings --pooling mean, SmolLM2) to two inputs."""
+    import json
+    from pathlib import Path
+
+    body = json.loads((Path(__file__).parent / "golden" / "embeddings.json").read_text())
+    vectors, tokens = tr.vectors_from_backend(body)
+    assert len(vectors) == 2 and all(len(v) == 576 for v in vectors) and tokens == 7
+    assert all(abs(math.sqrt(sum(x * x for x in v)) - 1) < 1e-4 for v in vectors)  # llama-server normalizes
+    ollama = tr.ollama_embed_response("smollm2-embed", vectors, tokens, 5, 1)
+    assert ollama["embeddings"] == vectors and ollama["prompt_eval_count"] == 7
+    req = tr.openai_embeddings_request({"model": "e", "input": ["Why is the sky blue?", "hello"]})
+    oa = tr.openai_embeddings_response("e", vectors, tokens, req)
+    assert [d["index"] for d in oa["data"]] == [0, 1] and oa["data"][1]["embedding"] == vectors[1]
+    assert oa["usage"] == {"prompt_tokens": 7, "total_tokens": 7}
