@@ -39,3 +39,28 @@ def speech_wav(text: str, path: Path) -> Path:
 def words(text: str) -> list[str]:
     """Lower-case words without punctuation, to compare recognised text loosely."""
     return "".join(c.lower() if c.isalnum() else " " for c in text).split()
+
+
+# container suffix -> (encoder, sample rate)
+CODECS = {"flac": ("flac", 22050), "mp3": ("libmp3lame", 22050), "ogg": ("libopus", 48000),
+          "m4a": ("aac", 22050), "webm": ("libopus", 48000)}
+
+
+def transcode(wav: Path, suffix: str) -> Path:
+    """``wav`` re-encoded with PyAV (faster-whisper's own decoder library) into ``wav.<suffix>``."""
+    import av
+
+    codec, rate = CODECS[suffix]
+    out = wav.with_suffix("." + suffix)
+    with av.open(str(wav)) as src, av.open(str(out), "w") as dst:
+        stream = dst.add_stream(codec, rate=rate)
+        stream.layout = "mono"
+        resampler = av.AudioResampler(format=stream.format, layout="mono", rate=rate,
+                                      frame_size=stream.codec_context.frame_size or None)
+        for frame in src.decode(audio=0):
+            for f in resampler.resample(frame):
+                dst.mux(stream.encode(f))
+        for f in resampler.resample(None):
+            dst.mux(stream.encode(f))
+        dst.mux(stream.encode(None))
+    return out
