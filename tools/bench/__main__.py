@@ -1,0 +1,147 @@
+"""``python -m tools.bench``: what llama-runner costs against direct llama-server (issue 7).
+
+Starts a private llama-runner instance per upstream (the synthetic upstream, then the real llama-server with
+the default model), measures every figure side by side (direct, Ollama gateway, OpenAI gateway), prints the
+ratios and the targets, and writes BENCHMARKS.md and BENCHMARKS.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from tools.bench import report
+from tools.bench.figures import Params, run_upstream, say
+from tools.bench.instance import ROOT, real_upstream, synthetic_upstream
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m tools.bench", description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="fewer runs, shorter loops (< 2 minutes)")
+    p.add_argument("--upstream", choices=("both", "synthetic", "real"), default="both")
+    p.add_argument("--runs", type=int, help="runs per figure (min/median/max over them)")
+    p.add_argument("--duration", type=float, help="seconds of each streaming loop")
+    p.add_argument("--samples", type=int, help="sequential requests per target per run (latency, TTFT)")
+    p.add_argument("--tokens", type=int, help="tokens per stream on the synthetic upstream")
+    p.add_argument("--rps-duration", type=float, help="seconds of each requests/s loop")
+    p.add_argument("--cold-runs", type=int, help="cold starts per gateway")
+    p.add_argument("--idle-wait", type=float, help="seconds idle before reading RSS")
+    p.add_argument(
+        "--out-dir", type=Path, default=ROOT, help="where BENCHMARKS.md/.json go (default: the repo)"
+    )
+    p.add_argument("--no-write", action="store_true", help="print only")
+    p.add_argument("--baseline", type=Path, help="a previous BENCHMARKS.json: adds a before/after table")
+    p.add_argument("--label", default="", help="a name for this run (shown in before/after tables)")
+    p.add_argument("--notes", default="", help="a paragraph added to BENCHMARKS.md")
+    return p
+
+
+def params(args: argparse.Namespace, kind: str) -> Params:
+    if kind == "synthetic":
+        p = Params(
+            runs=5,
+            tokens={1: 1024, 16: 256, 64: 128},
+            duration=1.5,
+            samples=200,
+            rps_duration=2.0,
+            cold_runs=3,
+            idle_wait=3.0,
+        )
+        if args.quick:
+            p = Params(
+                runs=3,
+                tokens={1: 1024, 16: 256, 64: 128},
+                duration=0.6,
+                samples=60,
+                rps_duration=0.8,
+                cold_runs=1,
+                idle_wait=1.0,
+            )
+        if args.tokens:
+            p.tokens = {c: args.tokens for c in p.concurrency}
+    else:  # the real model: ~90 tokens/s with -t 1 on these machines
+        p = Params(
+            runs=3,
+            tokens={1: 64, 16: 16, 64: 8},
+            duration=1.5,
+            samples=30,
+            ttft_tokens=2,
+            rps_duration=2.0,
+            cold_runs=3,
+            idle_wait=3.0,
+        )
+        if args.quick:
+            p = Params(
+                runs=2,
+                tokens={1: 32, 16: 4, 64: 2},
+                duration=0.0,
+                samples=8,
+                ttft_tokens=2,
+                rps_duration=1.0,
+                cold_runs=1,
+                idle_wait=1.0,
+            )
+    for name in ("runs", "duration", "samples", "rps_duration", "cold_runs", "idle_wait"):
+        value = getattr(args, name)
+        if value is not None:
+            setattr(p, name, value)
+    return p
+
+
+async def _run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    skipped: dict[str, str] = {}
+    if args.upstream in ("both", "synthetic"):
+        results["synthetic"] = await run_upstream(synthetic_upstream(tmp), params(args, "synthetic"))
+    if args.upstream in ("both", "real"):
+        real = real_upstream()
+        if real is None:
+            skipped["real"] = "llama-server or the default model is missing (run `make setup`)"
+            say("[real] skipped: " + skipped["real"])
+        else:
+            results["real"] = await run_upstream(real, params(args, "real"))
+    return {"results": results, "skipped": skipped}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    load_before = report.load_average()
+    t0 = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="lr-bench-up-") as tmp:
+        try:
+            import uvloop
+
+            out = uvloop.run(_run(args, Path(tmp)))
+        except ImportError:
+            out = asyncio.run(_run(args, Path(tmp)))
+    doc: dict[str, Any] = {
+        "command": "python -m tools.bench " + shlex.join(argv if argv is not None else sys.argv[1:]),
+        "label": args.label,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "seconds": round(time.monotonic() - t0, 1),
+        "machine": report.machine(),
+        "load_before": load_before,
+        "load_after": report.load_average(),
+        **out,
+    }
+    doc["targets"] = report.targets(doc["results"])
+    print(report.console(doc))
+    say(f"done in {doc['seconds']} s")
+    if not args.no_write:
+        before = json.loads(args.baseline.read_text()) if args.baseline else None
+        args.out_dir.mkdir(parents=True, exist_ok=True)
+        (args.out_dir / "BENCHMARKS.json").write_text(json.dumps(doc, indent=1, allow_nan=True) + "\n")
+        (args.out_dir / "BENCHMARKS.md").write_text(report.markdown(doc, before, args.notes))
+        say(f"wrote {args.out_dir / 'BENCHMARKS.md'} and BENCHMARKS.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,308 @@
+"""Every figure of one upstream, measured side by side: direct (the worker's own llama-server) and each gateway."""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import aiohttp
+import psutil
+
+from tools.bench import load
+from tools.bench.instance import Instance, Upstream, start_instance
+from workers.llama_server import LISTENING
+
+GATEWAYS = ("ollama", "openai")
+OUR_PROCESSES = ("supervisor", "gateway-ollama", "gateway-openai", "dashboard", "worker")
+
+
+@dataclass
+class Params:
+    runs: int = 5
+    concurrency: tuple[int, ...] = (1, 16, 64)
+    tokens: dict[int, int] = field(
+        default_factory=lambda: {1: 512, 16: 512, 64: 512}
+    )  # per stream, by concurrency
+    duration: float = 1.5  # seconds of each streaming loop (at least one stream per loop)
+    samples: int = 100  # sequential requests per target per run (latency, TTFT)
+    ttft_tokens: int = 4
+    rps_concurrency: int = 32
+    rps_duration: float = 2.0
+    cold_runs: int = 3
+    idle_wait: float = 3.0
+
+
+def say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def summary(values: list[float]) -> dict[str, float]:
+    vals = [v for v in values if v == v]  # no nan
+    if not vals:
+        return {"min": float("nan"), "median": float("nan"), "max": float("nan"), "n": 0}
+    return {"min": min(vals), "median": statistics.median(vals), "max": max(vals), "n": len(vals)}
+
+
+def ratios(num: list[float], den: list[float]) -> dict[str, float]:
+    return summary([a / b for a, b in zip(num, den, strict=True) if b])
+
+
+def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
+    out = {}
+    for role, pid in pids.items():
+        try:
+            t = psutil.Process(pid).cpu_times()
+            out[role] = t.user + t.system
+        except psutil.Error:
+            pass
+    return out
+
+
+class Bench:
+    def __init__(self, inst: Instance, s: aiohttp.ClientSession, p: Params) -> None:
+        self.inst, self.s, self.p = inst, s, p
+        self.name = inst.upstream.kind
+        self.t: dict[str, load.Target] = {}
+
+    def connect(self) -> None:
+        pids = self.inst.refresh_pids()
+        self.t = load.targets(
+            self.inst.upstream_port(),
+            self.inst.ports["ollama"],
+            self.inst.ports["openai"],
+            self.inst.upstream.model,
+        )
+        self.cpu_pids = {
+            "gateway-ollama": pids["gateway-ollama"],
+            "gateway-openai": pids["gateway-openai"],
+            "worker": pids["worker"],
+            "upstream": pids["upstream"],
+            "client": psutil.Process().pid,
+        }
+
+    async def warm(self) -> None:
+        gw = load.Target("openai", self.inst.url("openai") + "/v1/chat/completions", self.inst.upstream.model)
+        await load.request_once(self.s, gw, gw.body(1, False))  # loads the model
+        self.connect()
+        for t in self.t.values():
+            for _ in range(3):
+                await load.request_once(self.s, t, t.body(2, False))
+                await load.stream_once(self.s, t, t.body(8, True))
+
+    # ------------------------------------------------------------------ figures
+    def idle_rss(self) -> dict[str, Any]:
+        time.sleep(self.p.idle_wait)
+        pids = self.inst.refresh_pids()
+        rss, uss = {}, {}
+        for role in (*OUR_PROCESSES, "upstream"):
+            try:
+                proc = psutil.Process(pids[role])
+                info = proc.memory_full_info()
+                rss[role], uss[role] = info.rss / 2**20, info.uss / 2**20
+            except (KeyError, psutil.Error):
+                rss[role] = uss[role] = float("nan")
+        total = sum(rss[r] for r in OUR_PROCESSES)
+        say(
+            f"[{self.name}] idle RSS MB: "
+            + ", ".join(f"{k} {v:.1f}" for k, v in rss.items())
+            + f"; ours {total:.1f}"
+        )
+        return {
+            "rss_mb": rss,
+            "uss_mb": uss,
+            "total_ours_rss_mb": total,
+            "total_ours_uss_mb": sum(uss[r] for r in OUR_PROCESSES),
+        }
+
+    async def streaming(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for c in self.p.concurrency:
+            tps: dict[str, list[float]] = {n: [] for n in self.t}
+            cpu: dict[str, dict[str, list[float]]] = {n: {} for n in self.t}
+            errors = 0
+            for r in range(self.p.runs):
+                for name, t in self.t.items():
+                    before = cpu_seconds(self.cpu_pids)
+                    res = await load.stream_throughput(self.s, t, c, self.p.tokens[c], self.p.duration)
+                    after = cpu_seconds(self.cpu_pids)
+                    errors += res.errors
+                    tps[name].append(res.tokens_per_s)
+                    for role in ("gateway-" + name, "worker", "upstream", "client"):
+                        if name == "direct" and role == "worker":
+                            continue
+                        if role in before and role in after and res.tokens:
+                            cpu[name].setdefault(role.split("-")[0], []).append(
+                                (after[role] - before[role]) / res.tokens * 1e6
+                            )
+                say(
+                    f"[{self.name}] tokens/s c={c} run {r + 1}/{self.p.runs}: "
+                    + ", ".join(f"{n} {v[-1]:.0f}" for n, v in tps.items())
+                )
+            out[str(c)] = {
+                "tokens_per_stream": self.p.tokens[c],
+                "tokens_per_s": {n: summary(v) for n, v in tps.items()},
+                "tokens_per_s_runs": tps,
+                "ratio": {g: ratios(tps[g], tps["direct"]) for g in GATEWAYS},
+                "cpu_us_per_token": {
+                    n: {role: summary(v) for role, v in roles.items()} for n, roles in cpu.items()
+                },
+                "errors": errors,
+            }
+        return out
+
+    async def latency(self, stream: bool) -> dict[str, Any]:
+        """Non-streaming tiny request latency (stream=False) or warm TTFT (stream=True), ms."""
+        p50: dict[str, list[float]] = {n: [] for n in self.t}
+        p99: dict[str, list[float]] = {n: [] for n in self.t}
+        tokens = self.p.ttft_tokens if stream else 1
+        for r in range(self.p.runs):
+            lat = await load.latencies(self.s, list(self.t.values()), self.p.samples, tokens, stream)
+            for n, v in lat.items():
+                p50[n].append(load.percentile(v, 50) * 1000)
+                p99[n].append(load.percentile(v, 99) * 1000)
+            say(
+                f"[{self.name}] {'TTFT' if stream else 'latency'} run {r + 1}/{self.p.runs} p50/p99 ms: "
+                + ", ".join(f"{n} {p50[n][-1]:.2f}/{p99[n][-1]:.2f}" for n in self.t)
+            )
+        return {
+            "samples_per_run": self.p.samples,
+            "p50_ms": {n: summary(v) for n, v in p50.items()},
+            "p99_ms": {n: summary(v) for n, v in p99.items()},
+            "added_p50_ms": {
+                g: summary([a - b for a, b in zip(p50[g], p50["direct"], strict=True)]) for g in GATEWAYS
+            },
+            "added_p99_ms": {
+                g: summary([a - b for a, b in zip(p99[g], p99["direct"], strict=True)]) for g in GATEWAYS
+            },
+            "ratio_p50": {g: ratios(p50[g], p50["direct"]) for g in GATEWAYS},
+        }
+
+    async def rps(self) -> dict[str, Any]:
+        vals: dict[str, list[float]] = {n: [] for n in self.t}
+        errors = 0
+        for r in range(self.p.runs):
+            for name, t in self.t.items():
+                rate, _done, err = await load.requests_per_s(
+                    self.s, t, self.p.rps_concurrency, self.p.rps_duration
+                )
+                vals[name].append(rate)
+                errors += err
+            say(
+                f"[{self.name}] requests/s c={self.p.rps_concurrency} run {r + 1}/{self.p.runs}: "
+                + ", ".join(f"{n} {v[-1]:.0f}" for n, v in vals.items())
+            )
+        return {
+            "concurrency": self.p.rps_concurrency,
+            "requests_per_s": {n: summary(v) for n, v in vals.items()},
+            "ratio": {g: ratios(vals[g], vals["direct"]) for g in GATEWAYS},
+            "errors": errors,
+        }
+
+    async def cold_start(self) -> dict[str, Any]:
+        """Request -> first token with the model not loaded, against llama-server's own start (spawn -> healthy,
+        and spawn -> first token) with the same argv."""
+        direct_load, direct_first = [], []
+        via: dict[str, list[float]] = {g: [] for g in GATEWAYS}
+        for r in range(self.p.cold_runs):
+            load_s, first_s = await direct_start(self.s, self.inst.upstream)
+            direct_load.append(load_s)
+            direct_first.append(first_s)
+            for g in GATEWAYS:
+                self.inst.stop_worker()
+                t = load.Target(
+                    g,
+                    self.inst.url(g) + ("/api/chat" if g == "ollama" else "/v1/chat/completions"),
+                    self.inst.upstream.model,
+                )
+                res = await load.stream_once(self.s, t, t.body(self.p.ttft_tokens, True))
+                via[g].append(res.ttft)
+            say(
+                f"[{self.name}] cold start run {r + 1}/{self.p.cold_runs}: llama-server load {load_s * 1000:.0f} ms, "
+                f"first token {first_s * 1000:.0f} ms; "
+                + ", ".join(f"{g} {v[-1] * 1000:.0f} ms" for g, v in via.items())
+            )
+        self.connect()
+        ms = {g: summary([v * 1000 for v in vals]) for g, vals in via.items()}
+        return {
+            "runs": self.p.cold_runs,
+            "direct_load_ms": summary([v * 1000 for v in direct_load]),
+            "direct_first_token_ms": summary([v * 1000 for v in direct_first]),
+            "first_token_ms": ms,
+            "ratio_to_direct_first_token": {g: ratios(via[g], direct_first) for g in GATEWAYS},
+            "added_ms": {
+                g: summary([(a - b) * 1000 for a, b in zip(via[g], direct_first, strict=True)])
+                for g in GATEWAYS
+            },
+        }
+
+
+async def direct_start(s: aiohttp.ClientSession, upstream: Upstream) -> tuple[float, float]:
+    """Start the upstream by hand as the worker would: (spawn -> /health 200, spawn -> first streamed token)."""
+    t0 = time.perf_counter()
+    proc = await asyncio.create_subprocess_exec(
+        *upstream.argv(),
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    assert proc.stdout is not None
+    drain: asyncio.Task[bytes] | None = None
+    try:
+        port = 0
+        while not port:
+            line = await asyncio.wait_for(proc.stdout.readline(), 60)
+            if not line:
+                raise load.LoadError(f"{upstream.binary} exited with code {await proc.wait()}")
+            m = LISTENING.search(line)
+            port = int(m.group(1)) if m else 0
+        drain = asyncio.create_task(proc.stdout.read())  # keep the pipe from filling up
+        while True:
+            try:
+                async with s.get(f"http://127.0.0.1:{port}/health") as resp:
+                    if resp.status == 200:
+                        break
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.005)
+        loaded = time.perf_counter() - t0
+        t = load.Target("direct", f"http://127.0.0.1:{port}/v1/chat/completions", upstream.model)
+        t1 = time.perf_counter()
+        res = await load.stream_once(s, t, t.body(4, True))
+        first = t1 - t0 + res.ttft
+    finally:
+        if proc.returncode is None:
+            proc.terminate()
+            await proc.wait()
+        if drain is not None:
+            drain.cancel()
+    return loaded, first
+
+
+async def run_upstream(upstream: Upstream, p: Params) -> dict[str, Any]:
+    say(f"[{upstream.kind}] starting llama-runner with {upstream.binary} ({upstream.model_path})")
+    inst = start_instance(upstream)
+    try:
+        async with load.session() as s:
+            b = Bench(inst, s, p)
+            await b.warm()
+            result: dict[str, Any] = {
+                "upstream": asdict(upstream),
+                "params": {**asdict(p), "tokens": {str(k): v for k, v in p.tokens.items()}},
+            }
+            result["idle_rss"] = b.idle_rss()
+            result["latency"] = await b.latency(stream=False)
+            result["ttft"] = await b.latency(stream=True)
+            result["streaming"] = await b.streaming()
+            result["rps"] = await b.rps()
+            result["cold_start"] = await b.cold_start()
+            result["rss_after_load"] = b.idle_rss()
+            return result
+    except BaseException:
+        say(inst.logs()[-4000:])
+        raise
+    finally:
+        inst.stop()

@@ -1,0 +1,321 @@
+"""The machine's description, the targets (PASS/MISS), BENCHMARKS.md and BENCHMARKS.json."""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from tools.bench.instance import ROOT
+
+
+def machine() -> dict[str, Any]:
+    cpu = platform.processor() or "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    distro = ""
+    try:
+        for line in Path("/etc/os-release").read_text().splitlines():
+            if line.startswith("PRETTY_NAME="):
+                distro = line.split("=", 1)[1].strip('"')
+    except OSError:
+        pass
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT, timeout=5
+        ).stdout.strip()
+    except OSError:
+        commit = ""
+    return {
+        "cpu": cpu,
+        "logical_cores": os.cpu_count(),
+        "physical_cores": psutil.cpu_count(logical=False),
+        "ram_gb": round(psutil.virtual_memory().total / 2**30, 1),
+        "python": platform.python_version(),
+        "kernel": platform.release(),
+        "os": distro,
+        "git_commit": commit,
+    }
+
+
+def load_average() -> list[float]:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return []
+
+
+# ---------------------------------------------------------------------- targets
+def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+
+    def add(upstream: str, what: str, value: float, op: str, limit: float, unit: str = "") -> None:
+        ok = (value >= limit) if op == ">=" else (value < limit)
+        out.append(
+            {
+                "upstream": upstream,
+                "target": what,
+                "value": value,
+                "op": op,
+                "limit": limit,
+                "unit": unit,
+                "pass": bool(ok) and not math.isnan(value),
+            }
+        )
+
+    syn = results.get("synthetic")
+    if syn:
+        for c, fig in syn["streaming"].items():
+            for g, r in fig["ratio"].items():
+                add("synthetic", f"tokens/s {g}/direct at {c} stream(s)", r["median"], ">=", 0.90, "x")
+        for g in ("ollama", "openai"):
+            add(
+                "synthetic",
+                f"added latency p50, {g}, concurrency 1",
+                syn["latency"]["added_p50_ms"][g]["median"],
+                "<",
+                0.8,
+                "ms",
+            )
+            add(
+                "synthetic",
+                f"added latency p99, {g}, concurrency 1",
+                syn["latency"]["added_p99_ms"][g]["median"],
+                "<",
+                2.0,
+                "ms",
+            )
+        for g, r in syn["rps"]["ratio"].items():
+            add(
+                "synthetic",
+                f"requests/s {g}/direct at concurrency {syn['rps']['concurrency']}",
+                r["median"],
+                ">=",
+                0.30,
+                "x",
+            )
+        add(
+            "synthetic", "idle RSS of all our processes", syn["idle_rss"]["total_ours_rss_mb"], "<", 200, "MB"
+        )
+    real = results.get("real")
+    if real:
+        for c, fig in real["streaming"].items():
+            for g, r in fig["ratio"].items():
+                add("real", f"tokens/s {g}/direct at {c} stream(s)", r["median"], ">=", 0.98, "x")
+        for g in ("ollama", "openai"):
+            add(
+                "real",
+                f"TTFT p50 {g} minus direct (warm)",
+                real["ttft"]["added_p50_ms"][g]["median"],
+                "<",
+                5.0,
+                "ms",
+            )
+    return out
+
+
+# ---------------------------------------------------------------------- markdown
+def _f(v: float, digits: int = 2) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "–"
+    if abs(v) >= 1000:
+        return f"{v:,.0f}"
+    if abs(v) >= 100:
+        return f"{v:.0f}"
+    return f"{v:.{digits}f}"
+
+
+def _s(stat: dict[str, float], digits: int = 2) -> str:
+    """median (min–max)"""
+    if not stat or not stat.get("n"):
+        return "–"
+    if stat["n"] == 1:
+        return _f(stat["median"], digits)
+    return f"{_f(stat['median'], digits)} ({_f(stat['min'], digits)}–{_f(stat['max'], digits)})"
+
+
+def _upstream_table(name: str, r: dict[str, Any]) -> list[str]:
+    up = r["upstream"]
+    lines = [f"### Upstream: {name}", ""]
+    if name == "synthetic":
+        lines.append(
+            "`tools/synthetic_upstream.py`: llama-server's SSE as fast as one Python process can write it "
+            "(one write per token, streams interleaved token by token); isolates the proxy's own cost."
+        )
+    else:
+        lines.append(
+            f"The real `llama-server` (`-t {up['threads']} -c {up['ctx_size'] * up['parallel']} "
+            f"-np {up['parallel']}`) with `{Path(up['model_path']).name}`."
+        )
+    lines += [
+        "",
+        "Direct = the very llama-server process the worker runs, on its own port. Each cell: median "
+        f"(min–max) over {r['params']['runs']} runs; ratios are per run (gateway run / direct run of the "
+        "same round).",
+        "",
+        "| Figure | direct | Ollama /api/chat | OpenAI /v1/chat/completions | Ollama / direct | OpenAI / direct |",
+        "|---|---|---|---|---|---|",
+    ]
+    for c, fig in r["streaming"].items():
+        tps = fig["tokens_per_s"]
+        lines.append(
+            f"| streaming tokens/s, {c} stream(s) × {fig['tokens_per_stream']} tokens | {_s(tps['direct'])} | "
+            f"{_s(tps['ollama'])} | {_s(tps['openai'])} | {_s(fig['ratio']['ollama'])} | "
+            f"{_s(fig['ratio']['openai'])} |"
+        )
+    for key, label in (("ttft", "TTFT, warm"), ("latency", "tiny non-streaming request latency")):
+        fig = r[key]
+        for p in ("p50", "p99"):
+            vals = fig[f"{p}_ms"]
+            added = fig[f"added_{p}_ms"]
+            lines.append(
+                f"| {label} {p} ms ({fig['samples_per_run']}/run) | {_s(vals['direct'])} | "
+                f"{_s(vals['ollama'])} | {_s(vals['openai'])} | +{_s(added['ollama'])} ms | "
+                f"+{_s(added['openai'])} ms |"
+            )
+    rps = r["rps"]
+    lines.append(
+        f"| requests/s, concurrency {rps['concurrency']} | {_s(rps['requests_per_s']['direct'])} | "
+        f"{_s(rps['requests_per_s']['ollama'])} | {_s(rps['requests_per_s']['openai'])} | "
+        f"{_s(rps['ratio']['ollama'])} | {_s(rps['ratio']['openai'])} |"
+    )
+    cold = r["cold_start"]
+    lines.append(
+        f"| cold start: request → first token ms ({cold['runs']} runs; direct: spawn → first token, "
+        f"spawn → healthy {_s(cold['direct_load_ms'], 0)}) | {_s(cold['direct_first_token_ms'], 0)} | "
+        f"{_s(cold['first_token_ms']['ollama'], 0)} | {_s(cold['first_token_ms']['openai'], 0)} | "
+        f"{_s(cold['ratio_to_direct_first_token']['ollama'])} | "
+        f"{_s(cold['ratio_to_direct_first_token']['openai'])} |"
+    )
+    lines += [
+        "",
+        "CPU µs per token (psutil user+system time of each process / tokens streamed), median over runs:",
+        "",
+        "| Streams | path | gateway | worker | upstream | client |",
+        "|---|---|---|---|---|---|",
+    ]
+    for c, fig in r["streaming"].items():
+        for path in ("direct", "ollama", "openai"):
+            cpu = fig["cpu_us_per_token"].get(path, {})
+            cells = [
+                _f(cpu[k]["median"], 1) if k in cpu else "–"
+                for k in ("gateway", "worker", "upstream", "client")
+            ]
+            lines.append(f"| {c} | {path} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "Idle RSS (MB; after warm-up, before the load; and after the load):",
+        "",
+        "| Process | RSS idle | USS idle | RSS after load |",
+        "|---|---|---|---|",
+    ]
+    idle, after = r["idle_rss"], r["rss_after_load"]
+    for role in idle["rss_mb"]:
+        lines.append(
+            f"| {role} | {_f(idle['rss_mb'][role], 1)} | {_f(idle['uss_mb'][role], 1)} | "
+            f"{_f(after['rss_mb'][role], 1)} |"
+        )
+    lines.append(
+        f"| **ours together** (all but the upstream) | **{_f(idle['total_ours_rss_mb'], 1)}** | "
+        f"{_f(idle['total_ours_uss_mb'], 1)} | {_f(after['total_ours_rss_mb'], 1)} |"
+    )
+    return lines
+
+
+def markdown(doc: dict[str, Any], before: dict[str, Any] | None = None, notes: str = "") -> str:
+    m = doc["machine"]
+    lines = [
+        "# Benchmarks: what the proxy costs against direct llama-server",
+        "",
+        f"Generated by `{doc['command']}` on {doc['date']} (commit {m['git_commit']}).",
+        "",
+        f"Machine: {m['cpu']}, {m['logical_cores']} logical cores ({m['physical_cores']} physical), "
+        f"{m['ram_gb']} GB RAM, {m['os']}, kernel {m['kernel']}, Python {m['python']}. "
+        f"Load average (1/5/15 min) before the run: {doc['load_before']}, after: {doc['load_after']}. "
+        "The machine is shared and has 2 cores: the load client, the upstream, the gateway and the worker all "
+        "compete for them, so ratios include CPU contention and the figures are noisy.",
+        "",
+    ]
+    if notes:
+        lines += [notes, ""]
+    lines += ["## Targets", "", "| Upstream | Target | Value | Limit | Result |", "|---|---|---|---|---|"]
+    for t in doc["targets"]:
+        lines.append(
+            f"| {t['upstream']} | {t['target']} | {_f(t['value'])} {t['unit']} | {t['op']} {_f(t['limit'])} "
+            f"{t['unit']} | {'PASS' if t['pass'] else '**MISS**'} |"
+        )
+    lines += ["", "## Figures", ""]
+    for name in ("synthetic", "real"):
+        if name in doc["results"]:
+            lines += _upstream_table(name, doc["results"][name]) + [""]
+        elif name in doc.get("skipped", {}):
+            lines += [f"### Upstream: {name}", "", f"Skipped: {doc['skipped'][name]}", ""]
+    if before:
+        lines += before_after(before, doc)
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def before_after(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
+    """The targets of a previous run (``--baseline``) next to this run's."""
+    old = {(t["upstream"], t["target"]): t for t in before.get("targets", [])}
+    lines = [
+        "## Before / after",
+        "",
+        f"Before: {before.get('label') or 'baseline'} (commit "
+        f"{before['machine'].get('git_commit', '?')}, {before.get('date', '?')}, load {before.get('load_before')}); "
+        f"after: {after.get('label') or 'this run'}.",
+        "",
+        "| Upstream | Target | Before | After | Limit |",
+        "|---|---|---|---|---|",
+    ]
+    for t in after["targets"]:
+        b = old.get((t["upstream"], t["target"]))
+        bv = f"{_f(b['value'])} {t['unit']} {'PASS' if b['pass'] else 'MISS'}" if b else "–"
+        lines.append(
+            f"| {t['upstream']} | {t['target']} | {bv} | {_f(t['value'])} {t['unit']} "
+            f"{'PASS' if t['pass'] else 'MISS'} | {t['op']} {_f(t['limit'])} |"
+        )
+    return lines + [""]
+
+
+def console(doc: dict[str, Any]) -> str:
+    """The ratios and targets, for the terminal."""
+    lines = []
+    for name, r in doc["results"].items():
+        lines.append(f"== {name} upstream: gateway/direct, median (min-max) ==")
+        for c, fig in r["streaming"].items():
+            lines.append(
+                f"  tokens/s {c:>2} streams   ollama {_s(fig['ratio']['ollama'])}   "
+                f"openai {_s(fig['ratio']['openai'])}"
+            )
+        for key, label in (("ttft", "TTFT"), ("latency", "latency")):
+            for p in ("p50", "p99"):
+                a = r[key][f"added_{p}_ms"]
+                lines.append(f"  {label} {p} added ms    ollama {_s(a['ollama'])}   openai {_s(a['openai'])}")
+        rr = r["rps"]["ratio"]
+        lines.append(
+            f"  requests/s c={r['rps']['concurrency']}   ollama {_s(rr['ollama'])}   openai {_s(rr['openai'])}"
+        )
+        cs = r["cold_start"]
+        lines.append(
+            f"  cold start ms: llama-server first token {_s(cs['direct_first_token_ms'], 0)}, "
+            f"ollama {_s(cs['first_token_ms']['ollama'], 0)}, openai {_s(cs['first_token_ms']['openai'], 0)}"
+        )
+        lines.append(f"  idle RSS ours MB {_f(r['idle_rss']['total_ours_rss_mb'], 1)}")
+    lines.append("== targets ==")
+    for t in doc["targets"]:
+        lines.append(
+            f"  {'PASS' if t['pass'] else 'MISS'}  [{t['upstream']}] {t['target']}: {_f(t['value'])} "
+            f"{t['unit']} ({t['op']} {_f(t['limit'])})"
+        )
+    return "\n".join(lines)
