@@ -126,9 +126,9 @@ class ModelConfig(_Cfg):
     pooling: Pooling | None = None
     whisper: WhisperConfig = msgspec.field(default_factory=WhisperConfig)
 
-    def __post_init__(self) -> None:
-        # The worker's llama-server argv is built from parameters.extra_args: the embedding flags go there.
-        self.parameters.extra_args = embedding_args(self.mode, self.pooling, self.parameters)
+    def backend_args(self) -> list[str]:
+        """The llama-server flags beyond the common ones: extra_args plus what the mode needs."""
+        return embedding_args(self.mode, self.pooling, self.parameters)
 
     @property
     def serves_chat(self) -> bool:

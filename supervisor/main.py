@@ -173,7 +173,7 @@ class Supervisor:
             run_dir=str(self.run_dir), logs_dir=str(self.logs_dir), supervisor_pid=os.getpid(),
             llama_server=str(self.llama_server or ""), alias=name, queue_size=app.limits.queue_size,
             params=ModelParams(ctx_size=p.ctx_size, threads=p.threads, parallel=p.parallel,
-                               extra_args=list(p.extra_args)),
+                               extra_args=model.backend_args()),
             load_timeout_s=app.limits.load_timeout_s,
             whisper=msgspec.convert(msgspec.to_builtins(model.whisper), WhisperParams),
         )

@@ -73,7 +73,8 @@ def test_embedding_args_are_added_once() -> None:
     again = embedding_args("both", "mean", ModelParameters(ctx_size=1024, extra_args=args))
     assert again == args
     m = ModelConfig(model_path="x.gguf", mode="embedding", pooling="cls")
-    assert m.parameters.extra_args[:3] == ["--embeddings", "--pooling", "cls"]
+    assert m.backend_args()[:3] == ["--embeddings", "--pooling", "cls"]
+    assert m.parameters.extra_args == []  # the config as written stays as written
     assert not m.serves_chat and m.serves_embeddings
 
 
