@@ -75,12 +75,22 @@ async def completions(request: web.Request) -> web.StreamResponse:
 Transform = Callable[[dict[str, Any]], dict[str, Any]]
 
 
+def pop_ttl(body: dict[str, Any]) -> float | None:
+    """LM Studio's per-request ``ttl``: seconds the model stays loaded once idle (-1: forever)."""
+    ttl = body.pop("ttl", None)
+    if ttl is None:
+        return None
+    if isinstance(ttl, bool) or not isinstance(ttl, int | float) or not (ttl >= 0 or ttl == -1) or ttl > 1e9:
+        raise ApiError(400, "ttl must be a number of seconds (>= 0, or -1 to keep the model loaded)", param="ttl")
+    return float(ttl)
+
+
 async def relay_openai(request: web.Request, model: str, path: str, body: dict[str, Any], stream: bool,
                        transform: Transform | None = None) -> web.StreamResponse:
     """Send an OpenAI-style request to ``model``'s llama-server and relay its answer (JSON or SSE), under
     the model name asked for; ``transform`` may change each reply object / stream chunk (LM Studio's stats)."""
     require_capability(request.app[CONFIG], model, "chat")
-    relay = await open_job(request, model, path, body, stream)
+    relay = await open_job(request, model, path, body, stream, keep_alive=pop_ttl(body))
     try:
         rename = model != relay.worker  # the backend answers with the configured name
         if not stream:

@@ -110,3 +110,16 @@ def test_client_disconnect_frees_the_slot(two_models: System) -> None:
     start = time.monotonic()
     r = c.generate(model=A, prompt="Hi", options={"num_predict": 3})
     assert r.done and time.monotonic() - start < 10
+
+
+def test_lmstudio_ttl_unloads_after_idle(two_models: System) -> None:
+    import openai
+
+    c = openai.OpenAI(base_url=two_models.openai_url, api_key="x", max_retries=0, timeout=120)
+    r = c.chat.completions.create(model=A, messages=[{"role": "user", "content": "Hi"}], max_tokens=2,
+                                  extra_body={"ttl": 1})
+    assert r.choices
+    assert state(two_models, A) == "ready"
+    wait_for(lambda: state(two_models, A) == "stopped", 15, f"{A} unloaded one second after its request")
+    with pytest.raises(openai.BadRequestError):
+        c.chat.completions.create(model=A, messages=[{"role": "user", "content": "Hi"}], extra_body={"ttl": "x"})
