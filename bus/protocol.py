@@ -36,30 +36,30 @@ class _Msg(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"):
 
 
 # --------------------------------------------------------------------------- commands (-> supervisor)
-class Status(_Msg, tag="status"):
+class Status(_Msg, frozen=True, tag="status"):
     request_id: str
 
 
-class StartWorker(_Msg, tag="start"):
-    request_id: str
-    name: str
-
-
-class StopWorker(_Msg, tag="stop"):
+class StartWorker(_Msg, frozen=True, tag="start"):
     request_id: str
     name: str
 
 
-class RestartWorker(_Msg, tag="restart"):
+class StopWorker(_Msg, frozen=True, tag="stop"):
     request_id: str
     name: str
 
 
-class Shutdown(_Msg, tag="shutdown"):
+class RestartWorker(_Msg, frozen=True, tag="restart"):
+    request_id: str
+    name: str
+
+
+class Shutdown(_Msg, frozen=True, tag="shutdown"):
     request_id: str
 
 
-class Acquire(_Msg, tag="acquire"):
+class Acquire(_Msg, frozen=True, tag="acquire"):
     """A gateway asks for a READY worker of ``model`` (a configured name or alias); may start it.
 
     The request_id is also the lease: the worker counts as busy (never evicted) until ``Release``.
@@ -73,20 +73,20 @@ class Acquire(_Msg, tag="acquire"):
     keep_alive_s: float | None = None
 
 
-class Release(_Msg, tag="release"):
+class Release(_Msg, frozen=True, tag="release"):
     """The request holding ``lease`` is over (or its client went away while the model was loading)."""
 
     request_id: str
     lease: str
 
 
-class Reload(_Msg, tag="reload"):
+class Reload(_Msg, frozen=True, tag="reload"):
     """Re-read the config: restart only workers whose settings changed, add and drain models."""
 
     request_id: str
 
 
-class ProcessHello(_Msg, tag="process_hello"):
+class ProcessHello(_Msg, frozen=True, tag="process_hello"):
     """A gateway or the dashboard says who it is: when that process dies, the supervisor releases its leases."""
 
     request_id: str
@@ -94,7 +94,7 @@ class ProcessHello(_Msg, tag="process_hello"):
     pid: int
 
 
-class WorkerHello(_Msg, tag="worker_hello"):
+class WorkerHello(_Msg, frozen=True, tag="worker_hello"):
     """A worker tells the supervisor its state (sent on every change of its backend's state)."""
 
     request_id: str
@@ -113,12 +113,12 @@ Command = (
 
 
 # --------------------------------------------------------------------------- replies (supervisor ->)
-class Ok(_Msg, tag="ok"):
+class Ok(_Msg, frozen=True, tag="ok"):
     request_id: str
     message: str = ""
 
 
-class ErrorReply(_Msg, tag="error"):
+class ErrorReply(_Msg, frozen=True, tag="error"):
     """``code``: unknown_model | load_failed | timeout | busy | bad_request | shutting_down | internal."""
 
     request_id: str
@@ -152,14 +152,14 @@ class ProcessInfo(msgspec.Struct, frozen=True, kw_only=True):
     port: int = 0
 
 
-class StatusReply(_Msg, tag="status_reply"):
+class StatusReply(_Msg, frozen=True, tag="status_reply"):
     request_id: str
     workers: list[WorkerInfo] = []
     processes: list[ProcessInfo] = []
     pid: int = 0
 
 
-class WorkerEndpoint(_Msg, tag="worker_endpoint"):
+class WorkerEndpoint(_Msg, frozen=True, tag="worker_endpoint"):
     request_id: str
     model: str
     endpoint: str
@@ -170,7 +170,7 @@ Reply = Ok | ErrorReply | StatusReply | WorkerEndpoint
 
 
 # --------------------------------------------------------------------------- jobs (gateway -> worker)
-class HttpJob(_Msg, tag="http"):
+class HttpJob(_Msg, frozen=True, tag="http"):
     """Forward one HTTP request to the worker's backend; the answer streams back as StreamItems."""
 
     request_id: str
@@ -180,11 +180,11 @@ class HttpJob(_Msg, tag="http"):
     stream: bool = False
 
 
-class Cancel(_Msg, tag="cancel"):
+class Cancel(_Msg, frozen=True, tag="cancel"):
     request_id: str
 
 
-class TranscribeJob(_Msg, tag="transcribe"):
+class TranscribeJob(_Msg, frozen=True, tag="transcribe"):
     """Speech to text on a whisper worker. ``audio`` is the uploaded file as is (a binary msgpack frame, any
     format faster-whisper's decoder reads); the worker decodes it.
 
@@ -209,24 +209,24 @@ Job = HttpJob | Cancel | TranscribeJob
 
 
 # --------------------------------------------------------------------------- stream items (worker -> gateway)
-class Head(_Msg, tag="head"):
+class Head(_Msg, frozen=True, tag="head"):
     request_id: str
     status: int
     content_type: str = ""
 
 
-class Data(_Msg, tag="data"):
+class Data(_Msg, frozen=True, tag="data"):
     """Everything the backend produced in one read, unparsed."""
 
     request_id: str
     data: bytes
 
 
-class End(_Msg, tag="end"):
+class End(_Msg, frozen=True, tag="end"):
     request_id: str
 
 
-class Fail(_Msg, tag="fail"):
+class Fail(_Msg, frozen=True, tag="fail"):
     """The request failed. ``source`` says who failed: "proxy" (llama-runner) or "backend"."""
 
     request_id: str
@@ -244,7 +244,7 @@ def _now() -> float:
     return time.time()
 
 
-class WorkerStateEvent(_Msg, tag="worker_state"):
+class WorkerStateEvent(_Msg, frozen=True, tag="worker_state"):
     name: str
     state: WorkerState
     v: int = SCHEMA_VERSION
@@ -255,7 +255,7 @@ class WorkerStateEvent(_Msg, tag="worker_state"):
     message: str = ""
 
 
-class WorkerMetrics(_Msg, tag="worker_metrics"):
+class WorkerMetrics(_Msg, frozen=True, tag="worker_metrics"):
     name: str
     state: WorkerState
     v: int = SCHEMA_VERSION
@@ -278,7 +278,7 @@ class WorkerMetrics(_Msg, tag="worker_metrics"):
     requests_per_s: float = 0.0
 
 
-class ProcessStateEvent(_Msg, tag="process_state"):
+class ProcessStateEvent(_Msg, frozen=True, tag="process_state"):
     name: str
     state: str
     v: int = SCHEMA_VERSION
@@ -288,7 +288,7 @@ class ProcessStateEvent(_Msg, tag="process_state"):
     message: str = ""
 
 
-class GatewayMetrics(_Msg, tag="gateway_metrics"):
+class GatewayMetrics(_Msg, frozen=True, tag="gateway_metrics"):
     """A gateway's figures, published every second on ``metrics/gateway/<protocol>/``.
 
     ``errors_total`` counts answers with status >= 500 (and handler failures), ``client_errors_total`` 4xx.
@@ -311,7 +311,7 @@ class GatewayMetrics(_Msg, tag="gateway_metrics"):
     uptime_s: float = 0.0
 
 
-class RequestEvent(_Msg, tag="request"):
+class RequestEvent(_Msg, frozen=True, tag="request"):
     """One request's life at a worker, on ``request/<model>/``: ``phase`` is queued (arrived, waiting for a
     slot), started (has a slot), first_token (first generated output), finished (``status``, ``tokens``,
     ``duration_s``; ``outcome`` ok | error | cancelled | rejected)."""
@@ -331,7 +331,7 @@ class RequestEvent(_Msg, tag="request"):
     outcome: str = ""
 
 
-class SystemMetrics(_Msg, tag="system_metrics"):
+class SystemMetrics(_Msg, frozen=True, tag="system_metrics"):
     v: int = SCHEMA_VERSION
     ts: float = msgspec.field(default_factory=_now)
     cpu_percent: float = 0.0
@@ -341,7 +341,7 @@ class SystemMetrics(_Msg, tag="system_metrics"):
     load_avg: list[float] = []
 
 
-class ConfigReloaded(_Msg, tag="config_reloaded"):
+class ConfigReloaded(_Msg, frozen=True, tag="config_reloaded"):
     """The supervisor re-read its config (topic ``state/config/``): gateways re-read it too."""
 
     v: int = SCHEMA_VERSION

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 import msgspec
 
@@ -34,7 +34,7 @@ class Relay:
                     self.ch.finished = True
                     raise _fail_error(item)
 
-    def _absorb(self, items: list[object]) -> None:
+    def _absorb(self, items: Sequence[object]) -> None:
         for item in items:
             if isinstance(item, Data):
                 self._pending.append(item.data)

@@ -10,12 +10,14 @@ import os
 import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 import msgspec
 
 from bus import endpoints
 from bus.control_client import ControlClient, ControlTimeout, new_id
 from bus.protocol import (
+    Command,
     ErrorReply,
     Reload,
     RestartWorker,
@@ -163,7 +165,7 @@ def _up(args: argparse.Namespace) -> int:
 
     config = _load(args)
     app = config.app
-    overrides = {}
+    overrides: dict[str, Any] = {}
     proxies = app.proxies
     if args.ollama_port is not None:
         proxies = msgspec.structs.replace(proxies, ollama=msgspec.structs.replace(proxies.ollama, port=args.ollama_port))
@@ -247,7 +249,7 @@ def _client(args: argparse.Namespace) -> int:
         print(f"llama-runner: no running instance in {run_dir} (start one with `llama-runner up`)", file=sys.stderr)
         return 1
     rid = new_id()
-    cmd = {
+    cmd: Command = {  # type: ignore[assignment]
         "status": lambda: Status(request_id=rid),
         "start": lambda: StartWorker(request_id=rid, name=args.name),
         "stop": lambda: StopWorker(request_id=rid, name=args.name),

@@ -71,8 +71,8 @@ def discover(config_path: Path, models_root: Path, *, write: bool = True) -> lis
     models: dict[str, Any] = doc.setdefault("models", {})
     root = models_root.expanduser()
     known = set()
-    for entry in models.values():
-        p = Path(str(entry.get("model_path", ""))).expanduser()
+    for existing in models.values():
+        p = Path(str(existing.get("model_path", ""))).expanduser()
         known.add(os.path.normpath(p if p.is_absolute() else root / p))
     taken = set(models) | {a for e in models.values() for a in e.get("aliases", [])}
     added: list[Found] = []

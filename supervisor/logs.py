@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 import structlog
 
@@ -13,7 +14,7 @@ def setup_logging(process: str, logs_dir: Path | str, *, level: str = "info", co
     logs = Path(logs_dir)
     logs.mkdir(parents=True, exist_ok=True)
     lvl = getattr(logging, level.upper(), logging.INFO)
-    shared = [
+    shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
