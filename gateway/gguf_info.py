@@ -43,7 +43,7 @@ def _reader_class() -> Any:
                 fmt = "=Q" if self.byte_order == "I" else (">Q" if sys.byteorder == "little" else "<Q")
                 data = self.data
                 for _ in range(count):
-                    offs += 8 + struct.unpack_from(fmt, data, offs)[0]
+                    offs += 8 + struct.unpack_from(fmt, data, offs)[0]  # type: ignore[arg-type]
             else:
                 offs += count * np.dtype(self.gguf_scalar_to_np[itype]).itemsize
             # No data parts: ``contents()`` of the field is [].
