@@ -4,21 +4,14 @@ from __future__ import annotations
 
 import sys
 
-import msgspec
-
 from bus.protocol import GatewayLaunch
-from supervisor.child import run, set_parent_death_signal
-from supervisor.logs import setup_logging
+from supervisor.child import read_launch, run
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1:
-        print("usage: python -m dashboard '<GatewayLaunch JSON>'", file=sys.stderr)
+    launch = read_launch("dashboard", GatewayLaunch, argv, lambda _: "dashboard")
+    if launch is None:
         return 2
-    launch = msgspec.json.decode(args[0], type=GatewayLaunch)
-    set_parent_death_signal()
-    setup_logging("dashboard", launch.logs_dir)
     from dashboard.app import build
     from gateway.server import serve
 

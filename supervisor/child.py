@@ -11,7 +11,9 @@ import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 PR_SET_PDEATHSIG = 1
 
@@ -43,6 +45,26 @@ async def watch_parent(parent_pid: int, on_gone: Callable[[], Awaitable[None] | 
             if asyncio.iscoroutine(result):
                 await result
             return
+
+
+def read_launch(module: str, kind: type[T], argv: list[str] | None, process: Callable[[T], str]) -> T | None:
+    """A child's start: decode its launch spec (the one argument), die with the supervisor, set up logging."""
+    import msgspec
+
+    from supervisor.logs import setup_logging
+
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print(f"usage: python -m {module} '<{kind.__name__} JSON>' (the supervisor starts it)", file=sys.stderr)
+        return None
+    try:
+        launch = msgspec.json.decode(args[0], type=kind)
+    except msgspec.DecodeError as exc:
+        print(f"bad {kind.__name__}: {exc}", file=sys.stderr)
+        return None
+    set_parent_death_signal()
+    setup_logging(process(launch), launch.logs_dir)  # type: ignore[attr-defined]
+    return launch
 
 
 def run(main: Callable[[], Coroutine[Any, Any, int]]) -> int:
