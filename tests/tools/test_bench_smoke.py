@@ -1,0 +1,145 @@
+"""Smoke test of the benchmark: the synthetic upstream speaks llama-server's API, and the bench's quick mode on
+tiny numbers writes a report with every figure. No timing assertions: targets live in the benchmark output."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def test_synthetic_upstream_speaks_llama_server(tmp_path: Path) -> None:
+    argv = [
+        sys.executable,
+        str(ROOT / "tools" / "synthetic_upstream.py"),
+        "-m",
+        str(tmp_path / "x.gguf"),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--alias",
+        "syn",
+        "-t",
+        "1",
+        "-c",
+        "4096",
+        "-np",
+        "4",
+        "--jinja",
+    ]
+    proc = subprocess.Popen(argv, stderr=subprocess.PIPE)
+    try:
+        assert proc.stderr is not None
+        line = proc.stderr.readline().decode()
+        assert "main: server is listening on http://127.0.0.1:" in line
+        base = line.split("http://", 1)[1].split()[0]
+        health = json.loads(urllib.request.urlopen(f"http://{base}/health", timeout=5).read())
+        assert health == {"status": "ok"}
+
+        def post(path: str, doc: dict[str, object]) -> bytes:
+            req = urllib.request.Request(
+                f"http://{base}{path}",
+                data=json.dumps(doc).encode(),
+                headers={"Content-Type": "application/json"},
+            )
+            return urllib.request.urlopen(req, timeout=5).read()
+
+        body = post(
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "hi"}], "stream": True, "max_tokens": 5},
+        )
+        events = [e.removeprefix(b"data: ") for e in body.split(b"\n\n") if e.strip()]
+        assert events[-1] == b"[DONE]"
+        chunks = [json.loads(e) for e in events[:-1]]
+        assert sum(1 for c in chunks if c["choices"] and c["choices"][0]["delta"].get("content")) == 5
+        assert (
+            chunks[-1]["choices"][0]["finish_reason"] == "length"
+            and chunks[-1]["timings"]["predicted_n"] == 5
+        )
+        doc = json.loads(post("/v1/completions", {"prompt": "hi", "max_tokens": 3}))
+        assert doc["usage"]["completion_tokens"] == 3 and doc["choices"][0]["text"]
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_bench_quick_reports_every_figure(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tools.bench",
+            "--quick",
+            "--upstream",
+            "synthetic",
+            "--runs",
+            "1",
+            "--duration",
+            "0",
+            "--tokens",
+            "8",
+            "--samples",
+            "3",
+            "--rps-duration",
+            "0.2",
+            "--cold-runs",
+            "1",
+            "--idle-wait",
+            "0",
+            "--out-dir",
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=280,
+    )
+    assert out.returncode == 0, out.stderr[-4000:]
+    doc = json.loads((tmp_path / "BENCHMARKS.json").read_text())
+    md = (tmp_path / "BENCHMARKS.md").read_text()
+    for key in ("cpu", "logical_cores", "ram_gb", "python", "kernel"):
+        assert doc["machine"][key], key
+    r = doc["results"]["synthetic"]
+    for c in ("1", "16", "64"):
+        fig = r["streaming"][c]
+        for path in ("direct", "ollama", "openai"):
+            assert fig["tokens_per_s"][path]["n"] == 1 and fig["tokens_per_s"][path]["median"] > 0
+        for g in ("ollama", "openai"):
+            assert fig["ratio"][g]["n"] == 1
+            assert {"gateway", "worker", "upstream"} <= set(fig["cpu_us_per_token"][g])
+    for key in ("ttft", "latency"):
+        for p in ("p50_ms", "p99_ms", "added_p50_ms", "added_p99_ms"):
+            assert set(r[key][p]) >= {"ollama", "openai"}
+    assert (
+        set(r["rps"]["ratio"]) == {"ollama", "openai"} and r["rps"]["requests_per_s"]["direct"]["median"] > 0
+    )
+    for role in ("supervisor", "gateway-ollama", "gateway-openai", "dashboard", "worker"):
+        assert r["idle_rss"]["rss_mb"][role] > 0, role
+    assert r["idle_rss"]["total_ours_rss_mb"] > 0
+    cold = r["cold_start"]
+    assert cold["direct_load_ms"]["n"] == 1 and cold["direct_first_token_ms"]["median"] > 0
+    assert all(cold["first_token_ms"][g]["median"] > 0 for g in ("ollama", "openai"))
+    names = {t["target"] for t in doc["targets"]}
+    assert any("tokens/s" in n for n in names) and any("added latency" in n for n in names)
+    assert any("requests/s" in n for n in names) and any("idle RSS" in n for n in names)
+    for needle in (
+        "## Targets",
+        "streaming tokens/s, 64 stream(s)",
+        "TTFT, warm p99",
+        "requests/s, concurrency 32",
+        "cold start",
+        "CPU µs per token",
+        "Idle RSS",
+        "Machine:",
+    ):
+        assert needle in md, needle
+    assert "PASS" in out.stdout or "MISS" in out.stdout
