@@ -72,7 +72,19 @@ class StreamResult:
     elapsed: float
 
 
+# A kept-alive connection the server closed meanwhile (llama-server's HTTP library caps requests per connection):
+# the request is sent again once, on a new connection.
+_STALE = (aiohttp.ClientOSError, aiohttp.ServerDisconnectedError)
+
+
 async def stream_once(s: aiohttp.ClientSession, t: Target, body: bytes) -> StreamResult:
+    try:
+        return await _stream_once(s, t, body)
+    except _STALE:
+        return await _stream_once(s, t, body)
+
+
+async def _stream_once(s: aiohttp.ClientSession, t: Target, body: bytes) -> StreamResult:
     t0 = time.perf_counter()
     ttft = float("nan")
     tokens = 0
@@ -94,6 +106,13 @@ async def stream_once(s: aiohttp.ClientSession, t: Target, body: bytes) -> Strea
 
 
 async def request_once(s: aiohttp.ClientSession, t: Target, body: bytes) -> float:
+    try:
+        return await _request_once(s, t, body)
+    except _STALE:
+        return await _request_once(s, t, body)
+
+
+async def _request_once(s: aiohttp.ClientSession, t: Target, body: bytes) -> float:
     t0 = time.perf_counter()
     async with s.post(t.url, data=body, headers=JSON) as resp:
         raw = await resp.read()
