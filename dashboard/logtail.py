@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 from pathlib import Path
 
 from aiohttp import web
@@ -20,7 +21,12 @@ KINDS = {"llama-server": "worker-{name}.llama-server.log", "worker": "worker-{na
          "stderr": "worker-{name}.out"}
 
 
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@+-]*$")  # config/schema.py's ModelName
+
+
 def log_paths(logs_dir: Path, name: str) -> dict[str, Path]:
+    if not _NAME.match(name) or len(name) > 128:
+        raise ValueError(f"bad model name {name!r}")
     root = logs_dir.resolve()
     out = {}
     for kind, pattern in KINDS.items():

@@ -24,6 +24,8 @@ _PREDICTED = re.compile(rb'"predicted_n":\s*(\d+)')
 _COMPLETION = re.compile(rb'"completion_tokens":\s*(\d+)')
 _CONTENT = b'"content":"'  # one per generated piece in chat (and llama-server /completion) streams
 _TEXT = b'"text":"'  # the same in /v1/completions streams
+_TAIL_KEEP = 2048  # the end of a response kept for its timings/usage (amortised: trimmed past _TAIL_MAX)
+_TAIL_MAX = 8192
 
 
 @dataclass
@@ -34,8 +36,7 @@ class _Live:
     started: float = 0.0
     first: float = 0.0
     marker: bytes = _CONTENT
-    tail: bytes = b""  # the last read, where llama-server puts timings/usage
-    prev: bytes = b""  # the read before it (the final [DONE] may come alone)
+    tail: bytearray = field(default_factory=bytearray)  # the last bytes, where llama-server puts timings/usage
     counted: int = 0  # tokens already added to the worker's total for this request
 
 
@@ -73,7 +74,9 @@ class WorkerStats:
         st = self.live.get(rid)
         if st is None:
             return
-        st.prev, st.tail = st.tail, chunk
+        st.tail += chunk
+        if len(st.tail) > _TAIL_MAX:
+            del st.tail[:-_TAIL_KEEP]
         if st.stream:
             n = chunk.count(st.marker)
             self.tokens_total += n
@@ -90,11 +93,7 @@ class WorkerStats:
         st = self.live.pop(rid, None)
         if st is None:
             return
-        exact = None
-        for part in (st.tail, st.prev):
-            exact = _PREDICTED.search(part) or _COMPLETION.search(part)
-            if exact:
-                break
+        exact = _PREDICTED.search(st.tail) or _COMPLETION.search(st.tail)
         tokens = int(exact.group(1)) if exact else st.counted
         self.tokens_total += max(0, tokens - st.counted)  # a counter: the exact figure only adds
         now = time.monotonic()

@@ -1,0 +1,48 @@
+"""The dashboard's guard: beyond 127.0.0.1 actions need the token; cross-origin actions are always refused.
+
+The app is built for host 0.0.0.0 but served by aiohttp's test server on 127.0.0.1 (nothing leaves loopback).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from aiohttp.test_utils import TestClient, TestServer
+
+from bus.protocol import GatewayLaunch
+from dashboard.app import build
+
+
+def _launch(tmp_path: Path, host: str) -> GatewayLaunch:
+    return GatewayLaunch(protocol="dashboard", host=host, port=0, run_dir=str(tmp_path), logs_dir=str(tmp_path),
+                         supervisor_pid=0, config_dir=str(tmp_path / "no-config"))
+
+
+async def test_actions_need_the_token_beyond_loopback(tmp_path: Path) -> None:
+    async with TestClient(TestServer(build(_launch(tmp_path, "0.0.0.0"), token="s3cret"))) as client:
+        info = await (await client.get("/api/info")).json()
+        assert info["token_required"] is True and info["token_ok"] is False
+        for url in ("/api/workers/smollm2/restart", "/api/reload", "/api/chat"):
+            r = await client.post(url)
+            assert r.status == 401, url
+            assert "token" in (await r.json())["error"]
+        r = await client.post("/api/workers/smollm2/stop", headers={"X-Llama-Runner-Token": "wrong"})
+        assert r.status == 401
+        r = await client.get("/api/logs/smollm2")
+        assert r.status == 401
+        r = await client.get("/api/info", headers={"Authorization": "Bearer s3cret"})
+        assert (await r.json())["token_ok"] is True
+        # read-only figures stay open to scrapers
+        r = await client.get("/metrics")
+        assert r.status == 200 and "llama_runner_" in await r.text()
+
+
+async def test_cross_origin_actions_are_refused_even_on_loopback(tmp_path: Path) -> None:
+    async with TestClient(TestServer(build(_launch(tmp_path, "127.0.0.1"), token=None))) as client:
+        info = await (await client.get("/api/info")).json()
+        assert info["token_required"] is False
+        r = await client.post("/api/workers/smollm2/stop", headers={"Origin": "http://evil.example"})
+        assert r.status == 403
+        r = await client.post("/api/workers/smollm2/frobnicate",
+                              headers={"Origin": f"http://{client.host}:{client.port}"})
+        assert r.status == 404  # same origin passes the guard (and meets the unknown verb)

@@ -1,0 +1,148 @@
+"""The dashboard in real headless Chromium (Debian's, driven by Playwright): live state, restart isolation."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from tests.conftest import System, wait_for
+from tests.dashboard.conftest import MODEL_A, MODEL_B
+
+CHROMIUM = "/usr/bin/chromium"
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    if not os.path.exists(CHROMIUM) or shutil.which("chromium") is None:
+        if os.environ.get("CI"):
+            pytest.fail("Debian chromium is missing: `make test` installs it (TEST_APT_PACKAGES)")
+        pytest.skip("Debian chromium is missing (apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+@pytest.fixture
+def page(browser: Any, two_models: System) -> Iterator[Any]:
+    ctx = browser.new_context(viewport={"width": 1600, "height": 1000})
+    pg = ctx.new_page()
+    errors: list[str] = []
+    pg.on("pageerror", lambda e: errors.append(str(e)))
+    pg.goto(f"http://127.0.0.1:{two_models.dashboard_port}/", wait_until="domcontentloaded")
+    pg.errors = errors
+    try:
+        yield pg
+    finally:
+        ctx.close()
+    assert not errors, errors
+
+
+def _cell(model: str, field: str) -> str:
+    return f'[data-model="{model}"][data-field="{field}"]'
+
+
+def test_page_shows_the_running_models_live(page: Any, two_models: System) -> None:
+    page.wait_for_selector('[data-field="live"]:has-text("live")', timeout=15000)
+    for model in (MODEL_A, MODEL_B):
+        page.wait_for_selector(_cell(model, "state") + '[data-state="ready"]', timeout=15000)
+        pid = two_models.worker(model)["pid"]
+        page.wait_for_function(f"""() => document.querySelector('{_cell(model, "pid")}')?.textContent.trim()
+                                   === '{pid}'""", timeout=10000)
+    # live figures arrive over SSE each second (uptime grows without a reload), the chart is drawn
+    before = page.evaluate(f"() => window.__llamaRunner.workers['{MODEL_A}'].uptime_s")
+    page.wait_for_function(f"() => window.__llamaRunner.workers['{MODEL_A}'].uptime_s > {before or 0} + 1.5",
+                           timeout=10000)
+    assert page.locator(_cell(MODEL_A, "chart") + " canvas").count() == 1
+    assert "CPU" in page.inner_text('[data-field="system"]')
+    assert page.locator('[data-table="processes"]').inner_text().count("gateway-") == 2
+
+
+def _stream(system: System, model: str, out: dict[str, Any]) -> None:
+    body = json.dumps({"model": model, "stream": True, "max_tokens": 400, "ignore_eos": True,
+                       "messages": [{"role": "user", "content": "Write a long story about a lighthouse."}]})
+    req = urllib.request.Request(system.openai_url + "/chat/completions", data=body.encode(),
+                                 headers={"Content-Type": "application/json"})
+    out["times"] = []
+    try:
+        with urllib.request.urlopen(req, timeout=180) as resp:
+            for line in resp:
+                if line.startswith(b"data: {"):
+                    doc = json.loads(line[6:])
+                    if doc.get("choices") and doc["choices"][0].get("delta", {}).get("content"):
+                        out["times"].append(time.monotonic())
+                elif line.startswith(b"data: [DONE]"):
+                    out["done"] = True
+    except Exception as exc:  # reported by the test
+        out["error"] = repr(exc)
+
+
+def test_restart_click_changes_that_pid_while_another_model_streams(page: Any, two_models: System) -> None:
+    page.wait_for_selector(_cell(MODEL_A, "state") + '[data-state="ready"]', timeout=15000)
+    old_a, old_b = two_models.worker(MODEL_A)["pid"], two_models.worker(MODEL_B)["pid"]
+    page.wait_for_function(f"() => document.querySelector('{_cell(MODEL_A, 'pid')}').textContent.trim() === '{old_a}'",
+                           timeout=10000)
+    out: dict[str, Any] = {}
+    streamer = threading.Thread(target=_stream, args=(two_models, MODEL_B, out), daemon=True)
+    streamer.start()
+    wait_for(lambda: len(out.get("times", [])) >= 3 or "error" in out, 60, "the stream on the other model")
+    assert "error" not in out, out
+    # the dashboard shows that stream in flight on B
+    page.wait_for_function(f"() => document.querySelector('{_cell(MODEL_B, 'in_flight')}').textContent.trim() === '1'",
+                           timeout=10000)
+    clicked = time.monotonic()
+    page.click(f'[data-model="{MODEL_A}"][data-action="restart"]')
+    page.wait_for_function(
+        f"""() => {{ const t = document.querySelector('{_cell(MODEL_A, "pid")}').textContent.trim();
+                    return /^[0-9]+$/.test(t) && t !== '{old_a}'; }}""", timeout=60000)
+    page.wait_for_selector(_cell(MODEL_A, "state") + '[data-state="ready"]', timeout=60000)
+    new_a = int(page.inner_text(_cell(MODEL_A, "pid")))
+    assert new_a != old_a and new_a == two_models.worker(MODEL_A)["pid"]
+    streamer.join(180)
+    assert out.get("done") and "error" not in out, out
+    after = [t for t in out["times"] if t > clicked]
+    assert after, "the stream on the other model stopped while the first one restarted"
+    assert two_models.worker(MODEL_B)["pid"] == old_b
+    assert page.inner_text(_cell(MODEL_B, "pid")) == str(old_b)
+
+
+def test_log_tail_and_models_page(page: Any, two_models: System) -> None:
+    page.wait_for_selector(_cell(MODEL_A, "state") + '[data-state="ready"]', timeout=15000)
+    page.click(f'[data-model="{MODEL_A}"][data-action="logs"]')
+    page.wait_for_function("() => document.querySelector('[data-field=\"log\"]')?.children.length > 0",
+                           timeout=15000)
+    assert "llama" in page.inner_text('[data-field="log"]').lower() or page.locator(".src-llama-server").count()
+    page.keyboard.press("Escape")
+    page.click("#tab-models")
+    page.wait_for_selector(f'{_cell(MODEL_B, "model-state")}:has-text("ready")', timeout=15000)
+    assert "ctx" in page.inner_text('[data-table="models"]')
+
+
+def test_chat_box_streams_an_answer(page: Any, two_models: System) -> None:
+    page.click("#tab-chat")
+    page.fill('textarea[data-field="chat-input"], [data-field="chat-input"] textarea', "Say hello.")
+    page.click('[data-action="chat-send"]')
+    page.wait_for_function("""() => { const m = document.querySelectorAll('[data-field="chat-log"] .msg.assistant');
+                                      return m.length && m[m.length-1].textContent.replace('assistant:', '').trim().length > 0; }""",
+                           timeout=60000)
+    assert "[error" not in page.inner_text('[data-field="chat-log"]')
+
+
+def test_reload_error_is_shown_not_thrown(page: Any, two_models: System) -> None:
+    page.wait_for_selector('[data-field="live"]:has-text("live")', timeout=15000)
+    page.click('[data-action="reload"]')
+    page.wait_for_selector(".el-message", timeout=15000)  # success or a readable error, never a crash

@@ -1,0 +1,156 @@
+"""The public metrics bus, as another local app sees it, and the Prometheus endpoint, on the real system."""
+
+from __future__ import annotations
+
+import json
+import queue
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import urllib.request
+from typing import Any
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import ROOT, System, wait_for
+from tests.dashboard.conftest import MODEL_A
+
+
+def _chat(system: System, model: str, max_tokens: int = 24, stream: bool = True) -> bytes:
+    body = json.dumps({"model": model, "stream": stream, "max_tokens": max_tokens,
+                       "messages": [{"role": "user", "content": "Count to twenty."}]}).encode()
+    req = urllib.request.Request(system.openai_url + "/chat/completions", data=body,
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=120) as resp:
+        return resp.read()
+
+
+class Lines:
+    """Read a subprocess' stdout lines in a thread (no blocking reads in the test)."""
+
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        self.q: queue.Queue[str] = queue.Queue()
+        self.seen: list[dict[str, Any]] = []
+        threading.Thread(target=self._pump, args=(proc,), daemon=True).start()
+
+    def _pump(self, proc: subprocess.Popen[str]) -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            self.q.put(line)
+
+    def until(self, cond: Any, timeout: float, what: str) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        for ev in self.seen:
+            if cond(ev):
+                return ev
+        while time.monotonic() < deadline:
+            try:
+                line = self.q.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            ev = json.loads(line)
+            self.seen.append(ev)
+            if cond(ev):
+                return ev
+        raise AssertionError(f"timed out waiting for {what}; saw {[e.get('type') for e in self.seen][-30:]}")
+
+
+def test_llama_runner_metrics_prints_request_and_worker_events(two_models: System) -> None:
+    proc = subprocess.Popen([sys.executable, "-m", "supervisor", "metrics", "--run-dir", str(two_models.run_dir),
+                             "--topic", "request/", "--topic", "metrics/"], cwd=ROOT, stdout=subprocess.PIPE,
+                            text=True)
+    try:
+        lines = Lines(proc)
+        # subscribed once the first periodic event arrives (no sleep for the slow joiner)
+        lines.until(lambda e: e["type"] == "system_metrics" or e["type"] == "worker_metrics", 15, "a first event")
+        _chat(two_models, MODEL_A)
+        phases = {}
+        for phase in ("queued", "started", "first_token", "finished"):
+            ev = lines.until(lambda e, p=phase: e["type"] == "request" and e["model"] == MODEL_A and e["phase"] == p,
+                             15, f"request {phase}")
+            phases[phase] = ev
+        assert len({e["request_id"] for e in phases.values()}) == 1
+        done = phases["finished"]
+        assert done["status"] == 200 and done["outcome"] == "ok" and done["v"] == 1
+        assert done["tokens"] > 0 and done["duration_s"] >= done["ttft_s"] > 0
+        wm = lines.until(lambda e: e["type"] == "worker_metrics" and e["name"] == MODEL_A and e["tokens_total"] > 0,
+                         10, "worker metrics counting the tokens")
+        for key in ("pid", "state", "cpu_percent", "rss_bytes", "in_flight", "queued", "tokens_per_s",
+                    "ttft_last_s", "ttft_p50_s", "errors_total", "uptime_s"):
+            assert key in wm, key
+        assert wm["ttft_last_s"] > 0 and wm["rss_bytes"] > 0 and wm["uptime_s"] > 0
+        gm = lines.until(lambda e: e["type"] == "gateway_metrics" and e["protocol"] == "openai"
+                         and e["requests_total"] >= 1, 10, "gateway metrics of the OpenAI gateway")
+        assert {"requests_per_s", "errors_total", "open_streams"} <= gm.keys()
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_a_ten_line_python_subscriber_sees_a_request(two_models: System) -> None:
+    """The README's subscriber, as an external process: only pyzmq and json."""
+    script = textwrap.dedent(f"""
+        import json, zmq
+        sub = zmq.Context().socket(zmq.SUB)
+        sub.connect("ipc://{two_models.run_dir}/metrics.sock")
+        sub.setsockopt(zmq.SUBSCRIBE, b"")
+        while True:
+            topic, body = sub.recv_multipart()
+            event = json.loads(body)
+            print(topic.decode(), json.dumps(event), flush=True)
+            if event["type"] == "request" and event["phase"] == "finished":
+                break
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        got: queue.Queue[str] = queue.Queue()
+
+        def pump() -> None:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                got.put(line)
+
+        threading.Thread(target=pump, daemon=True).start()
+        got.get(timeout=15)  # any event: it is subscribed
+        _chat(two_models, MODEL_A, stream=False)
+        assert proc.wait(30) == 0
+        lines = [got.get_nowait() for _ in range(got.qsize())]
+        finished = [json.loads(ln.split(" ", 1)[1]) for ln in lines if ln.startswith("request/")]
+        assert finished and finished[-1]["phase"] == "finished" and finished[-1]["tokens"] > 0
+        assert lines[-1].startswith(f"request/{MODEL_A}/")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _scrape(system: System) -> tuple[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{system.dashboard_port}/metrics", timeout=10) as resp:
+        ctype = resp.headers["Content-Type"]
+        text = resp.read().decode()
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for fam in text_string_to_metric_families(text) for s in fam.samples}
+    return ctype, samples
+
+
+def test_prometheus_endpoint_has_the_same_figures(two_models: System) -> None:
+    _chat(two_models, MODEL_A)
+    key = ("llama_runner_worker_tokens_generated_total", (("model", MODEL_A),))
+
+    def counted() -> Any:
+        _, samples = _scrape(two_models)
+        return samples if samples.get(key, 0) > 0 else None
+
+    samples = wait_for(counted, 15, "the tokens in /metrics")
+    ctype, _ = _scrape(two_models)
+    assert ctype.startswith("text/plain") and "version=0.0.4" in ctype
+    assert samples[("llama_runner_worker_up", (("model", MODEL_A),))] == 1
+    assert samples[("llama_runner_worker_state", (("model", MODEL_A), ("state", "ready")))] == 1
+    assert samples[("llama_runner_worker_rss_bytes", (("model", MODEL_A),))] > 0
+    assert samples[("llama_runner_worker_ttft_last_seconds", (("model", MODEL_A),))] > 0
+    assert ("llama_runner_worker_restarts_total", (("model", MODEL_A),)) in samples
+    assert samples.get(("llama_runner_gateway_requests_total", (("protocol", "openai"),)), 0) >= 1
+    assert samples[("llama_runner_system_memory_total_bytes", ())] > 0
+    assert all(name.startswith("llama_runner_") for name, _ in samples)

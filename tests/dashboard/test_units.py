@@ -1,0 +1,154 @@
+"""Offline tests of the metrics pieces: worker token/TTFT counting, the hub, Prometheus names, log paths, auth."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import msgspec
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from bus.codec import EVENTS
+from bus.protocol import GatewayMetrics, RequestEvent, WorkerMetrics, WorkerState
+from dashboard import auth, prom
+from dashboard.hub import Hub
+from dashboard.logtail import _Follower, log_paths
+from workers.metrics import WorkerStats
+
+GOLDEN = Path(__file__).resolve().parents[1] / "gateway" / "golden"
+
+
+def _chunks(data: bytes, size: int) -> list[bytes]:
+    return [data[i:i + size] for i in range(0, len(data), size)]
+
+
+@pytest.mark.parametrize("size", [37, 400, 1 << 20])
+def test_stream_tokens_counted_without_parsing_and_exact_at_the_end(size: int) -> None:
+    stream = (GOLDEN / "chat_stream.txt").read_bytes()
+    stats = WorkerStats("m")
+    stats.queued("r1", "/v1/chat/completions", True)
+    stats.started("r1")
+    for chunk in _chunks(stream, size):
+        stats.data("r1", chunk)
+    assert stats.ttft_last > 0 and stats.ttft_p50() == stats.ttft_last
+    stats.finished("r1", 200, "ok")
+    # the golden stream's usage says 12 completion tokens; the total never goes down
+    assert stats.tokens_total == 12
+    assert not stats.live
+
+
+def test_non_stream_tokens_from_usage() -> None:
+    body = (GOLDEN / "chat.json").read_bytes()
+    stats = WorkerStats("m")
+    stats.queued("r", "/v1/chat/completions", False)
+    stats.started("r")
+    stats.data("r", body)
+    stats.finished("r", 200, "ok")
+    want = msgspec.json.decode(body)["usage"]["completion_tokens"]
+    assert stats.tokens_total == want > 0
+
+
+def test_rates_and_unknown_requests_are_harmless() -> None:
+    stats = WorkerStats("m")
+    stats.data("nope", b"data: x")
+    stats.finished("nope", 200, "ok")
+    stats.tokens_total = 50
+    tps, rps = stats.rates(3)
+    assert tps > 0 and rps > 0
+    assert stats.rates(3) == (0.0, 0.0)
+
+
+def test_request_events_are_published_in_order() -> None:
+    sent: list[list[bytes]] = []
+
+    class FakePub:
+        def send_multipart(self, frames: list[bytes], flags: int = 0) -> None:
+            sent.append(frames)
+
+    stats = WorkerStats("m", pub=FakePub())  # type: ignore[arg-type]
+    stats.queued("r", "/v1/chat/completions", True)
+    stats.started("r")
+    stats.data("r", b'data: {"choices":[{"delta":{"content":"Hi"}}]}\n\n')
+    stats.finished("r", 200, "ok")
+    events = [EVENTS.decode(f[1]) for f in sent]
+    assert {f[0] for f in sent} == {b"request/m/"}
+    assert [e.phase for e in events] == ["queued", "started", "first_token", "finished"]  # type: ignore[union-attr]
+    last = events[-1]
+    assert isinstance(last, RequestEvent) and last.tokens == 1 and last.status == 200 and last.v == 1
+
+
+def _hub_with_figures() -> Hub:
+    hub = Hub("/nonexistent")
+    hub.apply_status({"workers": [{"name": "a", "state": "ready", "restarts": 2, "pid": 5}],
+                      "processes": [{"name": "gateway-openai", "state": "running", "restarts": 0, "pid": 9}]})
+    for ev in (WorkerMetrics(name="a", state=WorkerState.READY, tokens_total=42, tokens_per_s=7.5,
+                             ttft_last_s=0.2, ttft_p50_s=0.1, rss_bytes=100),
+               GatewayMetrics(name="gateway-openai", protocol="openai", requests_total=3, open_streams=1),
+               RequestEvent(request_id="x", model="a", phase="finished", outcome="ok")):
+        hub.apply(msgspec.json.decode(EVENTS.encode(ev)))
+    return hub
+
+
+def test_prometheus_names_and_values() -> None:
+    text = prom.render(prom.registry(_hub_with_figures())).decode()
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for fam in text_string_to_metric_families(text) for s in fam.samples}
+    assert samples[("llama_runner_worker_tokens_generated_total", (("model", "a"),))] == 42
+    assert samples[("llama_runner_worker_tokens_per_second", (("model", "a"),))] == 7.5
+    assert samples[("llama_runner_worker_restarts_total", (("model", "a"),))] == 2
+    assert samples[("llama_runner_worker_up", (("model", "a"),))] == 1
+    assert samples[("llama_runner_worker_state", (("model", "a"), ("state", "ready")))] == 1
+    assert samples[("llama_runner_gateway_requests_total", (("protocol", "openai"),))] == 3
+    assert samples[("llama_runner_gateway_open_streams", (("protocol", "openai"),))] == 1
+    assert samples[("llama_runner_requests_finished_total", (("model", "a"), ("outcome", "ok")))] == 1
+    assert all(name.startswith("llama_runner_") for name, _ in samples)
+
+
+def test_hub_fans_out_and_drops_for_slow_listeners() -> None:
+    hub = Hub("/nonexistent")
+    q = hub.listen()
+    for _ in range(5000):
+        hub.broadcast(b"{}")
+    assert q.qsize() == q.maxsize  # bounded: a slow browser loses events, the hub never blocks
+    hub.unlisten(q)
+    hub.broadcast(b"{}")
+    assert q.qsize() == q.maxsize
+
+
+def test_status_removes_models_gone_from_the_config() -> None:
+    hub = _hub_with_figures()
+    hub.apply_status({"workers": [{"name": "b", "state": "stopped"}], "processes": []})
+    assert list(hub.workers) == ["b"]
+
+
+@pytest.mark.parametrize("name", ["../etc", "a/b", "..", "x/../../y", ".hidden", "a\\b", ""])
+def test_log_paths_never_leave_the_logs_dir(tmp_path: Path, name: str) -> None:
+    with pytest.raises(ValueError):
+        log_paths(tmp_path, name)
+
+
+def test_log_follower_starts_at_the_tail_and_follows(tmp_path: Path) -> None:
+    path = log_paths(tmp_path, "m")["worker"]
+    path.write_text("".join(f"line {i}\n" for i in range(5000)))
+    f = _Follower("worker", path)
+    first = f.read()
+    assert first[-1] == "line 4999" and len(first) < 5000 and first[0].startswith("line ")
+    with path.open("a") as out:
+        out.write("new one\npartial")
+    assert f.read() == ["new one"]
+    with path.open("a") as out:
+        out.write(" done\n")
+    assert f.read() == ["partial done"]
+
+
+def test_token_rules(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(auth.ENV_TOKEN, raising=False)
+    assert auth.dashboard_token("127.0.0.1", None) is None
+    assert auth.dashboard_token("localhost", None) is None
+    assert auth.dashboard_token("::1", None) is None
+    assert auth.dashboard_token("127.0.0.1", "set") == "set"
+    made = auth.dashboard_token("0.0.0.0", None)
+    assert made and len(made) >= 20
+    monkeypatch.setenv(auth.ENV_TOKEN, "from-up")
+    assert auth.dashboard_token("0.0.0.0", None) == "from-up"
+    assert auth.dashboard_token("0.0.0.0", "configured") == "configured"
