@@ -3,7 +3,7 @@
 - ``/``: the Vue 3 + Element Plus page (ES modules with an import map, vendor files from ``web/node_modules``).
 - ``/api/events``: SSE; a snapshot first (the hub is subscribed before the supervisor is asked for its
   status, so nothing is missed), then every bus event as it comes.
-- ``/api/status``, ``/api/models``, ``/api/info``; actions ``POST /api/workers/{name}/{verb}``, ``POST
+- ``/api/status``, ``/api/models``, ``/api/discover`` (POST adds what it found), ``/api/info``; actions ``POST /api/workers/{name}/{verb}``, ``POST
   /api/reload``; ``/api/logs/{name}`` (SSE tail); ``POST /api/chat`` (proxied to the OpenAI gateway).
 - ``/metrics``: Prometheus text format.
 """
@@ -207,6 +207,37 @@ async def models(request: web.Request) -> web.Response:
     return web.json_response({"models": out, "config_dir": str(config.config_dir)})
 
 
+async def discover(request: web.Request) -> web.Response:
+    """Model discovery under the models root: GET shows what is new, POST adds it to the config and reloads."""
+    from config.loader import MODELS_FILE
+    from supervisor.discovery import discover as run_discovery
+
+    launch = request.app[LAUNCH]
+    try:
+        config = load_config(launch.config_dir or None)
+    except ConfigError as exc:
+        return web.json_response({"error": f"config error: {exc}"}, status=500)
+    write = request.method == "POST"
+    root = config.models_root
+    try:
+        found = await asyncio.to_thread(run_discovery, config.config_dir / MODELS_FILE, root, write=write)
+    except (OSError, ValueError) as exc:
+        return web.json_response({"error": f"discovery failed: {exc}"}, status=500)
+    doc: dict[str, Any] = {"models_root": str(root), "found": [
+        {"name": f.name, "kind": f.kind, "path": f.path} for f in found]}
+    if write and found:
+        try:
+            load_config(config.config_dir)
+        except ConfigError as exc:
+            return web.json_response({"error": f"the updated config does not load: {exc}"}, status=500)
+        try:
+            reply = await request.app[CONTROL].request(Reload(request_id=new_id()), 60)
+            doc["reload"] = msgspec.to_builtins(reply)
+        except ControlTimeout as exc:
+            doc["reload"] = {"type": "error", "message": str(exc)}
+    return web.json_response(doc)
+
+
 def _gateway_base(st: StatusReply, launch: GatewayLaunch) -> str | None:
     proc = next((p for p in st.processes if p.name == "gateway-openai" and p.port), None)
     if proc is None:
@@ -233,8 +264,13 @@ async def chat(request: web.Request) -> web.StreamResponse:
         return web.json_response({"error": "the OpenAI gateway is not running"}, status=503)
     body = {"model": doc["model"], "messages": doc["messages"], "stream": True,
             "max_tokens": int(doc.get("max_tokens") or 256)}
+    headers = {}
+    with contextlib.suppress(ConfigError):  # the gateway may want an API key: use the first configured one
+        keys = getattr(load_config(request.app[LAUNCH].config_dir or None).app.proxies.lmstudio, "api_keys", [])
+        if keys:
+            headers["Authorization"] = f"Bearer {keys[0]}"
     try:
-        async with request.app[HTTP].post(f"{base}/v1/chat/completions", json=body) as up:
+        async with request.app[HTTP].post(f"{base}/v1/chat/completions", json=body, headers=headers) as up:
             if up.status >= 400:
                 return web.Response(body=await up.read(), status=up.status, content_type="application/json")
             resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
@@ -293,6 +329,7 @@ def build(launch: GatewayLaunch, token: str | None = None) -> web.Application:
     app.on_cleanup.append(on_cleanup)
     r = app.router
     r.add_get("/", index)
+    r.add_get("/favicon.ico", lambda _: web.Response(status=204))  # type: ignore[arg-type,return-value]
     r.add_get("/vendor/{file}", vendor)
     r.add_get("/static/{file}", static)
     r.add_get("/metrics", metrics)
@@ -304,4 +341,6 @@ def build(launch: GatewayLaunch, token: str | None = None) -> web.Application:
     r.add_post("/api/workers/{name}/{verb}", action)
     r.add_post("/api/reload", reload)
     r.add_post("/api/chat", chat)
+    r.add_get("/api/discover", discover)
+    r.add_post("/api/discover", discover)
     return app

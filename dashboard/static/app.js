@@ -266,7 +266,21 @@ const WorkersView = {
 const ModelsView = {
   template: `
   <div>
-    <div class="section-title">Configured models <span class="muted" style="font-weight:normal">{{ configDir }}</span></div>
+    <div class="section-title">Configured models <span class="muted" style="font-weight:normal">{{ configDir }}</span>
+      <el-button size="small" style="margin-left:12px" :loading="scanning" @click="scan" data-action="discover">Discover models</el-button></div>
+    <el-card v-if="found" shadow="never" style="margin-bottom:12px" data-field="discovered">
+      <div v-if="!found.found.length">No new models under <code>{{ found.models_root }}</code>.</div>
+      <div v-else>
+        <p>Found under <code>{{ found.models_root }}</code>, not in the config yet:</p>
+        <el-table :data="found.found" size="small" border>
+          <el-table-column prop="name" label="name" min-width="160" />
+          <el-table-column prop="kind" label="type" width="90" />
+          <el-table-column prop="path" label="path (in the models root)" min-width="260" />
+        </el-table>
+        <el-button type="primary" size="small" style="margin-top:8px" @click="addFound" data-action="discover-add">
+          Add {{ found.found.length }} to models_config.json and reload</el-button>
+      </div>
+    </el-card>
     <el-alert v-if="error" type="error" :title="error" show-icon :closable="false" />
     <el-table :data="rows" size="small" border data-table="models">
       <el-table-column label="model" min-width="140"><template #default="{ row }"><b>{{ row.name }}</b>
@@ -297,8 +311,30 @@ const ModelsView = {
     }
     onMounted(load);
     watch(() => Object.keys(store.workers).join(","), load);  // models added or removed by a reload
+    const found = ref(null);
+    const scanning = ref(false);
+    async function scan() {
+      scanning.value = true;
+      try {
+        const r = await fetch("/api/discover");
+        const doc = await r.json();
+        if (!r.ok) throw new Error(doc.error || r.statusText);
+        found.value = doc;
+      } catch (e) { ElMessage({ type: "error", message: `discovery: ${e.message}` }); }
+      finally { scanning.value = false; }
+    }
+    async function addFound() {
+      try {
+        const doc = await post("/api/discover");
+        const rel = doc.reload || {};
+        ElMessage({ type: rel.type === "error" ? "warning" : "success",
+                    message: `added ${doc.found.length} model(s)` + (rel.message ? `; reload: ${rel.message}` : "") });
+        found.value = null;
+        load();
+      } catch (e) { ElMessage({ type: "error", message: `discovery: ${e.message}`, duration: 8000 }); }
+    }
     const state = (row) => store.workers[row.name]?.state || row.state;
-    return { rows, error, configDir, fmt, state, tag: (s) => TAG[s] || "info" };
+    return { rows, error, configDir, fmt, state, tag: (s) => TAG[s] || "info", found, scanning, scan, addFound };
   },
 };
 

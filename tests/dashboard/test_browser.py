@@ -130,6 +130,10 @@ def test_log_tail_and_models_page(page: Any, two_models: System) -> None:
     page.click("#tab-models")
     page.wait_for_selector(f'{_cell(MODEL_B, "model-state")}:has-text("ready")', timeout=15000)
     assert "ctx" in page.inner_text('[data-table="models"]')
+    page.click('[data-action="discover"]')  # a dry run: shows what is new under the models root
+    page.wait_for_selector('[data-field="discovered"]', timeout=15000)
+    text = page.inner_text('[data-field="discovered"]')
+    assert "No new models under" in text or "Found under" in text, text
 
 
 def test_chat_box_streams_an_answer(page: Any, two_models: System) -> None:
