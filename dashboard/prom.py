@@ -92,22 +92,22 @@ class HubCollector(Collector):
             restarts.add_metric([name], float(p.get("restarts") or 0))
         yield proc
         yield restarts
-        s = self.hub.system
-        if s:
+        system = self.hub.system
+        if system:
             for field, suffix, help_ in (
                 ("cpu_percent", "cpu_percent", "Host CPU use, percent"),
                 ("memory_percent", "memory_percent", "Host memory in use, percent"),
                 ("memory_used_bytes", "memory_used_bytes", "Host memory in use"),
                 ("memory_total_bytes", "memory_total_bytes", "Host memory"),
             ):
-                g = GaugeMetricFamily(f"llama_runner_system_{suffix}", help_)
-                g.add_metric([], float(s.get(field) or 0))
-                yield g
-            load = s.get("load_avg") or []
+                gauge = GaugeMetricFamily(f"llama_runner_system_{suffix}", help_)
+                gauge.add_metric([], float(system.get(field) or 0))
+                yield gauge
+            load = system.get("load_avg") or []
             if load:
-                g = GaugeMetricFamily("llama_runner_system_load1", "Host load average over one minute")
-                g.add_metric([], float(load[0]))
-                yield g
+                gauge = GaugeMetricFamily("llama_runner_system_load1", "Host load average over one minute")
+                gauge.add_metric([], float(load[0]))
+                yield gauge
 
 
 def registry(hub: Hub) -> CollectorRegistry:
