@@ -68,6 +68,10 @@ async def index(_: web.Request) -> web.StreamResponse:
     return web.FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
 
 
+async def no_favicon(_: web.Request) -> web.Response:
+    return web.Response(status=204)
+
+
 async def vendor(request: web.Request) -> web.StreamResponse:
     rel = VENDOR.get(request.match_info["file"])
     if rel is None or not (NODE_MODULES / rel).is_file():
@@ -329,7 +333,7 @@ def build(launch: GatewayLaunch, token: str | None = None) -> web.Application:
     app.on_cleanup.append(on_cleanup)
     r = app.router
     r.add_get("/", index)
-    r.add_get("/favicon.ico", lambda _: web.Response(status=204))  # type: ignore[arg-type,return-value]
+    r.add_get("/favicon.ico", no_favicon)
     r.add_get("/vendor/{file}", vendor)
     r.add_get("/static/{file}", static)
     r.add_get("/metrics", metrics)
