@@ -17,9 +17,18 @@ class _Cfg(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     pass
 
 
+ApiKey = Annotated[str, msgspec.Meta(min_length=1, max_length=512, pattern=r"^[\x21-\x7e]+$")]
+# An origin as browsers send it (scheme://host[:port]), or "*" for any.
+CorsOrigin = Annotated[str, msgspec.Meta(pattern=r"^(\*|[A-Za-z][A-Za-z0-9+.-]*://[^/\s]+)$")]
+
+
 class ProxyConfig(_Cfg):
     enabled: bool = True
     port: Port = 0
+    # Clients must send `Authorization: Bearer <one of these>` (empty: no authentication). Never logged.
+    api_keys: list[ApiKey] = []
+    # Origins whose web pages may call this API (CORS); empty: no CORS headers at all; ["*"]: any origin.
+    cors_origins: list[CorsOrigin] = []
 
 
 def _ollama() -> ProxyConfig:
@@ -62,6 +71,12 @@ class LimitsConfig(_Cfg):
     shutdown_grace_s: PositiveFloat = 5.0
     # Largest audio upload (/v1/audio/*) in bytes: 413 beyond it, enforced while reading the upload.
     max_upload_bytes: PositiveInt = 25 * 1024 * 1024
+    # Largest JSON request body in bytes (413 beyond it), and what one request may ask for (413).
+    max_body_bytes: PositiveInt = 32 * 1024 * 1024
+    max_messages: PositiveInt = 10_000
+    max_prompt_chars: PositiveInt = 8_000_000  # all prompt / message / input text of one request together
+    # A client must send its whole request body within this time (408 after it): slow clients hold nothing.
+    read_timeout_s: PositiveFloat = 60.0
 
 
 class AppConfig(_Cfg):

@@ -8,6 +8,7 @@ shape, on the Ollama port too. Register with ``add_routes(app)`` in an app's ``b
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 
 import structlog
@@ -66,8 +67,15 @@ def whisper_model(config: Config, name: str) -> str:
 
 async def _handle(request: web.Request, task: str) -> web.StreamResponse:
     config = request.app[CONFIG]
+    limits = config.app.limits
     try:
-        req = parse_request(await read_upload(request, config.app.limits.max_upload_bytes), task)
+        try:  # the whole upload is read before a worker is asked for: a slow client holds no slot
+            async with asyncio.timeout(limits.read_timeout_s):
+                upload = await read_upload(request, limits.max_upload_bytes)
+        except TimeoutError:
+            raise ApiError(408, f"the upload did not arrive within {limits.read_timeout_s:g}s "
+                           "(limits.read_timeout_s)", code="request_timeout") from None
+        req = parse_request(upload, task)
         model = whisper_model(config, req.model)
         log.info("audio_request", **describe(req))
         relay = await _open(request, model, req)

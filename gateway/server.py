@@ -15,8 +15,9 @@ from aiohttp import web
 
 from bus.protocol import GatewayLaunch
 from config.loader import Config, ConfigError, load_config
+from config.schema import ProxyConfig
 from gateway import metrics as gateway_metrics
-from gateway import metrics as gateway_metrics
+from gateway import request_limits, security
 from gateway.bus_client import GatewayBus
 from gateway.errors import ApiError
 from gateway.relay import Relay, backend_error
@@ -29,11 +30,12 @@ LAUNCH: web.AppKey[GatewayLaunch] = web.AppKey("launch", GatewayLaunch)
 CONFIG: web.AppKey[Config] = web.AppKey("config", Config)
 
 ErrorShape = Callable[[ApiError], dict[str, Any]]
-MAX_BODY = 32 * 1024 * 1024
 
 
 async def read_json(request: web.Request) -> dict[str, Any]:
-    raw = await request.read()
+    """The request's JSON object, read within the limits (time, bytes, messages, prompt length)."""
+    limits = request.app[CONFIG].app.limits
+    raw = await security.read_body(request, limits.read_timeout_s, limits.max_body_bytes)
     if not raw.strip():
         raise ApiError(400, "request body is empty; expected a JSON object")
     try:
@@ -42,6 +44,7 @@ async def read_json(request: web.Request) -> dict[str, Any]:
         raise ApiError(400, f"invalid JSON in request body: {exc}") from None
     if not isinstance(doc, dict):
         raise ApiError(400, "request body must be a JSON object")
+    request_limits.check(doc, limits)
     return doc
 
 
@@ -59,13 +62,21 @@ def error_response(shape: ErrorShape, err: ApiError) -> web.Response:
     return resp
 
 
-def error_middleware(shape: ErrorShape, path_shapes: dict[str, ErrorShape] | None = None) -> Any:
-    """Answer every error in the protocol's shape: ``shape``, or the shape of the first ``path_shapes``
-    prefix the path starts with (the Ollama port serves OpenAI's ``/v1/*`` with OpenAI's errors)."""
+def shape_resolver(shape: ErrorShape, path_shapes: dict[str, ErrorShape] | None = None
+                   ) -> Callable[[str], ErrorShape]:
+    """The error shape of a path: ``shape``, or the shape of the longest ``path_shapes`` prefix it starts with."""
     prefixes = sorted((path_shapes or {}).items(), key=lambda kv: -len(kv[0]))
 
     def shape_for(path: str) -> ErrorShape:
         return next((s for prefix, s in prefixes if path.startswith(prefix)), shape)
+
+    return shape_for
+
+
+def error_middleware(shape: ErrorShape, path_shapes: dict[str, ErrorShape] | None = None) -> Any:
+    """Answer every error in the protocol's shape: ``shape``, or the shape of the first ``path_shapes``
+    prefix the path starts with (the Ollama port serves OpenAI's ``/v1/*`` with OpenAI's errors)."""
+    shape_for = shape_resolver(shape, path_shapes)
 
     @web.middleware
     async def middleware(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -130,17 +141,42 @@ def started_ns() -> int:
     return time.monotonic_ns()
 
 
+# Open without an API key on the Ollama port: the health check ("Ollama is running").
+OPEN_PATHS = {"ollama": frozenset({"/"})}
+
+
+def proxy_config(config: Config, protocol: str) -> ProxyConfig:
+    """This gateway's section of ``proxies``: ``ollama``, or ``lmstudio`` for the OpenAI port."""
+    return config.app.proxies.ollama if protocol == "ollama" else config.app.proxies.lmstudio
+
+
 def make_app(launch: GatewayLaunch, shape: ErrorShape,
              path_shapes: dict[str, ErrorShape] | None = None) -> web.Application:
-    app = web.Application(middlewares=[error_middleware(shape, path_shapes)], client_max_size=MAX_BODY)
-    app[LAUNCH] = launch
     try:
-        app[CONFIG] = load_config(launch.config_dir or None)
+        config = load_config(launch.config_dir or None)
     except ConfigError as exc:
         raise SystemExit(f"config error: {exc}") from None
+    shape_for = shape_resolver(shape, path_shapes)
+
+    def keys(request: web.Request) -> list[str]:
+        return proxy_config(request.app[CONFIG], launch.protocol).api_keys
+
+    def origins(request: web.Request) -> list[str]:
+        return proxy_config(request.app[CONFIG], launch.protocol).cors_origins
+
+    def unauthorized(request: web.Request, err: ApiError) -> web.Response:
+        return error_response(shape_for(request.path), err)
+
+    # Outermost first: preflights answered before anything; errors shaped; then the key is checked.
+    middlewares = [security.cors_middleware(origins), error_middleware(shape, path_shapes),
+                   security.auth_middleware(keys, unauthorized, OPEN_PATHS.get(launch.protocol, frozenset()))]
+    # client_max_size guards aiohttp's own readers too (read_json reads with the live limit itself).
+    app = web.Application(middlewares=middlewares, client_max_size=config.app.limits.max_body_bytes)
+    app[LAUNCH] = launch
+    app[CONFIG] = config
+    app.on_response_prepare.append(security.on_prepare_cors(origins))
     bus = GatewayBus(launch.run_dir, launch.load_timeout_s, name=f"gateway-{launch.protocol}")
     app[BUS] = bus
-    gateway_metrics.install(app, launch)  # GatewayMetrics on the bus every second; counts requests
     gateway_metrics.install(app, launch)  # GatewayMetrics on the bus every second; counts requests
 
     def reload_config() -> None:

@@ -1,0 +1,141 @@
+"""What stands between a client and the gateway's routes: API keys, CORS, and bounded request reading.
+
+- API keys (``proxies.<gateway>.api_keys``): every request must send ``Authorization: Bearer <key>``, compared
+  in constant time with each configured key; else 401 in the protocol's shape. Open without a key: CORS
+  preflights (browsers never send credentials on them) and, on the Ollama port, ``GET /`` / ``HEAD /`` (the
+  "Ollama is running" health check that load balancers and clients probe). Keys are never logged.
+- CORS (``proxies.<gateway>.cors_origins``): off by default (no CORS headers at all); a listed origin, or any
+  with ``"*"``, gets ``Access-Control-Allow-Origin`` on every answer and its preflight ``OPTIONS`` answered.
+- Reading: the body must arrive within ``limits.read_timeout_s`` (408) and stay under
+  ``limits.max_body_bytes`` (413). Routes read the whole body before asking for a worker, so a slow client
+  never holds a worker slot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+from collections.abc import Awaitable, Callable, Sequence
+
+from aiohttp import web
+
+from gateway.errors import ApiError
+
+__all__ = ["auth_middleware", "bearer_key", "cors_middleware", "key_matches", "read_body"]
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+Getter = Callable[[web.Request], Sequence[str]]
+
+CORS_METHODS = "GET, HEAD, POST, PUT, DELETE, OPTIONS"
+CORS_MAX_AGE = "600"
+READ_CHUNK = 256 * 1024
+
+
+def bearer_key(request: web.Request) -> str:
+    """The key a client sent (``Authorization: Bearer <key>``), or ``""``."""
+    scheme, _, key = request.headers.get("Authorization", "").strip().partition(" ")
+    return key.strip() if scheme.lower() == "bearer" else ""
+
+
+def key_matches(given: str, keys: Sequence[str]) -> bool:
+    """Constant time per key, and every key is compared (the time does not say which one matched)."""
+    raw = given.encode("utf-8", "surrogateescape")
+    ok = False
+    for key in keys:
+        ok |= hmac.compare_digest(raw, key.encode())
+    return ok and bool(raw)
+
+
+def is_preflight(request: web.Request) -> bool:
+    return (request.method == "OPTIONS" and "Origin" in request.headers
+            and "Access-Control-Request-Method" in request.headers)
+
+
+def auth_middleware(keys: Getter, error: Callable[[web.Request, ApiError], web.Response],
+                    open_paths: frozenset[str] = frozenset()) -> object:
+    """401 (in the protocol's shape, via ``error``) unless the request carries one of ``keys(request)``."""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        configured = keys(request)
+        if (configured and not is_preflight(request)
+                and not (request.path in open_paths and request.method in ("GET", "HEAD"))
+                and not key_matches(bearer_key(request), configured)):
+            given = bool(bearer_key(request))
+            resp = error(request, ApiError(
+                401, "invalid API key" if given else "missing API key: send the header `Authorization: Bearer "
+                "<key>` with one of the keys configured for this port", code="invalid_api_key"))
+            resp.headers["WWW-Authenticate"] = 'Bearer realm="llama-runner"'
+            return resp
+        return await handler(request)
+
+    return middleware
+
+
+def _allowed(origin: str, origins: Sequence[str]) -> str | None:
+    if "*" in origins:
+        return "*"
+    return origin if origin in origins else None
+
+
+def cors_middleware(origins: Getter) -> object:
+    """A preflight ``OPTIONS`` from an allowed origin is answered here (204), before routing and authentication;
+    no origins configured: ``OPTIONS`` is routed as any method. (Headers on answers: ``on_prepare_cors``.)"""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        configured = origins(request)
+        origin = request.headers.get("Origin")
+        allow = _allowed(origin, configured) if configured and origin else None
+        if allow is not None and is_preflight(request):
+            headers = {"Access-Control-Allow-Origin": allow, "Access-Control-Allow-Methods": CORS_METHODS,
+                       "Access-Control-Max-Age": CORS_MAX_AGE}
+            wanted = request.headers.get("Access-Control-Request-Headers")
+            if wanted:
+                headers["Access-Control-Allow-Headers"] = wanted
+            if allow != "*":
+                headers["Vary"] = "Origin"
+            return web.Response(status=204, headers=headers)
+        return await handler(request)
+
+    return middleware
+
+
+def on_prepare_cors(origins: Getter) -> Callable[[web.Request, web.StreamResponse], Awaitable[None]]:
+    """``Access-Control-Allow-Origin`` on every answer to an allowed origin, streams (NDJSON, SSE) included:
+    they send their headers before any middleware sees the response."""
+
+    async def on_prepare(request: web.Request, resp: web.StreamResponse) -> None:
+        origin = request.headers.get("Origin")
+        configured = origins(request)
+        allow = _allowed(origin, configured) if configured and origin else None
+        if allow is not None and "Access-Control-Allow-Origin" not in resp.headers:
+            resp.headers["Access-Control-Allow-Origin"] = allow
+            if allow != "*":
+                resp.headers["Vary"] = "Origin"
+
+    return on_prepare
+
+
+async def read_body(request: web.Request, timeout: float, limit: int) -> bytes:
+    """The whole body, within ``timeout`` seconds (408 after it) and at most ``limit`` bytes (413, refused
+    from Content-Length before reading, else as soon as the running total passes it, chunked bodies too)."""
+    length = request.content_length
+    if length is not None and length > limit:
+        raise _too_large(limit)
+    buf = bytearray()
+    try:
+        async with asyncio.timeout(timeout):
+            while chunk := await request.content.read(READ_CHUNK):
+                buf += chunk
+                if len(buf) > limit:
+                    raise _too_large(limit)
+    except TimeoutError:
+        raise ApiError(408, f"the request body did not arrive within {timeout:g}s (limits.read_timeout_s)",
+                       code="request_timeout") from None
+    return bytes(buf)
+
+
+def _too_large(limit: int) -> ApiError:
+    return ApiError(413, f"request body too large: the limit is {limit} bytes (limits.max_body_bytes)",
+                    code="request_too_large")
