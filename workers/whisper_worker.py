@@ -41,6 +41,7 @@ from bus.protocol import (
 )
 from supervisor.child import install_stop_signals, watch_parent
 from workers import whisper_engine as engine
+from workers.whisper_stats import WhisperStats
 
 log = structlog.get_logger()
 NDJSON = "application/x-ndjson"
@@ -72,7 +73,8 @@ class WhisperWorker:
         self.jobs: dict[str, _Job] = {}
         self.slots = asyncio.Semaphore(self.parallel)
         self.waiting = self.in_flight = 0
-        self.requests_total = self.errors_total = self.tokens_total = 0
+        self.requests_total = self.errors_total = 0
+        self.stats = WhisperStats(launch.name)
         self.started = time.monotonic()
         self._enc = msgspec.json.Encoder()
 
@@ -85,6 +87,7 @@ class WhisperWorker:
         self.pub.linger = 0
         self.pub.sndhwm = 1000
         self.pub.connect(endpoints.metrics_in(self.launch.run_dir))
+        self.stats.pub = zmq.Socket.shadow(self.pub.underlying)  # per-request events: sync, never awaited
         self.router = self.ctx.socket(zmq.ROUTER)
         self.router.linger = 0
         self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
@@ -204,8 +207,10 @@ class WhisperWorker:
             log.warning("duplicate_request_id", request_id=job.request_id)
             return
         self.requests_total += 1
+        self.stats.queued(job.request_id, job.task, job.stream)
         if len(self.jobs) >= self.parallel + self.launch.queue_size:  # running + queued, counted right now
             self.errors_total += 1
+            self.stats.finished(job.request_id, 429, "rejected")
             await self._send(ident, Fail(request_id=job.request_id, status=429, code="busy",
                                          message=f"model {self.launch.name!r} is busy: queue is full"))
             return
@@ -221,6 +226,7 @@ class WhisperWorker:
 
     async def _run_job(self, j: _Job) -> None:
         rid = j.job.request_id
+        status, outcome, tokens = 200, "ok", 0
         try:
             self.waiting += 1
             try:
@@ -229,26 +235,31 @@ class WhisperWorker:
                 self.waiting -= 1
             try:
                 self.in_flight += 1
-                await self._transcribe(j)
+                self.stats.started(rid)
+                tokens = await self._transcribe(j)
             finally:
                 self.in_flight -= 1
                 self.slots.release()
         except asyncio.CancelledError:
+            status, outcome = (j.fail.status, "error") if j.fail is not None else (499, "cancelled")
             if j.fail is not None:
                 await self._send(j.ident, j.fail)
         except engine.AudioError as exc:
             self.errors_total += 1
+            status, outcome = 400, "error"
             await self._send(j.ident, Fail(request_id=rid, status=400, code="invalid_audio", message=str(exc)))
         except Exception as exc:  # never let one request take the worker down
             self.errors_total += 1
+            status, outcome = 500, "error"
             log.exception("job_failed", request_id=rid)
             await self._send(j.ident, Fail(request_id=rid, status=500, code="transcription_failed",
                                            message=f"faster-whisper: {type(exc).__name__}: {exc}",
                                            source="backend"))
         finally:
             self.jobs.pop(rid, None)
+            self.stats.finished(rid, status, outcome, tokens)
 
-    async def _transcribe(self, j: _Job) -> None:
+    async def _transcribe(self, j: _Job) -> int:
         """Run the transcription in a thread; send its lines as they come, all queued ones in one Data."""
         loop = asyncio.get_running_loop()
         rid = j.job.request_id
@@ -279,11 +290,13 @@ class WhisperWorker:
                         if not head_sent:
                             j.cancel.set()
                     data, lines[:] = b"".join(lines), []
+                    if b'"type":"segment"' in data:
+                        self.stats.segment(rid)
                     if head_sent and not await self._send(j.ident, Data(request_id=rid, data=data)):
                         j.cancel.set()  # the gateway is gone: stop at the next segment
                 if fut.done():
                     break
-            self.tokens_total += fut.result()  # raises AudioError / the thread's error
+            tokens: int = fut.result()  # raises AudioError / the thread's error
         except asyncio.CancelledError:
             j.cancel.set()
             with contextlib.suppress(BaseException):
@@ -294,17 +307,21 @@ class WhisperWorker:
         if not head_sent:
             await self._send(j.ident, Head(request_id=rid, status=200, content_type=NDJSON))
         await self._send(j.ident, End(request_id=rid))
+        return tokens
 
     # ------------------------------------------------------------------ metrics
     async def _metrics(self) -> None:
         me = psutil.Process()
         topic = endpoints.topic_worker_metrics(self.launch.name)
         while True:
+            tps, rps = self.stats.rates(self.requests_total)
             event = WorkerMetrics(
                 name=self.launch.name, state=self.state, pid=os.getpid(), cpu_percent=me.cpu_percent(),
                 rss_bytes=me.memory_info().rss, in_flight=self.in_flight, queued=self.waiting,
-                requests_total=self.requests_total, errors_total=self.errors_total, tokens_total=self.tokens_total,
-                uptime_s=time.monotonic() - self.started,
+                requests_total=self.requests_total, errors_total=self.errors_total,
+                tokens_total=self.stats.tokens_total, uptime_s=time.monotonic() - self.started,
+                model_path=self.launch.model_path, tokens_per_s=tps, requests_per_s=rps,
+                ttft_last_s=self.stats.ttft_last, ttft_p50_s=self.stats.ttft_p50(),
             )
             with contextlib.suppress(zmq.ZMQError):
                 await self.pub.send_multipart(encode_event(topic, event))

@@ -22,7 +22,7 @@ import pytest
 import zmq
 
 from bus import endpoints
-from bus.codec import COMMANDS, JOBS, STREAM
+from bus.codec import COMMANDS, EVENTS, JOBS, STREAM
 from bus.protocol import (
     Cancel,
     Data,
@@ -31,6 +31,7 @@ from bus.protocol import (
     Head,
     HttpJob,
     ModelParams,
+    RequestEvent,
     StreamItem,
     TranscribeJob,
     WorkerHello,
@@ -51,8 +52,25 @@ LONG_TEXT = ("The quick brown fox jumps over the lazy dog. Please open the windo
 class Worker:
     proc: subprocess.Popen[bytes]
     control: zmq.Socket[bytes]
+    events: zmq.Socket[bytes]  # an XSUB where the supervisor's is: the worker's PUB connects here
     endpoint: str
     run_dir: Path
+
+    def request_events(self, rid: str, timeout: float = 10) -> list[RequestEvent]:
+        """This request's events, up to its "finished" one."""
+        out: list[RequestEvent] = []
+        deadline = time.monotonic() + timeout
+        while not out or out[-1].phase != "finished":
+            left = deadline - time.monotonic()
+            if left <= 0 or not self.events.poll(int(left * 1000)):
+                raise AssertionError(f"no finished event for {rid}: {out}")
+            topic, body = self.events.recv_multipart()
+            if not topic.startswith(endpoints.topic_request("whisper-test").encode()):
+                continue
+            ev = EVENTS.decode(body)
+            if isinstance(ev, RequestEvent) and ev.request_id == rid:
+                out.append(ev)
+        return out
 
     def hello(self, timeout: float = 60) -> WorkerHello:
         if not self.control.poll(int(timeout * 1000)):
@@ -68,12 +86,15 @@ def start_worker(model_path: Path | str, queue_size: int = 8) -> Worker:
     control = ctx.socket(zmq.ROUTER)
     control.linger = 0
     control.bind(endpoints.control(run_dir))
+    events = ctx.socket(zmq.XSUB)  # as the supervisor's metrics proxy: it subscribes once the worker is up
+    events.linger = 0
+    events.bind(endpoints.metrics_in(run_dir))
     launch = WorkerLaunch(name="whisper-test", kind="whisper", model_path=str(model_path), run_dir=str(run_dir),
                           logs_dir=str(run_dir / "logs"), supervisor_pid=os.getpid(), queue_size=queue_size,
                           params=ModelParams(parallel=1))
     proc = subprocess.Popen([sys.executable, "-m", "workers", msgspec.json.encode(launch).decode()], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=open(run_dir / "worker.err", "wb"))
-    return Worker(proc, control, endpoints.worker(run_dir, "whisper-test"), run_dir)
+    return Worker(proc, control, events, endpoints.worker(run_dir, "whisper-test"), run_dir)
 
 
 def stop_worker(w: Worker) -> None:
@@ -81,6 +102,7 @@ def stop_worker(w: Worker) -> None:
         w.proc.kill()
         w.proc.wait()
     w.control.close(0)
+    w.events.close(0)
     shutil.rmtree(w.run_dir, ignore_errors=True)
 
 
@@ -91,6 +113,8 @@ def worker() -> Iterator[Worker]:
         assert w.hello().state == WorkerState.STARTING
         ready = w.hello()
         assert ready.state == WorkerState.READY and ready.endpoint == w.endpoint, ready
+        w.events.send(b"\x01")  # subscribe to everything; the first metrics event proves it took effect
+        assert w.events.poll(10_000), "no metrics from the worker"
         yield w
     finally:
         stop_worker(w)
@@ -146,6 +170,18 @@ def test_transcribes_as_ndjson_lines(gw: zmq.Socket[bytes], audio: dict[str, byt
     out = lines(got)
     assert out[0]["type"] == "info" and all(x["type"] == "segment" for x in out[1:])
     assert words("".join(str(x["text"]) for x in out[1:])) == ["good", "morning", "everyone"]
+
+
+def test_request_events_for_the_dashboard(worker: Worker, gw: zmq.Socket[bytes], audio: dict[str, bytes]) -> None:
+    assert isinstance(transcribe(gw, "ev-1", audio["short"])[-1], End)
+    evs = worker.request_events("ev-1")
+    assert [e.phase for e in evs] == ["queued", "started", "first_token", "finished"]
+    done = evs[-1]
+    assert done.path == "/v1/audio/transcriptions" and done.status == 200 and done.outcome == "ok"
+    assert done.tokens > 3 and 0 < done.ttft_s <= done.duration_s
+    (fail,) = transcribe(gw, "ev-2", b"not audio" * 30)
+    assert isinstance(fail, Fail)
+    assert worker.request_events("ev-2")[-1].status == 400
 
 
 def test_bad_audio_is_a_400_and_the_worker_carries_on(gw: zmq.Socket[bytes], audio: dict[str, bytes]) -> None:

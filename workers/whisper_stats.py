@@ -1,0 +1,96 @@
+"""A whisper worker's request figures: per-request events (queued, started, first segment, finished) on
+``request/<model>/`` and the rates behind its WorkerMetrics — the same events and fields as llama workers
+publish (workers/metrics.py), so the dashboard shows both kinds alike. "Tokens" are whisper's output tokens;
+"first token" is the first decoded segment."""
+
+from __future__ import annotations
+
+import collections
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import zmq
+
+from bus import endpoints
+from bus.codec import encode_event
+from bus.protocol import RequestEvent
+
+
+@dataclass
+class _Live:
+    path: str
+    stream: bool
+    arrived: float = field(default_factory=time.monotonic)
+    started: float = 0.0
+    first: float = 0.0
+
+
+@dataclass
+class WhisperStats:
+    name: str
+    pub: zmq.Socket | None = None  # a sync view of the worker's PUB socket (None: no events)
+    tokens_total: int = 0
+    ttft_last: float = 0.0
+    ttfts: collections.deque[float] = field(default_factory=lambda: collections.deque(maxlen=100))
+    live: dict[str, _Live] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.topic = endpoints.topic_request(self.name)
+        self._last = (time.monotonic(), 0, 0)
+
+    @staticmethod
+    def path(task: str) -> str:
+        return "/v1/audio/translations" if task == "translate" else "/v1/audio/transcriptions"
+
+    def queued(self, rid: str, task: str, stream: bool) -> None:
+        st = self.live[rid] = _Live(self.path(task), stream)
+        self._emit(RequestEvent(request_id=rid, model=self.name, phase="queued", path=st.path, stream=stream))
+
+    def started(self, rid: str) -> None:
+        st = self.live.get(rid)
+        if st is not None:
+            st.started = time.monotonic()
+            self._emit(RequestEvent(request_id=rid, model=self.name, phase="started", path=st.path,
+                                    stream=st.stream, queued_s=st.started - st.arrived))
+
+    def segment(self, rid: str) -> None:
+        """A decoded segment went out (the first one is the request's "first token")."""
+        st = self.live.get(rid)
+        if st is None or st.first:
+            return
+        st.first = time.monotonic()
+        self.ttft_last = st.first - st.arrived
+        self.ttfts.append(self.ttft_last)
+        self._emit(RequestEvent(request_id=rid, model=self.name, phase="first_token", path=st.path,
+                                stream=st.stream, ttft_s=self.ttft_last))
+
+    def finished(self, rid: str, status: int, outcome: str, tokens: int = 0) -> None:
+        st = self.live.pop(rid, None)
+        if st is None:
+            return
+        self.tokens_total += tokens
+        now = time.monotonic()
+        self._emit(RequestEvent(
+            request_id=rid, model=self.name, phase="finished", path=st.path, stream=st.stream,
+            queued_s=(st.started or now) - st.arrived, ttft_s=(st.first - st.arrived) if st.first else 0.0,
+            tokens=tokens, duration_s=now - st.arrived, status=status, outcome=outcome))
+
+    def rates(self, requests_total: int) -> tuple[float, float]:
+        """(tokens/s, requests/s) since the previous call."""
+        now = time.monotonic()
+        t0, tokens0, requests0 = self._last
+        dt = max(1e-3, now - t0)
+        self._last = (now, self.tokens_total, requests_total)
+        return max(0, self.tokens_total - tokens0) / dt, max(0, requests_total - requests0) / dt
+
+    def ttft_p50(self) -> float:
+        return statistics.median(self.ttfts) if self.ttfts else 0.0
+
+    def _emit(self, event: RequestEvent) -> None:
+        if self.pub is None:
+            return
+        try:
+            self.pub.send_multipart(encode_event(self.topic, event), zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass
