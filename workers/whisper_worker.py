@@ -279,8 +279,8 @@ class WhisperWorker:
         head_sent = False
         try:
             while True:
-                waiter = asyncio.ensure_future(wake.wait())
-                await asyncio.wait({fut, waiter}, return_when=asyncio.FIRST_COMPLETED)
+                waiter: asyncio.Future[Any] = asyncio.ensure_future(wake.wait())
+                await asyncio.wait([fut, waiter], return_when=asyncio.FIRST_COMPLETED)
                 waiter.cancel()
                 wake.clear()
                 await asyncio.sleep(0)  # let lines scheduled by the thread before it returned land
