@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 import tempfile
 from pathlib import Path
 from urllib.parse import quote
@@ -23,10 +24,28 @@ def default_run_dir() -> Path:
     return Path(tempfile.gettempdir()) / f"llama-runner-{uid}"
 
 
+class RunDirError(Exception):
+    """The run directory cannot be made private (another user owns it, or it is not a directory)."""
+
+
 def prepare_run_dir(run_dir: Path) -> Path:
+    """Create the run directory (0700) or check an existing one: it must be a directory owned by this user;
+    wider permissions are narrowed to 0700. Anything else raises RunDirError: another user could otherwise
+    reach the control socket or plant sockets of their own."""
     run_dir = run_dir.expanduser().resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if os.name != "nt":
+    try:
+        run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except FileExistsError:
+        raise RunDirError(f"run dir {run_dir} exists and is not a directory") from None
+    if os.name == "nt":
+        return run_dir
+    st = os.stat(run_dir, follow_symlinks=False)
+    if not stat.S_ISDIR(st.st_mode):
+        raise RunDirError(f"run dir {run_dir} is not a directory")
+    if st.st_uid != os.getuid():
+        raise RunDirError(f"run dir {run_dir} belongs to another user (uid {st.st_uid}); pass --run-dir or set "
+                          "run_dir to a directory of your own")
+    if stat.S_IMODE(st.st_mode) != 0o700:
         os.chmod(run_dir, 0o700)
     return run_dir
 

@@ -178,7 +178,11 @@ def _up(args: argparse.Namespace) -> int:
     if args.logs_dir:
         overrides["logs_dir"] = args.logs_dir
     config = Config(app=msgspec.structs.replace(app, **overrides), models=config.models, config_dir=config.config_dir)
-    run_dir = endpoints.prepare_run_dir(_run_dir(args, config))
+    try:
+        run_dir = endpoints.prepare_run_dir(_run_dir(args, config))
+    except endpoints.RunDirError as exc:
+        print(f"llama-runner: {exc}", file=sys.stderr)
+        return 1
     pid_file = run_dir / endpoints.SUPERVISOR_PID
     if pid_file.exists():
         try:

@@ -17,3 +17,30 @@ def test_worker_endpoint_never_contains_the_model_name(tmp_path) -> None:
 def test_prepare_run_dir_is_private(tmp_path) -> None:
     d = endpoints.prepare_run_dir(tmp_path / "run")
     assert d.stat().st_mode & 0o777 == 0o700
+
+
+def test_prepare_run_dir_narrows_wider_permissions(tmp_path) -> None:
+    d = tmp_path / "run"
+    d.mkdir(mode=0o777)
+    d.chmod(0o777)
+    assert endpoints.prepare_run_dir(d).stat().st_mode & 0o777 == 0o700
+
+
+def test_prepare_run_dir_refuses_a_dir_of_another_user(tmp_path, monkeypatch) -> None:
+    import os
+
+    import pytest
+
+    d = tmp_path / "run"
+    d.mkdir(mode=0o700)
+    monkeypatch.setattr(os, "getuid", lambda: d.stat().st_uid + 1)
+    with pytest.raises(endpoints.RunDirError, match="another user"):
+        endpoints.prepare_run_dir(d)
+
+
+def test_prepare_run_dir_refuses_a_file(tmp_path) -> None:
+    import pytest
+
+    (tmp_path / "run").write_text("x")
+    with pytest.raises(endpoints.RunDirError, match="not a directory"):
+        endpoints.prepare_run_dir(tmp_path / "run")

@@ -101,3 +101,29 @@ def test_unknown_fields_are_tolerated() -> None:
 def test_unknown_tag_is_a_decode_error() -> None:
     with pytest.raises(BusDecodeError):
         codec.JOBS.decode(msgspec.msgpack.encode({"type": "nope", "request_id": "x"}))
+
+
+ANY_VALUE = st.one_of(st.none(), st.booleans(), i64, st.floats(), st.text(max_size=8), st.binary(max_size=8),
+                      st.lists(i64, max_size=2), st.dictionaries(st.text(max_size=3), i64,
+                                                                            max_size=2))
+
+
+@pytest.mark.parametrize(("codec_", "cls"), CASES, ids=[m.__name__ for _, m in CASES])
+@settings(max_examples=15, deadline=None)
+@given(data=st.data())
+def test_valid_message_with_one_field_changed_decodes_or_raises_decode_error(
+        codec_: codec.Codec[typing.Any], cls: type[msgspec.Struct], data: st.DataObject) -> None:
+    """Structurally valid frames that are wrong: one field of a real message replaced by any value, or a real
+    message of one union fed to another union's decoder. Either a valid message or BusDecodeError, never more."""
+    msg = data.draw(struct_strategy(cls))
+    doc = msgspec.to_builtins(msg)
+    field = data.draw(st.sampled_from([*doc.keys(), "unknown_field"]))
+    doc[field] = data.draw(ANY_VALUE)
+    frames = [msgspec.msgpack.encode(doc), msgspec.json.encode(doc), codec_.encode(msg)]
+    for c in UNIONS:
+        for frame in frames:
+            try:
+                out = c.decode(frame)
+            except BusDecodeError:
+                continue
+            assert isinstance(out, msgspec.Struct)
