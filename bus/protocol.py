@@ -313,8 +313,9 @@ class GatewayMetrics(_Msg, frozen=True, tag="gateway_metrics"):
 
 class RequestEvent(_Msg, frozen=True, tag="request"):
     """One request's life at a worker, on ``request/<model>/``: ``phase`` is queued (arrived, waiting for a
-    slot), started (has a slot), first_token (first generated output), finished (``status``, ``tokens``,
-    ``duration_s``; ``outcome`` ok | error | cancelled | rejected)."""
+    slot; ``position`` 1 is next), position (the queue moved: its new ``position``), started (has a slot),
+    first_token (first generated output), finished (``status``, ``tokens``, ``duration_s``; ``outcome`` ok |
+    error | cancelled | rejected)."""
 
     request_id: str
     model: str
@@ -329,6 +330,7 @@ class RequestEvent(_Msg, frozen=True, tag="request"):
     duration_s: float = 0.0  # arrival -> finished
     status: int = 0
     outcome: str = ""
+    position: int = 0  # place in the model's queue (queued, position), 1 = next to get a slot
 
 
 class SystemMetrics(_Msg, frozen=True, tag="system_metrics"):

@@ -48,6 +48,7 @@ class WorkerStats:
     ttfts: collections.deque[float] = field(default_factory=lambda: collections.deque(maxlen=100))
     ttft_last: float = 0.0
     live: dict[str, _Live] = field(default_factory=dict)
+    waiting: list[str] = field(default_factory=list)  # request ids waiting for a slot, in order
 
     def __post_init__(self) -> None:
         self.topic = endpoints.topic_request(self.name)
@@ -59,9 +60,22 @@ class WorkerStats:
     def queued(self, rid: str, path: str, stream: bool) -> None:
         marker = _TEXT if path.rstrip("/").endswith("/v1/completions") else _CONTENT
         self.live[rid] = _Live(path, stream, time.monotonic(), marker=marker)
-        self._emit(RequestEvent(request_id=rid, model=self.name, phase="queued", path=path, stream=stream))
+        self.waiting.append(rid)
+        self._emit(RequestEvent(request_id=rid, model=self.name, phase="queued", path=path, stream=stream,
+                                position=len(self.waiting)))
+
+    def _leave_queue(self, rid: str) -> None:
+        """``rid`` left the queue (got a slot, was rejected or cancelled): those behind it move up."""
+        try:
+            i = self.waiting.index(rid)
+        except ValueError:
+            return
+        del self.waiting[i]
+        for pos, other in enumerate(self.waiting[i:], start=i + 1):
+            self._emit(RequestEvent(request_id=other, model=self.name, phase="position", position=pos))
 
     def started(self, rid: str) -> None:
+        self._leave_queue(rid)
         st = self.live.get(rid)
         if st is None:
             return
@@ -90,6 +104,7 @@ class WorkerStats:
                                     stream=st.stream, ttft_s=ttft))
 
     def finished(self, rid: str, status: int, outcome: str) -> None:
+        self._leave_queue(rid)
         st = self.live.pop(rid, None)
         if st is None:
             return

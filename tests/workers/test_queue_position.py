@@ -1,0 +1,30 @@
+"""Queue positions: each waiting request learns its place, and its new place whenever the queue moves."""
+
+from __future__ import annotations
+
+from bus.codec import EVENTS
+from bus.protocol import RequestEvent
+from workers.metrics import WorkerStats
+
+
+def test_positions_move_up_as_requests_start_or_leave() -> None:
+    sent: list[RequestEvent] = []
+
+    class FakePub:
+        def send_multipart(self, frames: list[bytes], flags: int = 0) -> None:
+            ev = EVENTS.decode(frames[1])
+            assert isinstance(ev, RequestEvent)
+            sent.append(ev)
+
+    stats = WorkerStats("m", pub=FakePub())  # type: ignore[arg-type]
+    for rid in ("a", "b", "c", "d"):
+        stats.queued(rid, "/v1/chat/completions", True)
+    assert [(e.request_id, e.position) for e in sent] == [("a", 1), ("b", 2), ("c", 3), ("d", 4)]
+    sent.clear()
+    stats.started("a")
+    assert [(e.request_id, e.phase, e.position) for e in sent] == [
+        ("b", "position", 1), ("c", "position", 2), ("d", "position", 3), ("a", "started", 0)]
+    sent.clear()
+    stats.finished("c", 499, "cancelled")  # gave up while waiting: only those behind it move
+    assert [(e.request_id, e.phase, e.position) for e in sent if e.phase == "position"] == [("d", "position", 2)]
+    assert stats.waiting == ["b", "d"]
