@@ -52,6 +52,12 @@ class DashboardConfig(_Cfg):
     token: str | None = None
 
 
+class MetricsConfig(_Cfg):
+    # The metrics bus is always at ipc://<run dir>/metrics.sock; a port here publishes it on tcp too, on
+    # `host` (loopback unless configured), for local apps that cannot reach the run dir.
+    tcp_port: Port | None = None
+
+
 class LimitsConfig(_Cfg):
     max_loaded_models: PositiveInt = 2
     queue_size: Annotated[int, msgspec.Meta(ge=0)] = 8
@@ -83,6 +89,7 @@ class AppConfig(_Cfg):
     host: str = "127.0.0.1"
     proxies: ProxiesConfig = msgspec.field(default_factory=ProxiesConfig)
     dashboard: DashboardConfig = msgspec.field(default_factory=DashboardConfig)
+    metrics: MetricsConfig = msgspec.field(default_factory=MetricsConfig)
     llama_server_path: str | None = None
     models_root: str | None = None
     run_dir: str | None = None

@@ -146,6 +146,12 @@ class Supervisor:
             xpub.sndhwm = 1000
             xsub.bind(endpoints.metrics_in(self.run_dir))
             xpub.bind(endpoints.metrics(self.run_dir))
+            tcp_port = self.config.app.metrics.tcp_port
+            if tcp_port is not None:
+                try:
+                    xpub.bind(f"tcp://{self.config.app.host}:{tcp_port}")
+                except zmq.ZMQError as exc:
+                    log.error("metrics_tcp_bind_failed", port=tcp_port, error=str(exc))
             self._proxy_ready.set()
             zmq.proxy(xsub, xpub)
         except zmq.ContextTerminated:

@@ -10,7 +10,7 @@ from bus.protocol import WorkerLaunch
 from config.loader import Config
 
 # App settings that only take effect at the next `llama-runner up` (listeners, paths).
-RESTART_ONLY = ("host", "proxies", "dashboard", "run_dir", "logs_dir", "llama_server_path")
+RESTART_ONLY = ("host", "proxies", "dashboard", "metrics", "run_dir", "logs_dir", "llama_server_path")
 
 
 @dataclass
