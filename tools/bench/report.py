@@ -273,7 +273,7 @@ def before_after(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
         "",
         f"Before: {before.get('label') or 'baseline'} (commit "
         f"{before['machine'].get('git_commit', '?')}, {before.get('date', '?')}, load {before.get('load_before')}); "
-        f"after: {after.get('label') or 'this run'}.",
+        f"after: {after.get('label') or 'this run'} (load {after.get('load_before')}).",
         "",
         "| Upstream | Target | Before | After | Limit |",
         "|---|---|---|---|---|",
