@@ -7,8 +7,10 @@ import json
 import os
 import shutil
 import signal
+import socket
 import tempfile
 import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -211,12 +213,13 @@ def test_killed_whisper_worker_is_restarted(client: openai.OpenAI, system: Syste
 # --------------------------------------------------------------------------- upload limit, eviction
 @pytest.fixture(scope="module")
 def small_limit() -> Iterator[System]:
-    """A 40 kB upload limit, and room for one loaded model only."""
+    """A 40 kB upload limit, 3 s to send it, and room for one loaded model only."""
     cfg = Path(tempfile.mkdtemp(prefix="lr-audio-cfg-"))
     shutil.copy(ROOT / "config" / "models_config.json", cfg / "models_config.json")
     app = json.loads((ROOT / "config" / "app_config.json").read_text())
     app.setdefault("limits", {})["max_upload_bytes"] = 40_000
     app["limits"]["max_loaded_models"] = 1
+    app["limits"]["read_timeout_s"] = 3
     (cfg / "app_config.json").write_text(json.dumps(app))
     sysm = start_system(cfg)
     try:
@@ -265,3 +268,14 @@ def test_whisper_worker_is_evicted_like_llama_workers(small_limit: System, speec
     wait_for(lambda: small_limit.worker(MODEL)["state"] == "stopped", 30, "the whisper worker to be evicted")
     assert {"open", "window"} <= said(c.audio.transcriptions.create(model=MODEL, file=("a.mp3", small)).text)
     wait_for(lambda: small_limit.worker("smollm2")["state"] == "stopped", 30, "smollm2 to be evicted in turn")
+
+
+def test_stalled_upload_is_408(small_limit: System) -> None:
+    with socket.create_connection(("127.0.0.1", small_limit.openai_port), timeout=30) as sock:
+        sock.sendall(b"POST /v1/audio/transcriptions HTTP/1.1\r\nHost: x\r\nContent-Length: 30000\r\n"
+                     b"Content-Type: multipart/form-data; boundary=lrb\r\n\r\n"
+                     b'--lrb\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\n\r\nRIFF')
+        t0 = time.monotonic()
+        head = sock.recv(4096)  # the client sends nothing more
+    assert head.startswith(b"HTTP/1.1 408"), head[:200]
+    assert 2.5 < time.monotonic() - t0 < 20 and b"request_timeout" in head
