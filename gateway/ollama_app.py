@@ -8,7 +8,7 @@ import msgspec
 from aiohttp import web
 
 from bus.protocol import GatewayLaunch
-from gateway import catalog, embed_routes, openai_app
+from gateway import audio, catalog, embed_routes, openai_app
 from gateway import ollama_models as om
 from gateway import ollama_translate as tr
 from gateway.errors import ApiError, ollama_error_body, openai_error_body
@@ -153,5 +153,5 @@ def build(launch: GatewayLaunch) -> web.Application:
     r.add_delete("/api/delete", _unsupported("delete"))
     r.add_route("*", "/api/blobs/{digest}", _unsupported("blobs"))
     openai_app.add_v1_routes(app)
-    __import__("gateway.audio").audio.add_routes(app)  # speech to text (gateway/audio.py)
+    audio.add_routes(app)  # speech to text
     return app

@@ -9,7 +9,7 @@ import msgspec
 from aiohttp import web
 
 from bus.protocol import GatewayLaunch
-from gateway import embed_routes
+from gateway import audio, embed_routes
 from gateway import openai_translate as tr
 from gateway.catalog import require_capability
 from gateway.errors import ApiError, openai_error_body
@@ -23,8 +23,11 @@ def _model_object(name: str, mtime: float) -> dict[str, Any]:
     return {"id": name, "object": "model", "created": int(mtime), "owned_by": "llama-runner"}
 
 
+OPENAI_KINDS = ("llama", "whisper")  # OpenAI lists its speech models too (whisper-1)
+
+
 async def models(request: web.Request) -> web.Response:
-    data = [_model_object(name, mtime) for name, (_path, mtime, _size) in model_files(request.app[CONFIG]).items()]
+    data = [_model_object(name, mtime) for name, (_path, mtime, _size) in model_files(request.app[CONFIG], OPENAI_KINDS).items()]
     return json_response({"object": "list", "data": data})
 
 
@@ -33,7 +36,7 @@ async def retrieve_model(request: web.Request) -> web.Response:
     name = request.match_info["model"]
     config = request.app[CONFIG]
     resolved = config.resolve_model(name)
-    files = model_files(config)
+    files = model_files(config, OPENAI_KINDS)
     if resolved is None or resolved not in files:
         raise ApiError(404, f"The model '{name}' does not exist", code="model_not_found", param="model")
     return json_response(_model_object(name, files[resolved][1]))
@@ -150,5 +153,5 @@ def build(launch: GatewayLaunch) -> web.Application:
     app = make_app(launch, openai_error_body)
     add_v1_routes(app)
     lmstudio.add_routes(app)  # LM Studio's REST API v0
-    __import__("gateway.audio").audio.add_routes(app)  # speech to text (gateway/audio.py)
+    audio.add_routes(app)  # speech to text
     return app

@@ -220,11 +220,11 @@ async def serve(app: web.Application, launch: GatewayLaunch) -> int:
     return 0
 
 
-def model_files(config: Config) -> dict[str, tuple[Path, float, int]]:
-    """name -> (path, mtime, size) of every configured llama model (missing files: mtime 0, size 0)."""
+def model_files(config: Config, kinds: tuple[str, ...] = ("llama",)) -> dict[str, tuple[Path, float, int]]:
+    """name -> (path, mtime, size) of every configured model of ``kinds`` (missing files: mtime 0, size 0)."""
     out: dict[str, tuple[Path, float, int]] = {}
     for name, model in config.models.models.items():
-        if model.type != "llama":
+        if model.type not in kinds:
             continue
         path = config.model_path(model)
         try:

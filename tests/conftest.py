@@ -20,6 +20,13 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# CI runs the property tests with a fixed seed so that main stays green on a given commit; locally they explore.
+from hypothesis import settings  # noqa: E402
+
+settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
+
 
 def free_port() -> int:
     with socket.socket() as s:

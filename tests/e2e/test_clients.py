@@ -88,7 +88,7 @@ def client(system: System) -> openai.OpenAI:
 
 
 def test_openai_models_lists_config_names(system: System) -> None:
-    assert [m.id for m in client(system).models.list()] == [MODEL, "smollm2-embed"]
+    assert [m.id for m in client(system).models.list()] == [MODEL, "smollm2-embed", "whisper-tiny.en"]
 
 
 def test_openai_chat_stream_yields_deltas(system: System) -> None:
