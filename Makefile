@@ -1,7 +1,7 @@
 # llama-runner: setup, run and test. The runtime itself never goes through make (see README.md).
 #
 #   make run    set up everything, then serve in the foreground   (extra args: ARGS="--ollama-port 11435")
-#   make test   set up everything, then ruff check + pytest        (extra args: PYTEST_ARGS="-k bus -x")
+#   make test   set up everything, then ruff check + mypy + pytest        (extra args: PYTEST_ARGS="-k bus -x")
 #   make setup  .venv from requirements.lock, llama-server build (once per machine), models, dashboard modules
 #   make lint   ruff check + ruff format --check
 #   make lock   re-resolve requirements.lock from pyproject.toml in a throwaway venv
@@ -44,8 +44,9 @@ run: setup
 	exec $(VENV)/bin/llama-runner up $(ARGS)
 
 test: setup test-deps
-	@echo "==> lint: ruff check"
+	@echo "==> lint: ruff check, mypy"
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 	@echo "==> test: pytest $(PYTEST_ARGS)"
 	$(VPY) -m pytest $(PYTEST_ARGS)
 

@@ -90,7 +90,7 @@ class WorkerLink:
         sock = self.sock
         # What is already queued is drained with plain non-blocking calls on a sync view of the socket (no future
         # per message); the awaited recv checks for queued messages before it waits, so no wakeup is lost.
-        drain = zmq.Socket.shadow(sock.underlying)
+        drain: zmq.Socket[bytes] = zmq.Socket.shadow(sock.underlying)
         while True:
             frame = await sock.recv(copy=False)
             self._dispatch(frame.buffer)
