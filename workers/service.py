@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 import os
 import time
-import uuid
 from pathlib import Path
 
 import aiohttp
@@ -20,7 +19,7 @@ import zmq
 import zmq.asyncio
 
 from bus import endpoints
-from bus.codec import COMMANDS, JOBS, STREAM, BusDecodeError, encode_event
+from bus.codec import encode_event
 from bus.protocol import (
     Cancel,
     Data,
@@ -28,12 +27,13 @@ from bus.protocol import (
     Fail,
     Head,
     HttpJob,
-    WorkerHello,
+    Job,
     WorkerLaunch,
     WorkerMetrics,
     WorkerState,
 )
 from supervisor.child import install_stop_signals, watch_parent
+from workers.bus_side import WorkerBus
 from workers.llama_server import BackendError, LlamaServer
 from workers.metrics import WorkerStats
 
@@ -42,14 +42,11 @@ log = structlog.get_logger()
 READ_CHUNK = 64 * 1024
 
 
-class LlamaWorker:
+class LlamaWorker(WorkerBus):
     def __init__(self, launch: WorkerLaunch, load_timeout: float = 120.0) -> None:
-        self.launch = launch
+        super().__init__(launch)
         self.load_timeout = load_timeout
-        self.ctx = zmq.asyncio.Context()
-        self.endpoint = endpoints.worker(launch.run_dir, launch.name)
         self.backend = LlamaServer(launch, Path(launch.logs_dir) / f"worker-{launch.name}.llama-server.log")
-        self.state = WorkerState.STARTING
         self.stopping = asyncio.Event()
         self.jobs: dict[str, asyncio.Task[None]] = {}
         self.slots = asyncio.Semaphore(max(1, launch.params.parallel))
@@ -61,32 +58,8 @@ class LlamaWorker:
         self.stats = WorkerStats(launch.name)
         self.session: aiohttp.ClientSession | None = None
 
-    # ------------------------------------------------------------------ bus plumbing
-    def _sockets(self) -> None:
-        self.control = self.ctx.socket(zmq.DEALER)
-        self.control.linger = 0
-        self.control.connect(endpoints.control(self.launch.run_dir))
-        self.pub = self.ctx.socket(zmq.PUB)
-        self.pub.linger = 0
-        self.pub.sndhwm = 1000
-        self.pub.connect(endpoints.metrics_in(self.launch.run_dir))
-        self.router = self.ctx.socket(zmq.ROUTER)
-        self.router.linger = 0
-        self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        self.router.sndhwm = 10000
-        path = self.endpoint.removeprefix("ipc://")
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-        self.router.bind(self.endpoint)
-
-    async def hello(self, state: WorkerState, message: str = "") -> None:
-        self.state = state
-        msg = WorkerHello(
-            request_id=uuid.uuid4().hex, name=self.launch.name, pid=os.getpid(), state=state,
-            endpoint=self.endpoint if state == WorkerState.READY else "", backend_pid=self.backend.pid,
-            message=message,
-        )
-        await self.control.send(COMMANDS.encode(msg))
+    async def hello(self, state: WorkerState, message: str = "", backend_pid: int = 0) -> None:
+        await super().hello(state, message, backend_pid or self.backend.pid)
 
     # ------------------------------------------------------------------ main
     async def run(self) -> int:
@@ -146,11 +119,9 @@ class LlamaWorker:
         await self.backend.stop()
         if self.session:
             await self.session.close()
-        with contextlib.suppress(zmq.ZMQError):
-            await asyncio.wait_for(self.hello(WorkerState.STOPPED), 0.5)
-        for sock in (self.router, self.control, self.pub):
-            sock.close(linger=0)
-        self.ctx.term()
+        with contextlib.suppress(zmq.ZMQError, TimeoutError):
+            await asyncio.wait_for(self.hello(WorkerState.STOPPED, backend_pid=self.backend.pid), 0.5)
+        self._close_sockets()
 
     async def _fail_all(self, status: int, code: str, message: str) -> None:
         tasks = list(self.jobs.values())
@@ -162,44 +133,24 @@ class LlamaWorker:
     # ------------------------------------------------------------------ jobs
     async def _receive(self) -> None:
         while True:
-            frames = await self.router.recv_multipart(copy=False)
-            self._dispatch(frames)
-            # drain what is already queued without yielding per message (bounded)
-            for _ in range(256):
-                try:
-                    frames = await self.router.recv_multipart(zmq.NOBLOCK, copy=False)
-                except zmq.Again:
-                    break
-                self._dispatch(frames)
+            for ident, job in await self._next_jobs():
+                self._dispatch(ident, job)
 
-    def _dispatch(self, frames: list[zmq.Frame]) -> None:
-        if len(frames) != 2:
-            log.warning("bad_job_frames", count=len(frames))
-            return
-        ident, payload = frames[0].bytes, frames[1].buffer
-        try:
-            job = JOBS.decode(payload)
-        except BusDecodeError as exc:
-            log.warning("bad_job", error=str(exc))
-            return
+    def _dispatch(self, ident: bytes, job: Job) -> None:
         if isinstance(job, Cancel):
             task = self.jobs.get(job.request_id)
             if task:
                 task.cancel(msg="cancel")
             return
-        assert isinstance(job, HttpJob)
+        if not isinstance(job, HttpJob):  # e.g. audio sent to a llama model
+            fail = Fail(request_id=job.request_id, status=400, code="wrong_model_kind",
+                        message=f"model {self.launch.name!r} does not take {type(job).__name__} requests")
+            self._spawn(self._send(ident, fail))
+            return
         if job.request_id in self.jobs:
             log.warning("duplicate_request_id", request_id=job.request_id)
             return
         self.jobs[job.request_id] = asyncio.create_task(self._run_job(ident, job))
-
-    async def _send(self, ident: bytes, item: Head | Data | End | Fail) -> bool:
-        try:
-            await self.router.send_multipart([ident, STREAM.encode(item)], copy=False)
-            return True
-        except zmq.ZMQError as exc:  # EHOSTUNREACH: that gateway is gone
-            log.info("gateway_unreachable", error=str(exc))
-            return False
 
     async def _run_job(self, ident: bytes, job: HttpJob) -> None:
         rid = job.request_id

@@ -14,7 +14,6 @@ import contextlib
 import os
 import threading
 import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -25,7 +24,7 @@ import zmq
 import zmq.asyncio
 
 from bus import endpoints
-from bus.codec import COMMANDS, JOBS, STREAM, BusDecodeError, encode_event
+from bus.codec import encode_event
 from bus.protocol import (
     Cancel,
     Data,
@@ -33,14 +32,15 @@ from bus.protocol import (
     Fail,
     Head,
     HttpJob,
+    Job,
     TranscribeJob,
-    WorkerHello,
     WorkerLaunch,
     WorkerMetrics,
     WorkerState,
 )
 from supervisor.child import install_stop_signals, watch_parent
 from workers import whisper_engine as engine
+from workers.bus_side import WorkerBus
 from workers.whisper_stats import WhisperStats
 
 log = structlog.get_logger()
@@ -59,16 +59,13 @@ class _Job:
         self.fail: Fail | None = None  # what to answer when cancelled (None: the gateway asked, answer nothing)
 
 
-class WhisperWorker:
+class WhisperWorker(WorkerBus):
     def __init__(self, launch: WorkerLaunch) -> None:
-        self.launch = launch
+        super().__init__(launch)
         self.params = launch.whisper
         self.parallel = max(1, launch.params.parallel)
-        self.ctx = zmq.asyncio.Context()
-        self.endpoint = endpoints.worker(launch.run_dir, launch.name)
         self.executor = ThreadPoolExecutor(max_workers=self.parallel + 1, thread_name_prefix="whisper")
         self.model: Any = None
-        self.state = WorkerState.STARTING
         self.stopping = asyncio.Event()
         self.jobs: dict[str, _Job] = {}
         self.slots = asyncio.Semaphore(self.parallel)
@@ -78,41 +75,10 @@ class WhisperWorker:
         self.started = time.monotonic()
         self._enc = msgspec.json.Encoder()
 
-    # ------------------------------------------------------------------ bus plumbing
-    def _sockets(self) -> None:
-        self.control = self.ctx.socket(zmq.DEALER)
-        self.control.linger = 0
-        self.control.connect(endpoints.control(self.launch.run_dir))
-        self.pub = self.ctx.socket(zmq.PUB)
-        self.pub.linger = 0
-        self.pub.sndhwm = 1000
-        self.pub.connect(endpoints.metrics_in(self.launch.run_dir))
-        self.stats.pub = zmq.Socket.shadow(self.pub.underlying)  # per-request events: sync, never awaited
-        self.router = self.ctx.socket(zmq.ROUTER)
-        self.router.linger = 0
-        self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        self.router.sndhwm = 10000
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.endpoint.removeprefix("ipc://"))
-        self.router.bind(self.endpoint)
-
-    async def hello(self, state: WorkerState, message: str = "") -> None:
-        self.state = state
-        await self.control.send(COMMANDS.encode(WorkerHello(
-            request_id=uuid.uuid4().hex, name=self.launch.name, pid=os.getpid(), state=state,
-            endpoint=self.endpoint if state == WorkerState.READY else "", message=message)))
-
-    async def _send(self, ident: bytes, item: Head | Data | End | Fail) -> bool:
-        try:
-            await self.router.send_multipart([ident, STREAM.encode(item)], copy=False)
-            return True
-        except zmq.ZMQError as exc:  # EHOSTUNREACH: that gateway is gone
-            log.info("gateway_unreachable", error=str(exc))
-            return False
-
     # ------------------------------------------------------------------ main
     async def run(self) -> int:
         self._sockets()
+        self.stats.pub = zmq.Socket.shadow(self.pub.underlying)  # per-request events: sync, never awaited
         install_stop_signals(self.stopping.set)
         parent = asyncio.create_task(watch_parent(self.launch.supervisor_pid, self.stopping.set))
         await self.hello(WorkerState.STARTING)
@@ -166,32 +132,15 @@ class WhisperWorker:
         self.executor.shutdown(wait=False, cancel_futures=True)
         with contextlib.suppress(zmq.ZMQError, TimeoutError):
             await asyncio.wait_for(self.hello(WorkerState.STOPPED), 0.5)
-        for sock in (self.router, self.control, self.pub):
-            sock.close(linger=0)
-        self.ctx.term()
+        self._close_sockets()
 
     # ------------------------------------------------------------------ jobs
     async def _receive(self) -> None:
         while True:
-            frames = await self.router.recv_multipart(copy=False)
-            await self._dispatch(frames)
-            for _ in range(256):  # drain what is already queued without yielding per message (bounded)
-                try:
-                    frames = await self.router.recv_multipart(zmq.NOBLOCK, copy=False)
-                except zmq.Again:
-                    break
-                await self._dispatch(frames)
+            for ident, job in await self._next_jobs():
+                await self._dispatch(ident, job)
 
-    async def _dispatch(self, frames: list[zmq.Frame]) -> None:
-        if len(frames) != 2:
-            log.warning("bad_job_frames", count=len(frames))
-            return
-        ident = frames[0].bytes
-        try:
-            job = JOBS.decode(frames[1].buffer)
-        except BusDecodeError as exc:
-            log.warning("bad_job", error=str(exc))
-            return
+    async def _dispatch(self, ident: bytes, job: Job) -> None:
         if isinstance(job, Cancel):
             j = self.jobs.get(job.request_id)
             if j is not None:
