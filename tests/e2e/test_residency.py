@@ -123,3 +123,32 @@ def test_lmstudio_ttl_unloads_after_idle(two_models: System) -> None:
     wait_for(lambda: state(two_models, A) == "stopped", 15, f"{A} unloaded one second after its request")
     with pytest.raises(openai.BadRequestError):
         c.chat.completions.create(model=A, messages=[{"role": "user", "content": "Hi"}], extra_body={"ttl": "x"})
+
+
+def test_a_load_nobody_waits_for_any_more_is_stopped(two_models: System) -> None:
+    c = ollama.Client(two_models.ollama_url, timeout=60)
+    c.generate(model=B, prompt="", keep_alive=0)  # B not loaded
+    wait_for(lambda: state(two_models, B) == "stopped", 15, f"{B} stopped")
+    with pytest.raises(httpx.TimeoutException):  # the client gives up while B is still loading
+        httpx.post(two_models.ollama_url + "/api/generate", json={"model": B, "prompt": "Hi"}, timeout=0.3)
+    wait_for(lambda: state(two_models, B) in ("stopping", "stopped"), 15, "the abandoned load stopped")
+    wait_for(lambda: state(two_models, B) == "stopped", 15, f"{B} stopped")
+    assert two_models.worker(B)["leases"] == 0
+
+
+def test_preloaded_model_is_ready_without_a_request() -> None:
+    if not llama_server_available():
+        pytest.skip("llama-server or the default model is missing")
+    cfg = Path(tempfile.mkdtemp(prefix="lr-cfg-pre-"))
+    shutil.copy(ROOT / "config" / "app_config.json", cfg / "app_config.json")
+    models = json.loads((ROOT / "config" / "models_config.json").read_text())
+    models["preload"] = [A]
+    (cfg / "models_config.json").write_text(json.dumps(models))
+    sysm = start_system(cfg)
+    try:
+        wait_for(lambda: sysm.worker(A)["state"] == "ready", 60, f"{A} preloaded")
+        assert sysm.worker("smollm2-embed")["state"] == "stopped"
+    finally:
+        sysm.status()
+        assert stop_system(sysm) == 0
+        shutil.rmtree(cfg, ignore_errors=True)
