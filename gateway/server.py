@@ -42,6 +42,10 @@ async def read_json(request: web.Request) -> dict[str, Any]:
         doc = msgspec.json.decode(raw)
     except msgspec.DecodeError as exc:
         raise ApiError(400, f"invalid JSON in request body: {exc}") from None
+    except UnicodeDecodeError as exc:  # msgspec's answer to invalid UTF-8 inside a string
+        raise ApiError(400, f"invalid UTF-8 in request body at byte {exc.start}") from None
+    except RecursionError:
+        raise ApiError(400, "JSON in request body is nested too deeply") from None
     if not isinstance(doc, dict):
         raise ApiError(400, "request body must be a JSON object")
     request_limits.check(doc, limits)
@@ -68,7 +72,7 @@ def shape_resolver(shape: ErrorShape, path_shapes: dict[str, ErrorShape] | None 
     prefixes = sorted((path_shapes or {}).items(), key=lambda kv: -len(kv[0]))
 
     def shape_for(path: str) -> ErrorShape:
-        return next((s for prefix, s in prefixes if path.startswith(prefix)), shape)
+        return next((s for prefix, s in prefixes if path.startswith(prefix) or path == prefix.rstrip("/")), shape)
 
     return shape_for
 

@@ -40,6 +40,8 @@ async def test_error_shape_follows_the_path_prefix() -> None:
         assert r.status == 400 and doc["error"]["type"] == "invalid_request_error"
         r = await client.get("/v1/unknown")  # aiohttp's own 404, in OpenAI's shape under /v1
         assert r.status == 404 and isinstance((await r.json())["error"], dict)
+        r = await client.get("/v1")  # the prefix itself, as clients normalise "/v1/x/.." to it
+        assert r.status == 404 and isinstance((await r.json())["error"], dict)
         r = await client.get("/api/unknown")
         assert r.status == 404 and isinstance((await r.json())["error"], str)
         assert "Retry-After" not in r.headers

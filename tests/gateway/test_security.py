@@ -200,3 +200,21 @@ def test_prompt_chars_counts_every_text_field() -> None:
     with pytest.raises(ApiError) as err:
         request_limits.check(req, LimitsConfig(max_prompt_chars=11))
     assert err.value.status == 413
+
+
+# --------------------------------------------------------------------------- regressions found by the fuzz
+async def test_invalid_utf8_in_a_json_string_is_a_400_not_a_crash(gateway: Factory) -> None:
+    c = await gateway("ollama")
+    r = await c.post("/api/chat", data=b'{"model": "\xff\xfe", "messages": []}')
+    doc = await r.json()
+    assert r.status == 400 and "invalid UTF-8" in doc["error"]
+    r = await c.post("/v1/embeddings", data=b'{"input": "\xc3"}')
+    assert r.status == 400 and (await r.json())["error"]["type"] == "invalid_request_error"
+
+
+async def test_deeply_nested_json_is_a_400_not_a_crash(gateway: Factory) -> None:
+    c = await gateway("openai")
+    depth = 5000
+    r = await c.post("/v1/chat/completions", data=b'{"messages": ' + b"[" * depth + b"]" * depth + b"}")
+    doc = await r.json()
+    assert r.status == 400 and "nested too deeply" in doc["error"]["message"]
