@@ -124,6 +124,7 @@ def start_system(config_dir: Path | None = None, extra_env: dict[str, str] | Non
     proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=open(run_dir / "up.err", "wb"),
                             env={**os.environ, **(extra_env or {})})
     system = System(proc, run_dir, cfg_dir, logs_dir, *ports)
+    import urllib.error
     import urllib.request
 
     def gateways_up() -> bool:
@@ -131,7 +132,10 @@ def start_system(config_dir: Path | None = None, extra_env: dict[str, str] | Non
             raise AssertionError(f"llama-runner up exited: {(run_dir / 'up.err').read_text()}")
         try:
             for url in (system.ollama_url + "/", system.openai_url + "/models"):
-                urllib.request.urlopen(url, timeout=1).read()
+                try:
+                    urllib.request.urlopen(url, timeout=1).read()
+                except urllib.error.HTTPError:  # an answer (401 with api_keys configured): it is up
+                    pass
             return True
         except OSError:
             return False

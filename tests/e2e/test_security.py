@@ -1,0 +1,89 @@
+"""API keys and CORS on the real system with the real clients: the openai client's ``api_key``, the ollama
+client's ``headers``; a wrong key is refused in each protocol's shape, and no key ever reaches a log."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import ollama
+import openai
+import pytest
+
+from tests.conftest import ROOT, System, alive, llama_server_available, start_system, stop_system, wait_for
+
+pytestmark = pytest.mark.e2e
+OLLAMA_KEY = "ollama-key-5f1c2a9e"
+LMSTUDIO_KEY = "lmstudio-key-77b0d3e4"
+WRONG_KEY = "wrong-key-0c9d8e7f"
+ORIGIN = "http://localhost:5173"
+
+
+@pytest.fixture(scope="module")
+def locked() -> Iterator[System]:
+    if not llama_server_available():
+        pytest.skip("llama-server or the default model is missing: run `make setup`")
+    cfg = Path(tempfile.mkdtemp(prefix="lr-cfg-sec-"))
+    app = json.loads((ROOT / "config" / "app_config.json").read_text())
+    app["proxies"]["ollama"].update(api_keys=[OLLAMA_KEY], cors_origins=[ORIGIN])
+    app["proxies"]["lmstudio"].update(api_keys=[LMSTUDIO_KEY])
+    (cfg / "app_config.json").write_text(json.dumps(app))
+    shutil.copy(ROOT / "config" / "models_config.json", cfg / "models_config.json")
+    sysm = start_system(cfg)
+    try:
+        yield sysm
+    finally:
+        sysm.status()
+        assert stop_system(sysm) == 0, sysm.logs()
+        wait_for(lambda: not alive(sysm.seen_pids), 10, "no process left")
+        shutil.rmtree(cfg, ignore_errors=True)
+        shutil.rmtree(sysm.run_dir, ignore_errors=True)
+
+
+def test_openai_client_with_the_key_is_served_and_a_wrong_key_is_refused(locked: System) -> None:
+    ok = openai.OpenAI(base_url=locked.openai_url, api_key=LMSTUDIO_KEY, max_retries=0)
+    assert "smollm2" in [m.id for m in ok.models.list()]
+    r = ok.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "Hi"}], max_tokens=3)
+    assert r.choices[0].message.content is not None
+    for key in (WRONG_KEY, OLLAMA_KEY):  # the other port's key is not this port's
+        bad = openai.OpenAI(base_url=locked.openai_url, api_key=key, max_retries=0)
+        with pytest.raises(openai.AuthenticationError) as err:
+            bad.models.list()
+        assert err.value.status_code == 401 and err.value.code == "invalid_api_key"
+
+
+def test_ollama_client_sends_the_key_as_a_header(locked: System) -> None:
+    ok = ollama.Client(host=locked.ollama_url, headers={"Authorization": f"Bearer {OLLAMA_KEY}"})
+    assert any((m.model or "").startswith("smollm2") for m in ok.list().models)
+    assert ok.generate(model="smollm2", prompt="Hi", options={"num_predict": 3}).done
+    with pytest.raises(ollama.ResponseError) as err:
+        ollama.Client(host=locked.ollama_url).list()
+    assert err.value.status_code == 401 and "missing API key" in err.value.error
+    with pytest.raises(ollama.ResponseError) as err:
+        ollama.Client(host=locked.ollama_url, headers={"Authorization": f"Bearer {WRONG_KEY}"}).list()
+    assert err.value.status_code == 401 and "invalid API key" in err.value.error
+    assert httpx.get(locked.ollama_url + "/").text == "Ollama is running"  # health check: open
+    assert httpx.head(locked.ollama_url + "/").status_code == 200
+
+
+def test_cors_for_the_configured_origin_only(locked: System) -> None:
+    pre = httpx.options(locked.ollama_url + "/api/chat", headers={
+        "Origin": ORIGIN, "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization"})
+    assert pre.status_code == 204 and pre.headers["access-control-allow-origin"] == ORIGIN
+    r = httpx.get(locked.ollama_url + "/api/version", headers={"Origin": ORIGIN,
+                                                               "Authorization": f"Bearer {OLLAMA_KEY}"})
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == ORIGIN
+    r = httpx.get(locked.openai_url + "/models", headers={"Origin": ORIGIN, "Authorization": f"Bearer {LMSTUDIO_KEY}"})
+    assert r.status_code == 200 and "access-control-allow-origin" not in r.headers  # not configured on this port
+
+
+def test_no_key_reaches_a_log(locked: System) -> None:
+    httpx.get(locked.ollama_url + "/api/tags", headers={"Authorization": f"Bearer {WRONG_KEY}"})
+    text = "".join(f.read_text(errors="replace") for f in locked.logs_dir.glob("*") if f.is_file())
+    text += (locked.run_dir / "up.err").read_text(errors="replace")
+    for key in (OLLAMA_KEY, LMSTUDIO_KEY, WRONG_KEY):
+        assert key not in text
