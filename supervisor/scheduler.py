@@ -78,8 +78,12 @@ class Scheduler:
         return self._count[name]
 
     def expires_at(self, name: str) -> float:
-        """Unix time when the idle model unloads; 0 when it is not loaded or kept forever."""
-        return self._expires.get(name, 0.0)
+        """Unix time when the model unloads if no request comes (while busy: its keep-alive from now); 0 when it
+        is not loaded or kept forever."""
+        if name in self._expires:
+            return self._expires[name]
+        ka = self._keep_alive.get(name, 0.0)
+        return time.time() + ka if self._count[name] > 0 and ka > 0 else 0.0
 
     def clamp(self, keep_alive: float | None, name: str) -> float:
         value = self.default_ttl(name) if keep_alive is None else keep_alive

@@ -199,3 +199,12 @@ async def test_a_model_larger_than_the_budget_loads_alone() -> None:
         assert await load(sched, workers["big"], "1") == "ep-big"
     finally:
         task.cancel()
+
+
+async def test_expiry_of_a_busy_model_is_its_keep_alive_from_now(world: Any) -> None:
+    sched, w, _ = world
+    await load(sched, w["a"], "1", keep_alive=600)
+    import time as _time
+
+    assert 599 < sched.expires_at("a") - _time.time() <= 600
+    assert sched.expires_at("b") == 0.0
