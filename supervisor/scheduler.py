@@ -172,6 +172,7 @@ class Scheduler:
         abandoned = fut is not None and not fut.done()
         if fut is not None and abandoned:
             fut.set_exception(WorkerUnavailable("cancelled", "request went away", 499))
+            fut.exception()  # retrieved here: nobody may be waiting for it any more
         if self._count[name] > 0:
             return
         del self._count[name]
