@@ -211,7 +211,7 @@ const WorkersView = {
       <el-table-column label="TTFT last / p50" width="120"><template #default="{ row }"><span class="num">{{ fmt.ms(row.ttft_last_s) }} / {{ fmt.ms(row.ttft_p50_s) }}</span></template></el-table-column>
       <el-table-column label="tokens" width="80"><template #default="{ row }"><span class="num" :data-model="row.name" data-field="tokens">{{ row.tokens_total ?? 0 }}</span></template></el-table-column>
       <el-table-column label="restarts" width="75"><template #default="{ row }"><span class="num" :data-model="row.name" data-field="restarts">{{ row.restarts ?? 0 }}</span></template></el-table-column>
-      <el-table-column label="actions" min-width="300">
+      <el-table-column label="actions" fixed="right" width="330">
         <template #default="{ row }">
           <el-button-group>
             <el-button size="small" :data-model="row.name" data-action="start" @click="act(row.name, 'start')">start</el-button>
