@@ -300,7 +300,7 @@ def build(launch: GatewayLaunch, token: str | None = None) -> web.Application:
             configured = load_config(launch.config_dir or None).app.dashboard.token
         token = auth.dashboard_token(launch.host, configured)
         if token and not auth.is_loopback(launch.host) and not configured:
-            log.warning("dashboard_token_generated", token=token)
+            log.warning("dashboard_token_generated")  # printed by `llama-runner up`, never logged
     app = web.Application(middlewares=[auth.guard(token, _protected)])
     app[LAUNCH] = launch
     app[TOKEN] = token

@@ -22,7 +22,8 @@ def setup_logging(process: str, logs_dir: Path | str, *, level: str = "info", co
     file_handler = logging.FileHandler(logs / f"{process}.log", encoding="utf-8")
     file_handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
-            processor=structlog.processors.JSONRenderer(),
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                        structlog.processors.format_exc_info, structlog.processors.JSONRenderer()],
             foreign_pre_chain=shared,
         )
     )
