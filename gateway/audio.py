@@ -20,11 +20,10 @@ from gateway import audio_format as fmt
 from gateway.audio_upload import AudioRequest, describe, parse_request, read_upload
 from gateway.errors import ApiError, openai_error_body
 from gateway.relay import Relay
-from gateway.server import BUS, CONFIG, LAUNCH, json_response
+from gateway.server import CONFIG, json_response, open_relay
 
 log = structlog.get_logger()
 
-RETRIES_BEFORE_HEAD = 2  # a worker that went away before answering (crash, eviction): try its next one
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
 
 
@@ -109,24 +108,7 @@ def _job(config: Config, model: str, req: AudioRequest) -> Callable[[str], Trans
 
 async def _open(request: web.Request, model: str, req: AudioRequest) -> Relay:
     """Send the job; returns its relay once the worker answered its head (retried if the worker vanished)."""
-    bus = request.app[BUS]
-    timeout = request.app[LAUNCH].request_timeout_s
-    make = _job(request.app[CONFIG], model, req)
-    for attempt in range(RETRIES_BEFORE_HEAD + 1):
-        relay = Relay(bus, await bus.open_with(model, make, kind="whisper"), timeout)
-        try:
-            await relay.head()
-            return relay
-        except ApiError as err:
-            await relay.close()
-            if attempt < RETRIES_BEFORE_HEAD and (err.code == "backend_exited" or err.code.startswith("worker_")):
-                log.info("audio_job_retry", model=model, reason=err.message)
-                continue
-            raise
-        except BaseException:
-            await relay.close()
-            raise
-    raise AssertionError("unreachable")
+    return await open_relay(request, model, _job(request.app[CONFIG], model, req), kind="whisper")
 
 
 async def _stream(request: web.Request, relay: Relay) -> web.StreamResponse:

@@ -120,6 +120,24 @@ class WorkerLink:
         self.sock.close(0)
 
 
+SHARED_LINGER_S = 0.25  # a shared lease outlives its last request this long (back-to-back requests reuse it)
+
+
+class _SharedLease:
+    __slots__ = ("model", "we", "users", "timer", "valid")
+
+    def __init__(self, model: str, we: WorkerEndpoint) -> None:
+        self.model, self.we = model, we
+        self.users = 1
+        self.timer: asyncio.TimerHandle | None = None
+        self.valid = True
+
+    def cancel_timer(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+
 class GatewayBus:
     def __init__(self, run_dir: Path | str, load_timeout: float, name: str = "") -> None:
         self.name = name
@@ -128,6 +146,8 @@ class GatewayBus:
         self.ctx = zmq.asyncio.Context()
         self.control = ControlClient(run_dir, self.ctx)
         self.links: dict[str, WorkerLink] = {}  # by worker name
+        self._shared: dict[str, _SharedLease] = {}  # by model name as asked for
+        self._shared_by_lease: dict[str, _SharedLease] = {}
         self._events: asyncio.Task[None] | None = None
         self.on_config_reloaded: Callable[[], None] | None = None
 
@@ -156,6 +176,7 @@ class GatewayBus:
                         self.on_config_reloaded()
                     continue
                 if isinstance(event, WorkerStateEvent) and event.state != WorkerState.READY:
+                    self.invalidate(event.name)
                     link = self.links.get(event.name)
                     if link is not None and event.state != WorkerState.STARTING:
                         link.fail_all(502, "worker_" + event.state.value,
@@ -164,7 +185,23 @@ class GatewayBus:
             sub.close(0)
 
     async def acquire(self, model: str, keep_alive: float | None = None) -> WorkerEndpoint:
-        """A READY worker of ``model``, leased under the reply's request_id until ``release``."""
+        """A READY worker of ``model``, leased under the reply's request_id until ``release``.
+
+        Requests that leave keep-alive to the model share one supervisor lease per model while any of them runs
+        (and for SHARED_LINGER_S after): the supervisor is asked once, not for every request."""
+        if keep_alive is None:
+            shared = self._shared.get(model)
+            if shared is not None and shared.valid:
+                shared.users += 1
+                shared.cancel_timer()
+                return shared.we
+        we = await self._acquire_remote(model, keep_alive)
+        if keep_alive is None and (model not in self._shared or not self._shared[model].valid):
+            shared = _SharedLease(model, we)
+            self._shared[model] = self._shared_by_lease[we.request_id] = shared
+        return we
+
+    async def _acquire_remote(self, model: str, keep_alive: float | None) -> WorkerEndpoint:
         lease = new_id()
         try:
             reply = await self.control.request(Acquire(request_id=lease, model=model, timeout_s=self.load_timeout,
@@ -183,7 +220,40 @@ class GatewayBus:
         return reply
 
     def release(self, lease: str) -> None:
-        self.control.notify(Release(request_id=new_id(), lease=lease))
+        shared = self._shared_by_lease.get(lease)
+        if shared is None:
+            self.control.notify(Release(request_id=new_id(), lease=lease))
+            return
+        shared.users -= 1
+        if shared.users > 0:
+            return
+        if not shared.valid:
+            self._drop(shared)
+        else:
+            shared.timer = asyncio.get_running_loop().call_later(SHARED_LINGER_S, self._linger_over, shared)
+
+    def _linger_over(self, shared: _SharedLease) -> None:
+        shared.timer = None
+        if shared.users == 0:
+            self._drop(shared)
+
+    def _drop(self, shared: _SharedLease) -> None:
+        shared.cancel_timer()
+        shared.valid = False
+        if self._shared.get(shared.model) is shared:
+            del self._shared[shared.model]
+        if self._shared_by_lease.pop(shared.we.request_id, None) is not None:
+            self.control.notify(Release(request_id=new_id(), lease=shared.we.request_id))
+
+    def invalidate(self, worker: str) -> None:
+        """``worker`` left READY (or a job found it gone): new requests ask the supervisor again."""
+        for shared in list(self._shared_by_lease.values()):
+            if shared.we.model == worker and shared.valid:
+                shared.valid = False
+                if self._shared.get(shared.model) is shared:
+                    del self._shared[shared.model]
+                if shared.users == 0:
+                    self._drop(shared)
 
     async def unload(self, model: str) -> None:
         reply = await self.control.request(StopWorker(request_id=new_id(), name=model), 60)
@@ -205,22 +275,8 @@ class GatewayBus:
     async def open(self, model: str, path: str, body: bytes, stream: bool,
                    keep_alive: float | None = None) -> Channel:
         """Acquire a worker for ``model`` and send it the job; returns the channel of its answer."""
-        we = await self.acquire(model, keep_alive)
-        link = self.links.get(we.model)
-        if link is None or link.endpoint != we.endpoint:
-            if link is not None:
-                link.close()
-            link = self.links[we.model] = WorkerLink(self.ctx, we.model, we.endpoint)
-        rid = new_id()
-        ch = Channel(rid, we.model, link, lease=we.request_id)
-        link.channels[rid] = ch
-        try:
-            await link.sock.send(JOBS.encode(HttpJob(request_id=rid, path=path, body=body, stream=stream)))
-        except BaseException:
-            link.channels.pop(rid, None)
-            self.release(ch.lease)
-            raise
-        return ch
+        return await self.open_with(
+            model, lambda rid: HttpJob(request_id=rid, path=path, body=body, stream=stream), keep_alive=keep_alive)
 
     async def open_with(self, model: str, make_job: Callable[[str], Job], kind: str | None = None,
                         keep_alive: float | None = None) -> Channel:

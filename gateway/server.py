@@ -13,7 +13,7 @@ import msgspec
 import structlog
 from aiohttp import web
 
-from bus.protocol import GatewayLaunch
+from bus.protocol import GatewayLaunch, HttpJob, Job
 from config.loader import Config, ConfigError, load_config
 from config.schema import ProxyConfig
 from gateway import metrics as gateway_metrics
@@ -115,13 +115,21 @@ def _retriable(err: ApiError) -> bool:
 
 async def open_job(request: web.Request, model: str, path: str, body: dict[str, Any], stream: bool,
                    keep_alive: float | None = None) -> Relay:
-    """Send a job for ``model``; returns its relay with the backend's head already checked (< 400)."""
+    """Send an HTTP job for ``model``'s llama-server; returns its relay with the backend's head checked (< 400)."""
+    payload = msgspec.json.encode(body)
+    return await open_relay(request, model, lambda rid: HttpJob(request_id=rid, path=path, body=payload,
+                                                                stream=stream), keep_alive=keep_alive)
+
+
+async def open_relay(request: web.Request, model: str, make_job: Callable[[str], Job], *, kind: str | None = None,
+                     keep_alive: float | None = None) -> Relay:
+    """Send the job ``make_job(request_id)`` to a worker of ``model`` (of ``kind``, if given); returns its relay
+    once the worker answered its head (< 400). A job whose worker went away before answering is retried."""
     bus = request.app[BUS]
     launch = request.app[LAUNCH]
-    payload = msgspec.json.encode(body)
     t0 = time.monotonic_ns()
     for attempt in range(RETRIES_BEFORE_HEAD + 1):
-        ch = await bus.open(model, path, payload, stream, keep_alive)
+        ch = await bus.open_with(model, make_job, kind=kind, keep_alive=keep_alive)
         relay = Relay(bus, ch, launch.request_timeout_s)
         relay.load_ns = time.monotonic_ns() - t0
         try:
@@ -132,6 +140,7 @@ async def open_job(request: web.Request, model: str, path: str, body: dict[str, 
             await relay.close()
             if attempt < RETRIES_BEFORE_HEAD and _retriable(err):
                 log.info("job_retry", model=model, reason=err.message)
+                bus.invalidate(relay.worker)  # ask the supervisor for the model's next worker
                 continue
             raise
         except BaseException:
