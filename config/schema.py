@@ -56,6 +56,12 @@ class MetricsConfig(_Cfg):
     # The metrics bus is always at ipc://<run dir>/metrics.sock; a port here publishes it on tcp too, on
     # `host` (loopback unless configured), for local apps that cannot reach the run dir.
     tcp_port: Port | None = None
+    # Encrypt the tcp endpoint with CurveZMQ (subscribers need the server's public certificate, server.key in
+    # curve_keys_dir: default <cache>/llama-runner/metrics-curve); with curve_clients_dir, only subscribers
+    # whose public certificates are in that folder get in.
+    curve: bool = False
+    curve_keys_dir: str | None = None
+    curve_clients_dir: str | None = None
 
 
 class LimitsConfig(_Cfg):

@@ -48,6 +48,7 @@ from bus.protocol import (
 )
 from config import runtime
 from config.loader import Config, ConfigError, load_config
+from supervisor.metrics_tcp import TcpMetrics
 from supervisor.processes import python_module, spawn, terminate
 from supervisor.reload import plan as reload_plan
 from supervisor.scheduler import Scheduler
@@ -131,6 +132,11 @@ class Supervisor:
         self._proxy_ready = threading.Event()
         self._proxy_thread.start()
         self._proxy_ready.wait(5)
+        self.tcp_metrics: TcpMetrics | None = None
+        if self.config.app.metrics.tcp_port is not None:
+            sync_ctx = zmq.Context.shadow(self.ctx.underlying)  # plain sockets for its threads
+            self.tcp_metrics = TcpMetrics(sync_ctx, self.run_dir, self.config.app.host, self.config.app.metrics)
+            self.tcp_metrics.start()
         self.pub = self.ctx.socket(zmq.PUB)
         self.pub.linger = 0
         self.pub.sndhwm = 1000
@@ -146,12 +152,6 @@ class Supervisor:
             xpub.sndhwm = 1000
             xsub.bind(endpoints.metrics_in(self.run_dir))
             xpub.bind(endpoints.metrics(self.run_dir))
-            tcp_port = self.config.app.metrics.tcp_port
-            if tcp_port is not None:
-                try:
-                    xpub.bind(f"tcp://{self.config.app.host}:{tcp_port}")
-                except zmq.ZMQError as exc:
-                    log.error("metrics_tcp_bind_failed", port=tcp_port, error=str(exc))
             self._proxy_ready.set()
             zmq.proxy(xsub, xpub)
         except zmq.ContextTerminated:
@@ -350,6 +350,8 @@ class Supervisor:
             (self.run_dir / endpoints.SUPERVISOR_PID).unlink()
         self.control.close(0)
         self.pub.close(0)
+        if self.tcp_metrics is not None:
+            self.tcp_metrics.stop()
         self.ctx.term()
         self._proxy_thread.join(2)
         log.info("supervisor_stopped")

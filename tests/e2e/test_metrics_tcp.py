@@ -38,3 +38,49 @@ def test_metrics_bus_on_configured_tcp_port() -> None:
         ctx.term()
         assert stop_system(system) == 0
         shutil.rmtree(cfg, ignore_errors=True)
+
+
+def test_metrics_tcp_with_curve_lets_only_allowed_subscribers_in(tmp_path: Path) -> None:
+    import zmq.auth
+
+    keys, clients = tmp_path / "keys", tmp_path / "clients"
+    clients.mkdir()
+    client_pub, client_sec = zmq.auth.load_certificate(zmq.auth.create_certificates(str(tmp_path), "client")[1])
+    (clients / "client.key").write_bytes((tmp_path / "client.key").read_bytes())
+    _, other_sec = zmq.auth.load_certificate(zmq.auth.create_certificates(str(tmp_path), "other")[1])
+    other_pub, _ = zmq.auth.load_certificate(str(tmp_path / "other.key"))
+    cfg = Path(tempfile.mkdtemp(prefix="lr-cfg-c-"))
+    port = free_port()
+    app = json.loads((ROOT / "config" / "app_config.json").read_text())
+    app["metrics"] = {"tcp_port": port, "curve": True, "curve_keys_dir": str(keys), "curve_clients_dir": str(clients)}
+    (cfg / "app_config.json").write_text(json.dumps(app))
+    shutil.copy(ROOT / "config" / "models_config.json", cfg / "models_config.json")
+    system = start_system(cfg)
+    ctx = zmq.Context()
+    socks = []
+    try:
+        server_pub, _ = zmq.auth.load_certificate(str(keys / "server.key"))
+        assert (keys / "server.key_secret").stat().st_mode & 0o777 == 0o600
+
+        def subscriber(public: bytes | None, secret: bytes | None) -> zmq.Socket:  # type: ignore[type-arg]
+            s = ctx.socket(zmq.SUB)
+            s.linger = 0
+            if public is not None:
+                s.curve_publickey, s.curve_secretkey, s.curve_serverkey = public, secret, server_pub
+            s.connect(f"tcp://127.0.0.1:{port}")
+            s.setsockopt(zmq.SUBSCRIBE, b"metrics/system/")
+            socks.append(s)
+            return s
+
+        allowed = subscriber(client_pub, client_sec)
+        stranger = subscriber(other_pub, other_sec)  # a valid key pair that is not in the allowed folder
+        plain = subscriber(None, None)  # no encryption at all
+        assert allowed.poll(10_000), "the allowed subscriber got nothing"
+        assert json.loads(allowed.recv_multipart()[1])["type"] == "system_metrics"
+        assert not stranger.poll(3_000) and not plain.poll(100)
+    finally:
+        for s in socks:
+            s.close()
+        ctx.term()
+        assert stop_system(system) == 0
+        shutil.rmtree(cfg, ignore_errors=True)

@@ -1,0 +1,93 @@
+"""The metrics bus on tcp, for local apps that cannot reach the run dir; optionally encrypted with CurveZMQ.
+
+A second proxy thread: an XSUB connected to the ipc XPUB feeds an XPUB bound on tcp (subscriptions travel back
+up the chain), so that CURVE applies to the tcp endpoint only.
+
+With ``metrics.curve``: the server's key pair lives in ``metrics.curve_keys_dir`` (``server.key`` is the public
+certificate subscribers need, ``server.key_secret`` stays private, 0600), made on first use; with
+``metrics.curve_clients_dir`` only subscribers whose public certificates are in that folder get in.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import structlog
+import zmq
+import zmq.auth
+from zmq.auth.thread import ThreadAuthenticator
+
+from bus import endpoints
+from config import runtime
+from config.schema import MetricsConfig
+
+log = structlog.get_logger()
+
+
+def server_keys(keys_dir: Path) -> tuple[bytes, bytes]:
+    """(public, secret) of the server, made once in ``keys_dir``."""
+    keys_dir.mkdir(parents=True, exist_ok=True)
+    os.chmod(keys_dir, 0o700)
+    secret_file = keys_dir / "server.key_secret"
+    if not secret_file.exists():
+        zmq.auth.create_certificates(str(keys_dir), "server")
+        os.chmod(secret_file, 0o600)
+    public, secret = zmq.auth.load_certificate(str(secret_file))
+    assert secret is not None
+    return public, secret
+
+
+def keys_dir(cfg: MetricsConfig) -> Path:
+    return Path(cfg.curve_keys_dir).expanduser() if cfg.curve_keys_dir else runtime.cache_root() / "metrics-curve"
+
+
+class TcpMetrics:
+    def __init__(self, ctx: zmq.Context, run_dir: Path, host: str, cfg: MetricsConfig) -> None:  # type: ignore[type-arg]
+        self.ctx, self.run_dir, self.host, self.cfg = ctx, run_dir, host, cfg
+        self.auth: ThreadAuthenticator | None = None
+        self.thread = threading.Thread(target=self._run, name="metrics-tcp", daemon=True)
+        self.ready = threading.Event()
+
+    def start(self) -> None:
+        if self.cfg.curve:
+            self.auth = ThreadAuthenticator(self.ctx)
+            self.auth.start()
+            clients = self.cfg.curve_clients_dir
+            self.auth.configure_curve(domain="*", location=str(Path(clients).expanduser()) if clients
+                                      else zmq.auth.CURVE_ALLOW_ANY)
+        self.thread.start()
+        self.ready.wait(5)
+
+    def _run(self) -> None:
+        xsub = self.ctx.socket(zmq.XSUB)
+        xpub = self.ctx.socket(zmq.XPUB)
+        try:
+            for s in (xsub, xpub):
+                s.linger = 0
+            xpub.sndhwm = 1000
+            if self.cfg.curve:
+                public, secret = server_keys(keys_dir(self.cfg))
+                xpub.curve_server = True
+                xpub.curve_publickey = public
+                xpub.curve_secretkey = secret
+            xsub.connect(endpoints.metrics(self.run_dir))
+            try:
+                xpub.bind(f"tcp://{self.host}:{self.cfg.tcp_port}")
+            except zmq.ZMQError as exc:
+                log.error("metrics_tcp_bind_failed", port=self.cfg.tcp_port, error=str(exc))
+                return
+            log.info("metrics_tcp", host=self.host, port=self.cfg.tcp_port, curve=self.cfg.curve)
+            self.ready.set()
+            zmq.proxy(xsub, xpub)
+        except zmq.ContextTerminated:
+            pass
+        finally:
+            self.ready.set()
+            xsub.close(0)
+            xpub.close(0)
+
+    def stop(self) -> None:
+        if self.auth is not None:
+            self.auth.stop()
