@@ -134,7 +134,7 @@ class Supervisor:
         self._proxy_ready.wait(5)
         self.tcp_metrics: TcpMetrics | None = None
         if self.config.app.metrics.tcp_port is not None:
-            sync_ctx = zmq.Context.shadow(self.ctx.underlying)  # plain sockets for its threads
+            sync_ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.shadow(self.ctx.underlying)  # plain sockets
             self.tcp_metrics = TcpMetrics(sync_ctx, self.run_dir, self.config.app.host, self.config.app.metrics)
             self.tcp_metrics.start()
         self.pub = self.ctx.socket(zmq.PUB)
