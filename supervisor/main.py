@@ -317,6 +317,8 @@ class Supervisor:
             self.workers[name].start()
         log.info("supervisor_up", run_dir=str(self.run_dir), llama_server=str(self.llama_server),
                  models=list(self.workers))
+        if self.config.app.host not in ("127.0.0.1", "localhost", "::1"):
+            log.warning("listening_beyond_loopback", host=self.config.app.host)
         await self.stop_requested.wait()
         await self._shutdown()
         receiver.cancel()
