@@ -22,6 +22,7 @@ from gateway.bus_client import GatewayBus
 from gateway.errors import ApiError
 from gateway.relay import Relay, backend_error
 from supervisor.child import install_stop_signals, watch_parent
+from supervisor.processes import EXIT_CANNOT_LISTEN
 
 log = structlog.get_logger()
 
@@ -211,6 +212,8 @@ def make_app(launch: GatewayLaunch, shape: ErrorShape,
     return app
 
 
+
+
 async def serve(app: web.Application, launch: GatewayLaunch) -> int:
     stop = asyncio.Event()
     install_stop_signals(stop.set)
@@ -223,7 +226,7 @@ async def serve(app: web.Application, launch: GatewayLaunch) -> int:
     except OSError as exc:
         log.error("bind_failed", host=launch.host, port=launch.port, error=str(exc))
         await runner.cleanup()
-        return 1
+        return EXIT_CANNOT_LISTEN
     log.info("gateway_listening", protocol=launch.protocol, host=launch.host, port=launch.port)
     await stop.wait()
     parent.cancel()

@@ -49,7 +49,7 @@ from bus.protocol import (
 from config import runtime
 from config.loader import Config, ConfigError, load_config
 from supervisor.metrics_tcp import TcpMetrics
-from supervisor.processes import python_module, spawn, terminate
+from supervisor.processes import EXIT_CANNOT_LISTEN, python_module, spawn, terminate
 from supervisor.reload import plan as reload_plan
 from supervisor.scheduler import Scheduler
 from supervisor.states import backoff_delay
@@ -85,8 +85,14 @@ class ManagedProcess:
             failures = failures + 1 if time.monotonic() - started < 30 else 1
             self.restarts += 1
             delay = backoff_delay(failures, limits.restart_backoff_s, limits.restart_backoff_max_s)
-            self._set("backoff", f"exited with code {code}; restarting in {delay:.1f}s")
-            log.warning("process_exited", process=self.name, code=code, restart_in=delay)
+            if code == EXIT_CANNOT_LISTEN:
+                why = (f"cannot listen on {self.sup.config.app.host}:{self.port} (in use by another program? "
+                       "choose another port in app_config.json or on the command line)")
+                self._set("backoff", f"{why}; retrying in {delay:.1f}s")
+                log.error("cannot_listen", process=self.name, port=self.port, retry_in=delay, hint=why)
+            else:
+                self._set("backoff", f"exited with code {code}; restarting in {delay:.1f}s")
+                log.warning("process_exited", process=self.name, code=code, restart_in=delay)
             await asyncio.sleep(delay)
         self._set("stopped")
 

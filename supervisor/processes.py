@@ -14,6 +14,8 @@ import structlog
 
 log = structlog.get_logger()
 
+EXIT_CANNOT_LISTEN = 10  # a gateway or the dashboard could not bind its port (gateway/server.py uses it)
+
 
 async def spawn(argv: list[str], log_path: Path) -> asyncio.subprocess.Process:
     """Start a child in its own process group (a terminal's Ctrl-C reaches only the supervisor)."""

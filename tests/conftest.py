@@ -111,13 +111,14 @@ class System:
         return "\n".join(out)
 
 
-def start_system(config_dir: Path | None = None, extra_env: dict[str, str] | None = None) -> System:
+def start_system(config_dir: Path | None = None, extra_env: dict[str, str] | None = None,
+                 ollama_port: int | None = None, wait: bool = True) -> System:
     run_dir = Path(tempfile.mkdtemp(prefix="lr-", dir="/tmp"))
     cfg_dir = Path(tempfile.mkdtemp(prefix="lr-cfg-"))
     for name in ("app_config.json", "models_config.json"):
         shutil.copy((config_dir or ROOT / "config") / name, cfg_dir / name)
     logs_dir = run_dir / "logs"
-    ports = [free_port() for _ in range(3)]
+    ports = [ollama_port or free_port(), free_port(), free_port()]
     argv = [sys.executable, "-m", "supervisor", "up", "--config-dir", str(cfg_dir), "--run-dir", str(run_dir),
             "--logs-dir", str(logs_dir), "--ollama-port", str(ports[0]), "--lmstudio-port", str(ports[1]),
             "--dashboard-port", str(ports[2])]
@@ -140,7 +141,8 @@ def start_system(config_dir: Path | None = None, extra_env: dict[str, str] | Non
         except OSError:
             return False
 
-    wait_for(gateways_up, 60, "both gateways to answer")
+    if wait:
+        wait_for(gateways_up, 60, "both gateways to answer")
     return system
 
 

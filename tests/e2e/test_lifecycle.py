@@ -115,3 +115,44 @@ def test_cli_without_instance_says_so(tmp_path) -> None:
     out = subprocess.run([sys.executable, "-m", "supervisor", "status", "--run-dir", str(tmp_path)],
                          capture_output=True, text=True, timeout=30, cwd=ROOT)
     assert out.returncode == 1 and "no running instance" in out.stderr
+
+
+def test_a_taken_port_is_reported_and_retried() -> None:
+    import socket
+
+    blocker = socket.socket()
+    blocker.bind(("127.0.0.1", 0))
+    blocker.listen()
+    port = blocker.getsockname()[1]
+    sysm = start_system(ollama_port=port, wait=False)
+    try:
+        def reported() -> bool:
+            try:
+                procs = {p["name"]: p for p in sysm.status()["processes"]}
+            except AssertionError:  # not up yet
+                return False
+            gw = procs.get("gateway-ollama", {})
+            return gw.get("state") == "backoff"
+
+        wait_for(reported, 30, "the ollama gateway in backoff", interval=0.2)
+        logs = (sysm.logs_dir / "supervisor.log").read_text()
+        assert "cannot_listen" in logs and f":{port} (in use by another program?" in logs
+        oai = openai.OpenAI(base_url=sysm.openai_url, api_key="x", max_retries=0)
+        wait_for(lambda: _answers(oai.models), 30, "the other gateway serving")
+        blocker.close()  # the port frees up: the gateway gets it on its next try
+        wait_for(lambda: next(p for p in sysm.status()["processes"] if p["name"] == "gateway-ollama")["state"]
+                 == "running", 60, "the ollama gateway running", interval=0.3)
+        import ollama
+
+        wait_for(lambda: _answers(ollama.Client(sysm.ollama_url)), 30, "the ollama gateway answering")
+    finally:
+        blocker.close()
+        stop_system(sysm)
+
+
+def _answers(client: object) -> bool:
+    try:
+        client.list()  # type: ignore[attr-defined]
+        return True
+    except Exception:
+        return False
