@@ -254,27 +254,33 @@ def _gateway_base(st: StatusReply, launch: GatewayLaunch) -> str | None:
 async def chat(request: web.Request) -> web.StreamResponse:
     """Try a model: a streamed chat completion through the OpenAI gateway, relayed as it comes (SSE)."""
     try:
-        doc = await request.json()
-    except ValueError:
+        doc = msgspec.json.decode(await request.read())
+    except (msgspec.DecodeError, RecursionError, UnicodeDecodeError):
         return web.json_response({"error": "expected a JSON body"}, status=400)
     if not isinstance(doc, dict) or not isinstance(doc.get("model"), str) or not isinstance(doc.get("messages"),
                                                                                             list):
         return web.json_response({"error": "expected {model, messages}"}, status=400)
+    max_tokens = doc.get("max_tokens") or 256
+    if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or not 1 <= max_tokens <= 1_000_000:
+        return web.json_response({"error": "max_tokens must be a positive integer"}, status=400)
+    try:
+        payload = msgspec.json.encode({"model": doc["model"], "messages": doc["messages"], "stream": True,
+                                       "max_tokens": max_tokens})
+    except (msgspec.EncodeError, RecursionError, OverflowError):
+        return web.json_response({"error": "messages cannot be encoded"}, status=400)
     try:
         base = _gateway_base(await _status(request.app), request.app[LAUNCH])
     except ControlTimeout as exc:
         return web.json_response({"error": str(exc)}, status=503)
     if base is None:
         return web.json_response({"error": "the OpenAI gateway is not running"}, status=503)
-    body = {"model": doc["model"], "messages": doc["messages"], "stream": True,
-            "max_tokens": int(doc.get("max_tokens") or 256)}
-    headers = {}
+    headers = {"Content-Type": "application/json"}
     with contextlib.suppress(ConfigError):  # the gateway may want an API key: use the first configured one
         keys = getattr(load_config(request.app[LAUNCH].config_dir or None).app.proxies.lmstudio, "api_keys", [])
         if keys:
             headers["Authorization"] = f"Bearer {keys[0]}"
     try:
-        async with request.app[HTTP].post(f"{base}/v1/chat/completions", json=body, headers=headers) as up:
+        async with request.app[HTTP].post(f"{base}/v1/chat/completions", data=payload, headers=headers) as up:
             if up.status >= 400:
                 return web.Response(body=await up.read(), status=up.status, content_type="application/json")
             resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})

@@ -268,7 +268,8 @@ def test_slow_body_holds_no_worker_slot_and_is_refused_after_the_read_timeout(fu
         r = generate()  # the model has one slot: it must not be held by the slow client
         assert r.status_code == 200, r.text
         assert time.monotonic() - t0 < READ_TIMEOUT_S, "the request waited for the slow client"
-        assert all(w["leases"] == 0 for w in fuzzed.status()["workers"])
+        # the gateway's shared lease outlives the request briefly (SHARED_LINGER_S); the slow client holds none
+        wait_for(lambda: all(w["leases"] == 0 for w in fuzzed.status()["workers"]), 5, "no lease held")
         answer = slow.recv(65536)  # the server gives up on the slow body after READ_TIMEOUT_S
         assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
         assert time.monotonic() - t0 >= READ_TIMEOUT_S - 1
