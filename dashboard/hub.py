@@ -23,6 +23,9 @@ log = structlog.get_logger()
 QUEUE_SIZE = 2000
 
 
+ALWAYS = (endpoints.TOPIC_STATE.encode(), endpoints.TOPIC_METRICS.encode())
+TOPIC_REQUESTS = endpoints.TOPIC_REQUEST.encode()
+
 class Hub:
     def __init__(self, run_dir: str) -> None:
         self.run_dir = run_dir
@@ -30,11 +33,11 @@ class Hub:
         self.gateways: dict[str, dict[str, Any]] = {}  # protocol -> latest gateway_metrics
         self.processes: dict[str, dict[str, Any]] = {}  # name -> latest process_state
         self.system: dict[str, Any] = {}
-        self.requests_finished: dict[tuple[str, str], int] = {}  # (model, outcome) -> count seen
         self.listeners: set[asyncio.Queue[bytes]] = set()
         self.ready = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._dec = msgspec.json.Decoder()
+        self._requests_on = False
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -52,7 +55,10 @@ class Hub:
         sub.linger = 0
         sub.rcvhwm = 10000
         sub.connect(endpoints.metrics(self.run_dir))
-        sub.setsockopt(zmq.SUBSCRIBE, b"")
+        for topic in ALWAYS:
+            sub.setsockopt(zmq.SUBSCRIBE, topic)
+        self._sub = sub
+        self._want_requests(bool(self.listeners))
         self.ready.set()
         try:
             while True:
@@ -94,9 +100,6 @@ class Hub:
             self.processes[str(event.get("name", ""))] = event
         elif kind == "system_metrics":
             self.system = event
-        elif kind == "request" and event.get("phase") == "finished":
-            key = (str(event.get("model", "")), str(event.get("outcome", "")))
-            self.requests_finished[key] = self.requests_finished.get(key, 0) + 1
 
     def apply_status(self, status: dict[str, Any]) -> None:
         """Merge a Status reply (the supervisor's authoritative list of workers and processes)."""
@@ -121,10 +124,22 @@ class Hub:
     def listen(self) -> asyncio.Queue[bytes]:
         q: asyncio.Queue[bytes] = asyncio.Queue(QUEUE_SIZE)
         self.listeners.add(q)
+        self._want_requests(True)
         return q
 
     def unlisten(self, q: asyncio.Queue[bytes]) -> None:
         self.listeners.discard(q)
+        if not self.listeners:
+            self._want_requests(False)
+
+    def _want_requests(self, want: bool) -> None:
+        """Per-request events only while a browser watches: every event wakes the bus proxy and this process,
+        which cost the hot path ~1 ms a request on 2 cores (BENCHMARKS.md)."""
+        sub = getattr(self, "_sub", None)
+        if sub is None or want == self._requests_on:
+            return
+        sub.setsockopt(zmq.SUBSCRIBE if want else zmq.UNSUBSCRIBE, TOPIC_REQUESTS)
+        self._requests_on = want
 
     def broadcast(self, body: bytes) -> None:
         for q in self.listeners:

@@ -78,11 +78,6 @@ class HubCollector(Collector):
             for g in gateways:
                 fam.add_metric([str(g.get("protocol", ""))], float(g.get(field) or 0))
             yield fam
-        finished = CounterMetricFamily("llama_runner_requests_finished", "Requests finished at the workers "
-                                       "(seen by this dashboard since it started)", labels=["model", "outcome"])
-        for (model, outcome), n in sorted(self.hub.requests_finished.items()):
-            finished.add_metric([model, outcome], float(n))
-        yield finished
         proc = GaugeMetricFamily("llama_runner_process_up", "1 when a gateway or the dashboard is running",
                                  labels=["process"])
         restarts = CounterMetricFamily("llama_runner_process_restarts", "Restarts of a gateway or the dashboard",

@@ -100,7 +100,6 @@ def test_prometheus_names_and_values() -> None:
     assert samples[("llama_runner_worker_state", (("model", "a"), ("state", "ready")))] == 1
     assert samples[("llama_runner_gateway_requests_total", (("protocol", "openai"),))] == 3
     assert samples[("llama_runner_gateway_open_streams", (("protocol", "openai"),))] == 1
-    assert samples[("llama_runner_requests_finished_total", (("model", "a"), ("outcome", "ok")))] == 1
     assert all(name.startswith("llama_runner_") for name, _ in samples)
 
 
@@ -152,3 +151,22 @@ def test_token_rules(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(auth.ENV_TOKEN, "from-up")
     assert auth.dashboard_token("0.0.0.0", None) == "from-up"
     assert auth.dashboard_token("0.0.0.0", "configured") == "configured"
+
+
+def test_request_events_are_subscribed_only_while_a_browser_watches() -> None:
+    import zmq
+
+    calls: list[tuple[int, bytes]] = []
+
+    class FakeSub:
+        def setsockopt(self, opt: int, value: bytes) -> None:
+            calls.append((opt, value))
+
+    hub = Hub("/nonexistent")
+    hub._sub = FakeSub()  # type: ignore[attr-defined]
+    q1, q2 = hub.listen(), hub.listen()
+    assert calls == [(zmq.SUBSCRIBE, b"request/")]
+    hub.unlisten(q1)
+    assert len(calls) == 1  # one browser still watches
+    hub.unlisten(q2)
+    assert calls[-1] == (zmq.UNSUBSCRIBE, b"request/")
