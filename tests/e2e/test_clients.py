@@ -111,7 +111,8 @@ def test_openai_completions_stream_and_not(system: System) -> None:
     c = client(system)
     r = c.completions.create(model=MODEL, prompt="The sky is", max_tokens=8, temperature=0)
     assert r.choices[0].text and r.usage and r.usage.completion_tokens > 0
-    parts = list(c.completions.create(model=MODEL, prompt="The sky is", max_tokens=8, stream=True))
+    parts = list(c.completions.create(model=MODEL, prompt="The sky is", max_tokens=8, stream=True,
+                                        temperature=0))
     assert "".join(p.choices[0].text for p in parts if p.choices).strip()
 
 
