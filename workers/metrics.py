@@ -41,20 +41,46 @@ class _Live:
 
 
 @dataclass
-class WorkerStats:
+class RequestFigures:
+    """What every kind of worker keeps of its requests: TTFTs, tokens, rates, and its RequestEvent publisher."""
+
     name: str
     pub: zmq.Socket | None = None  # a sync view of the worker's PUB socket (None: no events, e.g. tests)
     tokens_total: int = 0
     ttfts: collections.deque[float] = field(default_factory=lambda: collections.deque(maxlen=100))
     ttft_last: float = 0.0
-    live: dict[str, _Live] = field(default_factory=dict)
-    waiting: list[str] = field(default_factory=list)  # request ids waiting for a slot, in order
 
     def __post_init__(self) -> None:
         self.topic = endpoints.topic_request(self.name)
         self._last_tokens = 0
         self._last_requests = 0
         self._last_tick = time.monotonic()
+
+    def rates(self, requests_total: int) -> tuple[float, float]:
+        """(tokens/s, requests/s) since the previous call."""
+        now = time.monotonic()
+        dt = max(1e-3, now - self._last_tick)
+        tps = max(0, self.tokens_total - self._last_tokens) / dt
+        rps = max(0, requests_total - self._last_requests) / dt
+        self._last_tick, self._last_tokens, self._last_requests = now, self.tokens_total, requests_total
+        return tps, rps
+
+    def ttft_p50(self) -> float:
+        return statistics.median(self.ttfts) if self.ttfts else 0.0
+
+    def _emit(self, event: RequestEvent) -> None:
+        if self.pub is None:
+            return
+        try:
+            self.pub.send_multipart(encode_event(self.topic, event), zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass
+
+
+@dataclass
+class WorkerStats(RequestFigures):
+    live: dict[str, _Live] = field(default_factory=dict)
+    waiting: list[str] = field(default_factory=list)  # request ids waiting for a slot, in order
 
     # ------------------------------------------------------------------ per request
     def queued(self, rid: str, path: str, stream: bool) -> None:
@@ -116,24 +142,3 @@ class WorkerStats:
             request_id=rid, model=self.name, phase="finished", path=st.path, stream=st.stream,
             queued_s=(st.started or now) - st.arrived, ttft_s=(st.first - st.arrived) if st.first else 0.0,
             tokens=tokens, duration_s=now - st.arrived, status=status, outcome=outcome))
-
-    # ------------------------------------------------------------------ per second
-    def rates(self, requests_total: int) -> tuple[float, float]:
-        """(tokens/s, requests/s) since the previous call."""
-        now = time.monotonic()
-        dt = max(1e-3, now - self._last_tick)
-        tps = max(0, self.tokens_total - self._last_tokens) / dt
-        rps = max(0, requests_total - self._last_requests) / dt
-        self._last_tick, self._last_tokens, self._last_requests = now, self.tokens_total, requests_total
-        return tps, rps
-
-    def ttft_p50(self) -> float:
-        return statistics.median(self.ttfts) if self.ttfts else 0.0
-
-    def _emit(self, event: RequestEvent) -> None:
-        if self.pub is None:
-            return
-        try:
-            self.pub.send_multipart(encode_event(self.topic, event), zmq.NOBLOCK)
-        except zmq.ZMQError:
-            pass

@@ -5,16 +5,11 @@ publish (workers/metrics.py), so the dashboard shows both kinds alike. "Tokens" 
 
 from __future__ import annotations
 
-import collections
-import statistics
 import time
 from dataclasses import dataclass, field
 
-import zmq
-
-from bus import endpoints
-from bus.codec import encode_event
 from bus.protocol import RequestEvent
+from workers.metrics import RequestFigures
 
 
 @dataclass
@@ -27,17 +22,8 @@ class _Live:
 
 
 @dataclass
-class WhisperStats:
-    name: str
-    pub: zmq.Socket | None = None  # a sync view of the worker's PUB socket (None: no events)
-    tokens_total: int = 0
-    ttft_last: float = 0.0
-    ttfts: collections.deque[float] = field(default_factory=lambda: collections.deque(maxlen=100))
+class WhisperStats(RequestFigures):
     live: dict[str, _Live] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        self.topic = endpoints.topic_request(self.name)
-        self._last = (time.monotonic(), 0, 0)
 
     @staticmethod
     def path(task: str) -> str:
@@ -75,22 +61,3 @@ class WhisperStats:
             request_id=rid, model=self.name, phase="finished", path=st.path, stream=st.stream,
             queued_s=(st.started or now) - st.arrived, ttft_s=(st.first - st.arrived) if st.first else 0.0,
             tokens=tokens, duration_s=now - st.arrived, status=status, outcome=outcome))
-
-    def rates(self, requests_total: int) -> tuple[float, float]:
-        """(tokens/s, requests/s) since the previous call."""
-        now = time.monotonic()
-        t0, tokens0, requests0 = self._last
-        dt = max(1e-3, now - t0)
-        self._last = (now, self.tokens_total, requests_total)
-        return max(0, self.tokens_total - tokens0) / dt, max(0, requests_total - requests0) / dt
-
-    def ttft_p50(self) -> float:
-        return statistics.median(self.ttfts) if self.ttfts else 0.0
-
-    def _emit(self, event: RequestEvent) -> None:
-        if self.pub is None:
-            return
-        try:
-            self.pub.send_multipart(encode_event(self.topic, event), zmq.NOBLOCK)
-        except zmq.ZMQError:
-            pass
