@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import shutil
 import signal
@@ -128,11 +130,15 @@ def start_system(config_dir: Path | None = None, extra_env: dict[str, str] | Non
     import urllib.error
     import urllib.request
 
+    urls = [system.ollama_url + "/", system.openai_url + "/models"]
+    if json.loads((cfg_dir / "app_config.json").read_text()).get("dashboard", {}).get("enabled", True):
+        urls.append(f"http://127.0.0.1:{system.dashboard_port}/api/status")
+
     def gateways_up() -> bool:
         if proc.poll() is not None:
             raise AssertionError(f"llama-runner up exited: {(run_dir / 'up.err').read_text()}")
         try:
-            for url in (system.ollama_url + "/", system.openai_url + "/models"):
+            for url in urls:
                 try:
                     urllib.request.urlopen(url, timeout=1).read()
                 except urllib.error.HTTPError:  # an answer (401 with api_keys configured): it is up
@@ -142,7 +148,7 @@ def start_system(config_dir: Path | None = None, extra_env: dict[str, str] | Non
             return False
 
     if wait:
-        wait_for(gateways_up, 60, "both gateways to answer")
+        wait_for(gateways_up, 60, "both gateways and the dashboard to answer")
     return system
 
 
@@ -171,13 +177,19 @@ def alive(pids: set[int]) -> set[int]:
     return out
 
 
-@pytest.fixture(scope="module")
-def system() -> Iterator[System]:
+def require_runtime() -> None:
+    """Skip without llama-server and the default model; under CI their absence is a failure, not a skip."""
     if not llama_server_available():
         if os.environ.get("CI"):
             pytest.fail("llama-server or the default model is missing: run `make setup`")
         pytest.skip("llama-server or the default model is missing: run `make setup`")
-    sysm = start_system()
+
+
+@contextlib.contextmanager
+def running_system(config_dir: Path | None = None, *, remove_config_dir: bool = False) -> Iterator[System]:
+    """A system for a fixture: started, then stopped with exit code 0 and no process of it left behind."""
+    require_runtime()
+    sysm = start_system(config_dir)
     try:
         yield sysm
     finally:
@@ -188,3 +200,11 @@ def system() -> Iterator[System]:
             wait_for(lambda: not alive(sysm.seen_pids), 10, "no process of the instance left")
         shutil.rmtree(sysm.run_dir, ignore_errors=True)
         shutil.rmtree(sysm.config_dir, ignore_errors=True)
+        if remove_config_dir and config_dir is not None:
+            shutil.rmtree(config_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def system() -> Iterator[System]:
+    with running_system() as sysm:
+        yield sysm

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, System, alive, llama_server_available, start_system, stop_system, wait_for
+from tests.conftest import (
+    ROOT,
+    System,
+    require_runtime,
+    running_system,
+    wait_for,
+)
 
 MODEL_A = "smollm2"
 MODEL_B = "smollm2-b"
@@ -34,22 +38,8 @@ def two_model_config() -> Path:
 
 @pytest.fixture(scope="package")
 def two_models() -> Iterator[System]:
-    if not llama_server_available():
-        if os.environ.get("CI"):
-            pytest.fail("llama-server or the default model is missing: run `make setup`")
-        pytest.skip("llama-server or the default model is missing: run `make setup`")
-    cfg = two_model_config()
-    sysm = start_system(cfg)
-    try:
+    require_runtime()
+    with running_system(two_model_config(), remove_config_dir=True) as sysm:
         wait_for(lambda: all(w["state"] == "ready" for w in sysm.status()["workers"]), 120,
                  "both preloaded models to be ready")
         yield sysm
-    finally:
-        if sysm.proc.poll() is None:
-            sysm.status()
-            code = stop_system(sysm)
-            assert code == 0, sysm.logs()
-            wait_for(lambda: not alive(sysm.seen_pids), 10, "no process of the instance left")
-        shutil.rmtree(sysm.run_dir, ignore_errors=True)
-        shutil.rmtree(sysm.config_dir, ignore_errors=True)
-        shutil.rmtree(cfg, ignore_errors=True)

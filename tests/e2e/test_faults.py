@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import tempfile
 import threading
@@ -20,7 +19,16 @@ import pytest
 import zmq
 
 from bus import endpoints
-from tests.conftest import ROOT, System, alive, llama_server_available, start_system, stop_system, wait_for
+from tests.conftest import (
+    ROOT,
+    System,
+    alive,
+    require_runtime,
+    running_system,
+    start_system,
+    stop_system,
+    wait_for,
+)
 
 pytestmark = pytest.mark.e2e
 A, B = "smollm2", "smollm2-b"
@@ -42,17 +50,10 @@ def two_model_config(**limits: Any) -> Path:
 
 @pytest.fixture(scope="module")
 def faulty() -> Iterator[System]:
-    if not llama_server_available():
-        pytest.skip("llama-server or the default model is missing: run `make setup`")
-    cfg = two_model_config(max_loaded_models=2, queue_size=8, restart_backoff_s=0.2)
-    sysm = start_system(cfg)
-    try:
+    require_runtime()
+    with running_system(two_model_config(max_loaded_models=2, queue_size=8, restart_backoff_s=0.2),
+                        remove_config_dir=True) as sysm:
         yield sysm
-    finally:
-        sysm.status()
-        assert stop_system(sysm) == 0, sysm.logs()
-        wait_for(lambda: not alive(sysm.seen_pids), 10, "no process left")
-        shutil.rmtree(cfg, ignore_errors=True)
 
 
 class Stream(threading.Thread):
@@ -223,8 +224,7 @@ def test_malformed_bus_messages_are_dropped(faulty: System) -> None:
 
 
 def test_sigterm_lets_in_flight_stream_finish() -> None:
-    if not llama_server_available():
-        pytest.skip("llama-server or the default model is missing")
+    require_runtime()
     sysm = start_system()
     loaded(sysm, A)
     sysm.status()

@@ -26,7 +26,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bus.protocol import GatewayLaunch
-from tests.conftest import ROOT, System, alive, llama_server_available, start_system, stop_system, wait_for
+from tests.conftest import (
+    ROOT,
+    System,
+    require_runtime,
+    running_system,
+    wait_for,
+)
 
 pytestmark = pytest.mark.e2e
 MODEL = "smollm2"  # one slot in this config
@@ -50,19 +56,9 @@ def fuzz_config() -> Path:
 
 @pytest.fixture(scope="module")
 def fuzzed() -> Iterator[System]:
-    if not llama_server_available():
-        pytest.skip("llama-server or the default model is missing: run `make setup`")
-    cfg = fuzz_config()
-    sysm = start_system(cfg)
-    try:
+    require_runtime()
+    with running_system(fuzz_config(), remove_config_dir=True) as sysm:
         yield sysm
-    finally:
-        if sysm.proc.poll() is None:
-            sysm.status()
-            assert stop_system(sysm) == 0, sysm.logs()
-            wait_for(lambda: not alive(sysm.seen_pids), 10, "no process left")
-        shutil.rmtree(cfg, ignore_errors=True)
-        shutil.rmtree(sysm.run_dir, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- routes, from the apps

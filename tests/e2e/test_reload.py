@@ -4,7 +4,6 @@ are drained, then stopped."""
 from __future__ import annotations
 
 import json
-import shutil
 import signal
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,7 +12,12 @@ from typing import Any
 import ollama
 import pytest
 
-from tests.conftest import ROOT, System, alive, llama_server_available, start_system, stop_system, wait_for
+from tests.conftest import (
+    ROOT,
+    System,
+    running_system,
+    wait_for,
+)
 from tests.e2e.test_faults import Stream
 
 pytestmark = pytest.mark.e2e
@@ -33,18 +37,10 @@ def write_models(system: System, entries: dict[str, Any]) -> None:
 
 @pytest.fixture(scope="module")
 def reloadable() -> Iterator[tuple[System, dict[str, Any]]]:
-    if not llama_server_available():
-        pytest.skip("llama-server or the default model is missing: run `make setup`")
-    sysm = start_system()
     base = json.loads((ROOT / "config" / "models_config.json").read_text())["models"][A]
     base = {**base, "aliases": [], "parameters": {**base["parameters"], "parallel": 1}}
-    try:
+    with running_system() as sysm:
         yield sysm, base
-    finally:
-        sysm.status()
-        assert stop_system(sysm) == 0, sysm.logs()
-        wait_for(lambda: not alive(sysm.seen_pids), 10, "no process left")
-        shutil.rmtree(sysm.config_dir, ignore_errors=True)
 
 
 def names(system: System) -> list[str]:

@@ -15,7 +15,15 @@ import httpx
 import ollama
 import pytest
 
-from tests.conftest import ROOT, System, alive, llama_server_available, start_system, stop_system, wait_for
+from tests.conftest import (
+    ROOT,
+    System,
+    require_runtime,
+    running_system,
+    start_system,
+    stop_system,
+    wait_for,
+)
 
 pytestmark = pytest.mark.e2e
 A, B = "smollm2", "smollm2-b"
@@ -23,8 +31,7 @@ A, B = "smollm2", "smollm2-b"
 
 @pytest.fixture(scope="module")
 def two_models() -> Iterator[System]:
-    if not llama_server_available():
-        pytest.skip("llama-server or the default model is missing: run `make setup`")
+    require_runtime()
     cfg = Path(tempfile.mkdtemp(prefix="lr-cfg2-"))
     app = json.loads((ROOT / "config" / "app_config.json").read_text())
     app["limits"]["max_loaded_models"] = 1
@@ -34,14 +41,8 @@ def two_models() -> Iterator[System]:
     models["models"][B] = {**base, "aliases": []}
     (cfg / "app_config.json").write_text(json.dumps(app))
     (cfg / "models_config.json").write_text(json.dumps(models))
-    sysm = start_system(cfg)
-    try:
+    with running_system(cfg, remove_config_dir=True) as sysm:
         yield sysm
-    finally:
-        sysm.status()
-        assert stop_system(sysm) == 0
-        wait_for(lambda: not alive(sysm.seen_pids), 10, "no process left")
-        shutil.rmtree(cfg, ignore_errors=True)
 
 
 def state(system: System, name: str) -> str:
@@ -137,8 +138,7 @@ def test_a_load_nobody_waits_for_any_more_is_stopped(two_models: System) -> None
 
 
 def test_preloaded_model_is_ready_without_a_request() -> None:
-    if not llama_server_available():
-        pytest.skip("llama-server or the default model is missing")
+    require_runtime()
     cfg = Path(tempfile.mkdtemp(prefix="lr-cfg-pre-"))
     shutil.copy(ROOT / "config" / "app_config.json", cfg / "app_config.json")
     models = json.loads((ROOT / "config" / "models_config.json").read_text())

@@ -14,7 +14,12 @@ import ollama
 import openai
 import pytest
 
-from tests.conftest import ROOT, System, alive, llama_server_available, start_system, stop_system, wait_for
+from tests.conftest import (
+    ROOT,
+    System,
+    require_runtime,
+    running_system,
+)
 
 pytestmark = pytest.mark.e2e
 OLLAMA_KEY = "ollama-key-5f1c2a9e"
@@ -25,23 +30,15 @@ ORIGIN = "http://localhost:5173"
 
 @pytest.fixture(scope="module")
 def locked() -> Iterator[System]:
-    if not llama_server_available():
-        pytest.skip("llama-server or the default model is missing: run `make setup`")
+    require_runtime()
     cfg = Path(tempfile.mkdtemp(prefix="lr-cfg-sec-"))
     app = json.loads((ROOT / "config" / "app_config.json").read_text())
     app["proxies"]["ollama"].update(api_keys=[OLLAMA_KEY], cors_origins=[ORIGIN])
     app["proxies"]["lmstudio"].update(api_keys=[LMSTUDIO_KEY])
     (cfg / "app_config.json").write_text(json.dumps(app))
     shutil.copy(ROOT / "config" / "models_config.json", cfg / "models_config.json")
-    sysm = start_system(cfg)
-    try:
+    with running_system(cfg, remove_config_dir=True) as sysm:
         yield sysm
-    finally:
-        sysm.status()
-        assert stop_system(sysm) == 0, sysm.logs()
-        wait_for(lambda: not alive(sysm.seen_pids), 10, "no process left")
-        shutil.rmtree(cfg, ignore_errors=True)
-        shutil.rmtree(sysm.run_dir, ignore_errors=True)
 
 
 def test_openai_client_with_the_key_is_served_and_a_wrong_key_is_refused(locked: System) -> None:
