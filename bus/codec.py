@@ -42,7 +42,7 @@ class Codec(Generic[T]):
 COMMANDS: Codec[Command] = Codec(Command)
 REPLIES: Codec[Reply] = Codec(Reply)
 JOBS: Codec[Job] = Codec(Job)
-STREAM: Codec[StreamItem] = Codec(StreamItem)
+STREAM: Codec[list[StreamItem]] = Codec(list[StreamItem])  # a frame: the items of one loop tick (bus/pump.py)
 EVENTS: Codec[Event] = Codec(Event, json=True)
 
 

@@ -1,7 +1,7 @@
 """A gateway's side of the bus: acquire a worker from the supervisor, send jobs, receive streams.
 
-One DEALER per worker endpoint, read by one task that drains everything queued (bounded) and hands it to
-per-request channels; a request handler wakes once per batch and writes it in one go.
+One DEALER per worker endpoint, read from the loop's reader callback (bus/pump.py), which hands each frame's items
+to per-request channels; a request handler wakes once per batch and writes it in one go.
 """
 
 from __future__ import annotations
@@ -37,12 +37,10 @@ from bus.protocol import (
     WorkerState,
     WorkerStateEvent,
 )
+from bus.pump import Reader, sync_view
 from gateway.errors import ApiError
 
 log = structlog.get_logger()
-
-DRAIN_CAP = 512
-
 
 class Channel:
     """The stream of one request: items arrive from the worker link, the handler takes them in batches."""
@@ -76,48 +74,58 @@ class Channel:
 
 
 class WorkerLink:
+    """One DEALER to a worker's ROUTER: jobs go out with plain non-blocking sends, stream frames (each a batch of
+    items) are read from the loop's reader callback and pushed to their requests' channels (bus/pump.py)."""
+
     def __init__(self, ctx: zmq.asyncio.Context, name: str, endpoint: str) -> None:
         self.name = name
         self.endpoint = endpoint
-        self.sock = ctx.socket(zmq.DEALER)
-        self.sock.linger = 0
-        self.sock.rcvhwm = 100000
-        self.sock.connect(endpoint)
+        sock = ctx.socket(zmq.DEALER)
+        sock.linger = 0
+        sock.rcvhwm = 100000
+        sock.connect(endpoint)
+        self.sock = sync_view(sock)
+        self._owner = sock
         self.channels: dict[str, Channel] = {}
-        self.reader = asyncio.create_task(self._read())
+        self.reader = Reader(sock, self._on_frames)
 
-    async def _read(self) -> None:
-        sock = self.sock
-        # What is already queued is drained with plain non-blocking calls on a sync view of the socket (no future
-        # per message); the awaited recv checks for queued messages before it waits, so no wakeup is lost.
-        drain: zmq.Socket[bytes] = zmq.Socket.shadow(sock.underlying)
+    def send(self, payload: bytes) -> None:
+        """Send a job now; raises ``zmq.Again`` when the worker's queue is full."""
+        self.sock.send(payload, zmq.NOBLOCK, copy=False)
+        self.reader.kick()
+
+    async def send_job(self, payload: bytes, timeout: float) -> None:
+        """Send a job, waiting (up to ``timeout``) while the worker's queue is full."""
+        deadline = asyncio.get_running_loop().time() + timeout
         while True:
-            frame = await sock.recv(copy=False)
-            self._dispatch(frame.buffer)
-            for _ in range(DRAIN_CAP):
-                try:
-                    frame = drain.recv(zmq.NOBLOCK, copy=False)
-                except zmq.Again:
-                    break
-                self._dispatch(frame.buffer)
+            try:
+                return self.send(payload)
+            except zmq.Again:
+                if asyncio.get_running_loop().time() > deadline:
+                    raise ApiError(503, f"model {self.name!r} is not taking requests (its queue is full)",
+                                   code="unavailable") from None
+                await asyncio.sleep(0.002)
 
-    def _dispatch(self, payload: memoryview) -> None:
-        try:
-            item = STREAM.decode(payload)
-        except BusDecodeError as exc:
-            log.warning("bad_stream_item", worker=self.name, error=str(exc))
-            return
-        ch = self.channels.get(item.request_id)
-        if ch is not None:
-            ch.push(item)
+    def _on_frames(self, frames: list[zmq.Frame]) -> None:
+        for frame in frames:
+            try:
+                items = STREAM.decode(frame.buffer)
+            except BusDecodeError as exc:
+                log.warning("bad_stream_item", worker=self.name, error=str(exc))
+                continue
+            channels = self.channels
+            for item in items:
+                ch = channels.get(item.request_id)
+                if ch is not None:
+                    ch.push(item)
 
     def fail_all(self, status: int, code: str, message: str) -> None:
         for ch in list(self.channels.values()):
             ch.push(Fail(request_id=ch.request_id, status=status, code=code, message=message))
 
     def close(self) -> None:
-        self.reader.cancel()
-        self.sock.close(0)
+        self.reader.close()
+        self._owner.close(0)
 
 
 SHARED_LINGER_S = 0.25  # a shared lease outlives its last request this long (back-to-back requests reuse it)
@@ -297,7 +305,7 @@ class GatewayBus:
         ch = Channel(rid, we.model, link, lease=we.request_id)
         link.channels[rid] = ch
         try:
-            await link.sock.send(JOBS.encode(make_job(rid)), copy=False)
+            await link.send_job(JOBS.encode(make_job(rid)), self.load_timeout)
         except BaseException:
             link.channels.pop(rid, None)
             self.release(ch.lease)
@@ -309,7 +317,7 @@ class GatewayBus:
         ch.link.channels.pop(ch.request_id, None)
         if not ch.finished:
             with contextlib.suppress(zmq.ZMQError):
-                await ch.link.sock.send(JOBS.encode(Cancel(request_id=ch.request_id)), zmq.NOBLOCK)
+                ch.link.send(JOBS.encode(Cancel(request_id=ch.request_id)))
         if ch.lease:
             self.release(ch.lease)
             ch.lease = ""

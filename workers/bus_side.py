@@ -2,7 +2,8 @@
 
 - control: DEALER to the supervisor (WorkerHello on every state change)
 - pub: PUB into the metrics bus
-- router: ROUTER at endpoints.worker(run_dir, name), where gateways send Jobs and get StreamItems back
+- router: ROUTER at endpoints.worker(run_dir, name), where gateways send Jobs and get StreamItems back (read from
+  the loop's reader callback, answered through an Outbox: one frame per gateway per loop tick, see bus/pump.py)
 """
 
 from __future__ import annotations
@@ -19,11 +20,11 @@ import zmq
 import zmq.asyncio
 
 from bus import endpoints
-from bus.codec import COMMANDS, JOBS, STREAM, BusDecodeError
+from bus.codec import COMMANDS, JOBS, BusDecodeError
 from bus.protocol import Data, End, Fail, Head, Job, WorkerHello, WorkerLaunch, WorkerState
+from bus.pump import Outbox, Reader
 
 log = structlog.get_logger()
-DRAIN_CAP = 256
 
 
 class WorkerBus:
@@ -55,8 +56,10 @@ class WorkerBus:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.endpoint.removeprefix("ipc://"))
         self.router.bind(self.endpoint)
+        self.outbox = Outbox(self.router, self._gateway_gone)
 
     def _close_sockets(self) -> None:
+        self.outbox.flush()  # the last items (e.g. Fails of a stop) leave before the sockets close
         for sock in (self.router, self.control, self.pub):
             sock.close(linger=0)
         self.ctx.term()
@@ -68,33 +71,33 @@ class WorkerBus:
             endpoint=self.endpoint if state == WorkerState.READY else "", backend_pid=backend_pid,
             message=message)))
 
-    async def _send(self, ident: bytes, item: Head | Data | End | Fail) -> bool:
+    def send_item(self, ident: bytes, item: Head | Data | End | Fail) -> bool:
+        """Queue ``item`` for the gateway ``ident`` (sent at the end of this loop tick, with every other item for
+        it); False once that gateway is known to be gone."""
+        return self.outbox.put(ident, item)
+
+    def _gateway_gone(self, ident: bytes) -> None:
+        """A gateway went away: its jobs are cancelled (overridden by each worker)."""
+
+    async def _receive(self) -> None:
+        """Serve until cancelled: each job that arrives is handed to ``_dispatch`` from the reader callback."""
+        reader = Reader(self.router, self._on_frames)
+        self.outbox.reader = reader
         try:
-            await self.router.send_multipart([ident, STREAM.encode(item)], copy=False)
-            return True
-        except zmq.ZMQError as exc:  # EHOSTUNREACH: that gateway is gone
-            log.info("gateway_unreachable", error=str(exc))
-            return False
+            await asyncio.get_running_loop().create_future()  # forever
+        finally:
+            reader.close()
 
-    async def _next_jobs(self) -> list[tuple[bytes, Job]]:
-        """Wait for jobs; return every one already queued (bounded), decoded. Bad frames are logged and dropped."""
-        out: list[tuple[bytes, Job]] = []
-        frames = await self.router.recv_multipart(copy=False)
-        self._decode(frames, out)
-        for _ in range(DRAIN_CAP):
-            try:
-                frames = await self.router.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                break
-            self._decode(frames, out)
-        return out
+    def _dispatch(self, ident: bytes, job: Job) -> None:
+        raise NotImplementedError
 
-    @staticmethod
-    def _decode(frames: list[zmq.Frame], out: list[tuple[bytes, Job]]) -> None:
+    def _on_frames(self, frames: list[zmq.Frame]) -> None:
         if len(frames) != 2:
             log.warning("bad_job_frames", count=len(frames))
             return
         try:
-            out.append((frames[0].bytes, JOBS.decode(frames[1].buffer)))
+            job = JOBS.decode(frames[1].buffer)
         except BusDecodeError as exc:
             log.warning("bad_job", error=str(exc))
+            return
+        self._dispatch(frames[0].bytes, job)

@@ -12,7 +12,6 @@ import os
 import time
 from pathlib import Path
 
-import aiohttp
 import psutil
 import structlog
 import zmq
@@ -33,14 +32,12 @@ from bus.protocol import (
     WorkerState,
 )
 from supervisor.child import install_stop_signals, watch_parent
+from workers.backend_http import BackendHTTPError, BackendPool
 from workers.bus_side import WorkerBus
 from workers.llama_server import BackendError, LlamaServer
 from workers.metrics import WorkerStats
 
 log = structlog.get_logger()
-
-READ_CHUNK = 64 * 1024
-
 
 class LlamaWorker(WorkerBus):
     def __init__(self, launch: WorkerLaunch, load_timeout: float = 120.0) -> None:
@@ -49,6 +46,7 @@ class LlamaWorker(WorkerBus):
         self.backend = LlamaServer(launch, Path(launch.logs_dir) / f"worker-{launch.name}.llama-server.log")
         self.stopping = asyncio.Event()
         self.jobs: dict[str, asyncio.Task[None]] = {}
+        self.idents: dict[str, bytes] = {}  # request id -> the gateway it answers
         self.slots = asyncio.Semaphore(max(1, launch.params.parallel))
         self.waiting = 0
         self.in_flight = 0
@@ -56,7 +54,7 @@ class LlamaWorker(WorkerBus):
         self.errors_total = 0
         self.started = time.monotonic()
         self.stats = WorkerStats(launch.name)
-        self.session: aiohttp.ClientSession | None = None
+        self.pool: BackendPool | None = None
 
     async def hello(self, state: WorkerState, message: str = "", backend_pid: int = 0) -> None:
         await super().hello(state, message, backend_pid or self.backend.pid)
@@ -82,11 +80,7 @@ class LlamaWorker(WorkerBus):
                 log.error("backend_start_failed", error=str(exc))
                 await self.hello(WorkerState.FATAL, str(exc))
                 return 3
-            self.session = aiohttp.ClientSession(
-                self.backend.base_url,
-                connector=aiohttp.TCPConnector(limit=0, force_close=False),
-                timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),
-            )
+            self.pool = BackendPool("127.0.0.1", self.backend.port)
             await self.hello(WorkerState.READY)
             log.info("worker_ready", port=self.backend.port, backend_pid=self.backend.pid)
             code = await self._serve()
@@ -117,8 +111,8 @@ class LlamaWorker(WorkerBus):
         self.state = WorkerState.STOPPING
         await self._fail_all(503, "worker_stopping", f"model {self.launch.name!r} is stopping")
         await self.backend.stop()
-        if self.session:
-            await self.session.close()
+        if self.pool is not None:
+            self.pool.close()
         with contextlib.suppress(zmq.ZMQError, TimeoutError):
             await asyncio.wait_for(self.hello(WorkerState.STOPPED, backend_pid=self.backend.pid), 0.5)
         self._close_sockets()
@@ -131,10 +125,10 @@ class LlamaWorker(WorkerBus):
             await asyncio.gather(*tasks, return_exceptions=True)
 
     # ------------------------------------------------------------------ jobs
-    async def _receive(self) -> None:
-        while True:
-            for ident, job in await self._next_jobs():
-                self._dispatch(ident, job)
+    def _gateway_gone(self, ident: bytes) -> None:
+        for rid, task in list(self.jobs.items()):
+            if self.idents.get(rid) == ident:
+                task.cancel(msg="gateway gone")
 
     def _dispatch(self, ident: bytes, job: Job) -> None:
         if isinstance(job, Cancel):
@@ -145,11 +139,12 @@ class LlamaWorker(WorkerBus):
         if not isinstance(job, HttpJob):  # e.g. audio sent to a llama model
             fail = Fail(request_id=job.request_id, status=400, code="wrong_model_kind",
                         message=f"model {self.launch.name!r} does not take {type(job).__name__} requests")
-            self._spawn(self._send(ident, fail))
+            self.send_item(ident, fail)
             return
         if job.request_id in self.jobs:
             log.warning("duplicate_request_id", request_id=job.request_id)
             return
+        self.idents[job.request_id] = ident
         self.jobs[job.request_id] = asyncio.create_task(self._run_job(ident, job))
 
     async def _run_job(self, ident: bytes, job: HttpJob) -> None:
@@ -159,7 +154,7 @@ class LlamaWorker(WorkerBus):
         try:
             if self.waiting >= self.launch.queue_size and self.slots.locked():
                 self.stats.finished(rid, 429, "rejected")
-                await self._send(ident, Fail(request_id=rid, status=429, code="busy",
+                self.send_item(ident, Fail(request_id=rid, status=429, code="busy",
                                              message=f"model {self.launch.name!r} is busy: queue is full"))
                 return
             self.waiting += 1
@@ -177,42 +172,50 @@ class LlamaWorker(WorkerBus):
             reason = exc.args[0] if exc.args else ""
             if isinstance(reason, str) and reason.count("|") >= 2:
                 status, code, message = reason.split("|", 2)
-                await self._send(ident, Fail(request_id=rid, status=int(status), code=code, message=message))
+                self.send_item(ident, Fail(request_id=rid, status=int(status), code=code, message=message))
         except Exception as exc:  # never let one request take the worker down
             self.errors_total += 1
             log.exception("job_failed", request_id=rid)
-            await self._send(ident, Fail(request_id=rid, status=500, code="internal", message=repr(exc)))
+            self.send_item(ident, Fail(request_id=rid, status=500, code="internal", message=repr(exc)))
         finally:
             self.stats.finished(rid, 499, "cancelled")  # no-op when _forward already finished it
             self.jobs.pop(rid, None)
+            self.idents.pop(rid, None)
 
     async def _forward(self, ident: bytes, job: HttpJob) -> None:
-        assert self.session is not None
+        assert self.pool is not None
         rid = job.request_id
         stats = self.stats
         stats.started(rid)
-        headers = {"Content-Type": "application/json"} if job.body else {}
+        status = 0
+        gone = False
+
+        def on_head(code: int, content_type: str) -> bool:
+            nonlocal status, gone
+            status = code
+            if code >= 500:
+                self.errors_total += 1
+            gone = not self.send_item(ident, Head(request_id=rid, status=code, content_type=content_type))
+            return not gone
+
+        def on_data(chunk: bytes) -> bool:  # one backend read
+            nonlocal gone
+            stats.data(rid, chunk)
+            gone = not self.send_item(ident, Data(request_id=rid, data=chunk))
+            return not gone  # gateway gone: the upstream connection is closed, llama-server stops
+
         try:
-            async with self.session.request(job.method, job.path, data=job.body or None, headers=headers) as resp:
-                if resp.status >= 500:
-                    self.errors_total += 1
-                if not await self._send(ident, Head(request_id=rid, status=resp.status,
-                                                    content_type=resp.headers.get("Content-Type", ""))):
-                    return
-                while True:
-                    chunk = await resp.content.readany()
-                    if not chunk:
-                        break
-                    stats.data(rid, chunk)
-                    if not await self._send(ident, Data(request_id=rid, data=chunk)):
-                        return  # gateway gone: leaving the block closes the upstream response
-                await self._send(ident, End(request_id=rid))
-                stats.finished(rid, resp.status, "ok" if resp.status < 400 else "error")
-        except aiohttp.ClientError as exc:
+            await self.pool.request(job.method, job.path, job.body, on_head, on_data)
+        except BackendHTTPError as exc:
             self.errors_total += 1
             stats.finished(rid, 502, "error")
-            await self._send(ident, Fail(request_id=rid, status=502, code="backend_error",
-                                         message=f"llama-server: {exc}", source="backend"))
+            self.send_item(ident, Fail(request_id=rid, status=502, code="backend_error",
+                                       message=f"llama-server: {exc}", source="backend"))
+            return
+        if gone:
+            return
+        self.send_item(ident, End(request_id=rid))
+        stats.finished(rid, status, "ok" if status < 400 else "error")
 
     # ------------------------------------------------------------------ metrics
     async def _metrics(self) -> None:

@@ -135,19 +135,19 @@ class WhisperWorker(WorkerBus):
         self._close_sockets()
 
     # ------------------------------------------------------------------ jobs
-    async def _receive(self) -> None:
-        while True:
-            for ident, job in await self._next_jobs():
-                await self._dispatch(ident, job)
+    def _gateway_gone(self, ident: bytes) -> None:
+        for j in list(self.jobs.values()):
+            if j.ident == ident:
+                self._cancel(j, None)
 
-    async def _dispatch(self, ident: bytes, job: Job) -> None:
+    def _dispatch(self, ident: bytes, job: Job) -> None:
         if isinstance(job, Cancel):
             j = self.jobs.get(job.request_id)
             if j is not None:
                 self._cancel(j, None)
             return
         if isinstance(job, HttpJob):  # a chat/completion/... route sent a llama request to this model
-            await self._send(ident, Fail(
+            self.send_item(ident, Fail(
                 request_id=job.request_id, status=400, code="wrong_model_type",
                 message=f"model {self.launch.name!r} is a speech-to-text (whisper) model: "
                         "use POST /v1/audio/transcriptions or /v1/audio/translations"))
@@ -160,7 +160,7 @@ class WhisperWorker(WorkerBus):
         if len(self.jobs) >= self.parallel + self.launch.queue_size:  # running + queued, counted right now
             self.errors_total += 1
             self.stats.finished(job.request_id, 429, "rejected")
-            await self._send(ident, Fail(request_id=job.request_id, status=429, code="busy",
+            self.send_item(ident, Fail(request_id=job.request_id, status=429, code="busy",
                                          message=f"model {self.launch.name!r} is busy: queue is full"))
             return
         j = self.jobs[job.request_id] = _Job(ident, job)
@@ -192,16 +192,16 @@ class WhisperWorker(WorkerBus):
         except asyncio.CancelledError:
             status, outcome = (j.fail.status, "error") if j.fail is not None else (499, "cancelled")
             if j.fail is not None:
-                await self._send(j.ident, j.fail)
+                self.send_item(j.ident, j.fail)
         except engine.AudioError as exc:
             self.errors_total += 1
             status, outcome = 400, "error"
-            await self._send(j.ident, Fail(request_id=rid, status=400, code="invalid_audio", message=str(exc)))
+            self.send_item(j.ident, Fail(request_id=rid, status=400, code="invalid_audio", message=str(exc)))
         except Exception as exc:  # never let one request take the worker down
             self.errors_total += 1
             status, outcome = 500, "error"
             log.exception("job_failed", request_id=rid)
-            await self._send(j.ident, Fail(request_id=rid, status=500, code="transcription_failed",
+            self.send_item(j.ident, Fail(request_id=rid, status=500, code="transcription_failed",
                                            message=f"faster-whisper: {type(exc).__name__}: {exc}",
                                            source="backend"))
         finally:
@@ -235,13 +235,13 @@ class WhisperWorker(WorkerBus):
                 await asyncio.sleep(0)  # let lines scheduled by the thread before it returned land
                 if lines:
                     if not head_sent:
-                        head_sent = await self._send(j.ident, Head(request_id=rid, status=200, content_type=NDJSON))
+                        head_sent = self.send_item(j.ident, Head(request_id=rid, status=200, content_type=NDJSON))
                         if not head_sent:
                             j.cancel.set()
                     data, lines[:] = b"".join(lines), []
                     if b'"type":"segment"' in data:
                         self.stats.segment(rid)
-                    if head_sent and not await self._send(j.ident, Data(request_id=rid, data=data)):
+                    if head_sent and not self.send_item(j.ident, Data(request_id=rid, data=data)):
                         j.cancel.set()  # the gateway is gone: stop at the next segment
                 if fut.done():
                     break
@@ -254,8 +254,8 @@ class WhisperWorker(WorkerBus):
         except engine.Cancelled:
             raise asyncio.CancelledError from None
         if not head_sent:
-            await self._send(j.ident, Head(request_id=rid, status=200, content_type=NDJSON))
-        await self._send(j.ident, End(request_id=rid))
+            self.send_item(j.ident, Head(request_id=rid, status=200, content_type=NDJSON))
+        self.send_item(j.ident, End(request_id=rid))
         return tokens
 
     # ------------------------------------------------------------------ metrics

@@ -58,7 +58,10 @@ CASES = [(c, m) for c, u in UNIONS.items() for m in _members(u)]
 @given(data=st.data())
 def test_round_trip(codec_: codec.Codec[typing.Any], cls: type[msgspec.Struct], data: st.DataObject) -> None:
     msg = data.draw(struct_strategy(cls))
-    assert codec_.decode(codec_.encode(msg)) == msg
+    if codec_ is codec.STREAM:  # a stream frame carries a batch: the items of one loop tick
+        assert codec_.decode(codec_.encode([msg, msg])) == [msg, msg]
+    else:
+        assert codec_.decode(codec_.encode(msg)) == msg
 
 
 def test_every_message_is_in_a_union() -> None:

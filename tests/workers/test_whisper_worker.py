@@ -6,6 +6,7 @@ as a gateway), with the real faster-whisper tiny.en model.
 
 from __future__ import annotations
 
+import collections
 import os
 import shutil
 import signal
@@ -138,14 +139,21 @@ def gw(worker: Worker) -> Iterator[zmq.Socket[bytes]]:
     sock.close(0)
 
 
+_unread: dict[int, collections.deque[StreamItem]] = collections.defaultdict(collections.deque)
+
+
 def items(sock: zmq.Socket[bytes], rid: str | None = None, timeout: float = 60) -> Iterator[StreamItem]:
-    """Stream items (of ``rid`` if given) until one of them is End or Fail."""
+    """Stream items (of ``rid`` if given) until one of them is End or Fail. A frame carries the worker's items
+    of one loop tick: those not taken yet wait for the next call."""
     deadline = time.monotonic() + timeout
+    unread = _unread[id(sock)]
     while True:
-        left = deadline - time.monotonic()
-        if left <= 0 or not sock.poll(int(left * 1000)):
-            raise AssertionError(f"no End/Fail within {timeout}s")
-        item = STREAM.decode(sock.recv())
+        if not unread:
+            left = deadline - time.monotonic()
+            if left <= 0 or not sock.poll(int(left * 1000)):
+                raise AssertionError(f"no End/Fail within {timeout}s")
+            unread.extend(STREAM.decode(sock.recv()))
+        item = unread.popleft()
         if rid is not None and item.request_id != rid:
             continue
         yield item
