@@ -61,7 +61,7 @@ class Reader:
         sock = self.sock
         for _ in range(DRAIN_CAP):
             try:
-                if not sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:  # (cheaper than raising zmq.Again)
+                if not sock.EVENTS & zmq.POLLIN:  # (cheaper than raising zmq.Again)
                     return
                 frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
