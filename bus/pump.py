@@ -19,6 +19,7 @@ import asyncio
 import errno
 from collections import deque
 from collections.abc import Callable
+from typing import cast
 
 import structlog
 import zmq
@@ -61,7 +62,7 @@ class Reader:
         sock = self.sock
         for _ in range(DRAIN_CAP):
             try:
-                if not sock.EVENTS & zmq.POLLIN:  # (cheaper than raising zmq.Again)
+                if not cast(int, sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:  # (cheaper than raising zmq.Again)
                     return
                 frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
