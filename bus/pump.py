@@ -123,7 +123,7 @@ class Outbox:
 
     def _send(self, ident: bytes, frame: bytes) -> bool:
         try:
-            self.sock.send_multipart([ident, frame], zmq.NOBLOCK, copy=False)
+            self.sock.send_multipart([ident, frame], zmq.NOBLOCK)  # (copying small frames beats zmq's gc thread)
             return True
         except zmq.Again:
             self.blocked.setdefault(ident, deque()).appendleft(frame)

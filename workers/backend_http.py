@@ -37,7 +37,7 @@ class _Conn(asyncio.Protocol):
     def __init__(self, pool: BackendPool) -> None:
         self.pool = pool
         self.transport: asyncio.Transport | None = None  # (duck-typed: uvloop's are not subclasses)
-        self.buf = bytearray()
+        self.buf = b""  # bytes not yet consumed (an incomplete head, chunk size line or chunk)
         self.state = _DONE
         self.left = 0
         self.keep_alive = True
@@ -52,7 +52,7 @@ class _Conn(asyncio.Protocol):
         assert self.transport is not None
         self.on_head, self.on_data = on_head, on_data
         self.state, self.left, self.keep_alive, self.got_bytes = _HEAD, 0, True, False
-        self.buf.clear()
+        self.buf = b""
         self.done = self.pool.loop.create_future()
         self.transport.write(request)
         return self.done
@@ -97,7 +97,7 @@ class _Conn(asyncio.Protocol):
             self.abort()
             return
         self.got_bytes = True
-        self.buf += data
+        self.buf = self.buf + data if self.buf else data
         try:
             if self.state == _HEAD and not self._head():
                 return
@@ -119,8 +119,8 @@ class _Conn(asyncio.Protocol):
             if len(self.buf) > MAX_HEAD:
                 raise BackendHTTPError("llama-server's response head is too large")
             return False
-        lines = bytes(self.buf[:end]).split(b"\r\n")
-        del self.buf[: end + 4]
+        lines = self.buf[:end].split(b"\r\n")
+        self.buf = self.buf[end + 4 :]
         parts = lines[0].split(b" ", 2)
         if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
             raise BackendHTTPError(f"llama-server sent a bad status line: {lines[0][:80]!r}")
@@ -165,25 +165,55 @@ class _Conn(asyncio.Protocol):
         state = self.state
         if state == _LENGTH:
             n = min(self.left, len(buf))
-            out = bytes(buf[:n])
-            del buf[:n]
+            out, self.buf = (buf, b"") if n == len(buf) else (buf[:n], buf[n:])
             self.left -= n
             if self.left == 0:
                 self.state = _DONE
             return out
         if state == _UNTIL_CLOSE:
-            out = bytes(buf)
-            buf.clear()
-            return out
+            self.buf = b""
+            return buf
         if state not in (_CHUNK_SIZE, _CHUNK_DATA, _CHUNK_CRLF, _TRAILERS):
             return b""
         pieces: list[bytes] = []
         pos = 0
         size = len(buf)
+        find = buf.find
         while pos < size:
-            if state == _CHUNK_DATA:
+            if state == _CHUNK_SIZE:
+                # fast path: whole chunks (llama-server writes one SSE event per chunk, a read holds several)
+                while True:
+                    eol = find(b"\r\n", pos)
+                    if eol < 0 or eol - pos > 8:
+                        break
+                    try:
+                        n = int(buf[pos:eol], 16)
+                    except ValueError:
+                        break
+                    end = eol + 2 + n
+                    if n == 0 or end + 2 > size or buf[end : end + 2] != b"\r\n":
+                        break
+                    pieces.append(buf[eol + 2 : end])
+                    pos = end + 2
+                if pos >= size:
+                    break
+                eol = find(b"\r\n", pos)
+                if eol < 0:
+                    if size - pos > 1024:
+                        raise BackendHTTPError("llama-server sent a bad chunk size line")
+                    break
+                try:
+                    n = int(buf[pos:eol].split(b";", 1)[0], 16)
+                except ValueError:
+                    raise BackendHTTPError("llama-server sent a bad chunk size") from None
+                pos = eol + 2
+                if n:
+                    self.left, state = n, _CHUNK_DATA
+                else:
+                    state = _TRAILERS
+            elif state == _CHUNK_DATA:
                 n = min(self.left, size - pos)
-                pieces.append(bytes(buf[pos : pos + n]))
+                pieces.append(buf[pos : pos + n])
                 pos += n
                 self.left -= n
                 if self.left:
@@ -196,23 +226,8 @@ class _Conn(asyncio.Protocol):
                     raise BackendHTTPError("llama-server sent a bad chunk ending")
                 pos += 2
                 state = _CHUNK_SIZE
-            elif state == _CHUNK_SIZE:
-                eol = buf.find(b"\r\n", pos)
-                if eol < 0:
-                    if size - pos > 1024:
-                        raise BackendHTTPError("llama-server sent a bad chunk size line")
-                    break
-                try:
-                    n = int(bytes(buf[pos:eol]).split(b";", 1)[0], 16)
-                except ValueError:
-                    raise BackendHTTPError("llama-server sent a bad chunk size") from None
-                pos = eol + 2
-                if n:
-                    self.left, state = n, _CHUNK_DATA
-                else:
-                    state = _TRAILERS
             else:  # _TRAILERS: lines until an empty one
-                eol = buf.find(b"\r\n", pos)
+                eol = find(b"\r\n", pos)
                 if eol < 0:
                     break
                 empty = eol == pos
@@ -220,7 +235,7 @@ class _Conn(asyncio.Protocol):
                 if empty:
                     state = _DONE
                     break
-        del buf[:pos]
+        self.buf = buf[pos:] if pos < size else b""
         self.state = state
         return b"".join(pieces) if len(pieces) != 1 else pieces[0]
 

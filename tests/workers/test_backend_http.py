@@ -1,0 +1,199 @@
+"""The worker's HTTP client to llama-server: framing (chunked split anywhere, Content-Length, until close),
+keep-alive reuse, a stale kept-alive connection retried once, and stopping mid-answer closing the connection.
+
+The server side here is a scripted raw socket (it sends exactly the bytes a test gives, in the pieces given);
+the client's work against the real llama-server is covered end to end in tests/e2e and tests/gateway."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from workers.backend_http import BackendHTTPError, BackendPool
+
+Script = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+async def serve(script: Script) -> tuple[asyncio.Server, int, list[int]]:
+    connections: list[int] = []
+
+    async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        connections.append(1)
+        try:
+            await script(r, w)
+        finally:
+            w.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1], connections
+
+
+async def read_request(r: asyncio.StreamReader) -> bytes:
+    head = await r.readuntil(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            length = int(line.split(b":")[1])
+    return head + await r.readexactly(length)
+
+
+def chunked(pieces: list[bytes]) -> bytes:
+    return b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in pieces) + b"0\r\n\r\n"
+
+
+async def fetch(pool: BackendPool, body: bytes = b"{}") -> tuple[list[tuple[int, str]], bytes]:
+    heads: list[tuple[int, str]] = []
+    data: list[bytes] = []
+    await pool.request("POST", "/v1/chat/completions", body, lambda s, c: heads.append((s, c)) or True,
+                       lambda d: data.append(d) or True)
+    return heads, b"".join(data)
+
+
+def split_at(raw: bytes, cuts: list[int]) -> list[bytes]:
+    points = sorted({c % (len(raw) + 1) for c in cuts})
+    out, last = [], 0
+    for p in points:
+        out.append(raw[last:p])
+        last = p
+    out.append(raw[last:])
+    return [p for p in out if p]
+
+
+EVENTS = [b'data: {"choices":[{"delta":{"content":"' + w + b'"}}]}\n\n' for w in (b" the", b" quick", b" fox")]
+CHUNKED = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n"
+           b"Keep-Alive: timeout=5, max=100\r\n\r\n" + chunked([*EVENTS, b"data: [DONE]\n\n"]))
+
+
+@settings(max_examples=60, deadline=None)
+@given(cuts=st.lists(st.integers(min_value=0, max_value=10_000), max_size=12))
+def test_chunked_answer_split_anywhere(cuts: list[int]) -> None:
+    async def main() -> None:
+        async def script(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            await read_request(r)
+            for piece in split_at(CHUNKED, cuts):
+                w.write(piece)
+                await w.drain()
+                await asyncio.sleep(0)
+            await r.read()  # keep the connection open until the client is done with it
+
+        server, port, _ = await serve(script)
+        pool = BackendPool("127.0.0.1", port)
+        heads, data = await fetch(pool)
+        assert heads == [(200, "text/event-stream")]
+        assert data == b"".join([*EVENTS, b"data: [DONE]\n\n"])
+        assert len(pool.idle) == 1  # the exchange ended cleanly: the connection is kept for the next one
+        pool.close()
+        server.close()
+
+    asyncio.run(main())
+
+
+def test_content_length_keep_alive_reuses_one_connection() -> None:
+    async def main() -> None:
+        async def script(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            for i in range(3):
+                req = await read_request(r)
+                assert req.startswith(b"POST /v1/chat/completions HTTP/1.1\r\n") and req.endswith(b'{"n":%d}' % i)
+                body = b'{"answer":%d}' % i
+                w.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                        % (len(body), body))
+                await w.drain()
+            await r.read()
+
+        server, port, connections = await serve(script)
+        pool = BackendPool("127.0.0.1", port)
+        for i in range(3):
+            heads, data = await fetch(pool, b'{"n":%d}' % i)
+            assert heads == [(200, "application/json")] and data == b'{"answer":%d}' % i
+        assert len(connections) == 1
+        pool.close()
+        server.close()
+
+    asyncio.run(main())
+
+
+def test_stale_keep_alive_connection_is_retried_once() -> None:
+    async def main() -> None:
+        async def script(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            await read_request(r)
+            w.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await w.drain()
+            # then close, as llama-server's HTTP library does after its keep-alive count or timeout
+
+        server, port, connections = await serve(script)
+        pool = BackendPool("127.0.0.1", port)
+        assert (await fetch(pool))[1] == b"ok"
+        await asyncio.sleep(0.05)  # the server's close arrives while the connection is idle... or not yet:
+        assert (await fetch(pool))[1] == b"ok"  # either way the second request succeeds
+        assert len(connections) == 2
+        pool.close()
+        server.close()
+
+    asyncio.run(main())
+
+
+def test_close_delimited_body_and_errors() -> None:
+    async def main() -> None:
+        answers = iter([
+            b"HTTP/1.0 500 Internal Server Error\r\nContent-Type: application/json\r\n\r\n{\"error\":\"boom\"}",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhel",  # then closes mid-chunk
+            b"NOT HTTP\r\n\r\n",
+        ])
+
+        async def script(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            await read_request(r)
+            w.write(next(answers))
+            await w.drain()
+
+        server, port, _ = await serve(script)
+        pool = BackendPool("127.0.0.1", port)
+        heads, data = await fetch(pool)
+        assert heads == [(500, "application/json")] and data == b'{"error":"boom"}'
+        with pytest.raises(BackendHTTPError, match="in the middle"):
+            await fetch(pool)
+        with pytest.raises(BackendHTTPError, match="bad status line"):
+            await fetch(pool)
+        server.close()
+        pool2 = BackendPool("127.0.0.1", port)
+        await asyncio.sleep(0.05)
+        with pytest.raises(BackendHTTPError, match="cannot connect"):
+            await fetch(pool2)
+
+    asyncio.run(main())
+
+
+def test_stopping_mid_answer_closes_the_upstream_connection() -> None:
+    async def main() -> None:
+        closed = asyncio.Event()
+
+        async def script(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            await read_request(r)
+            w.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+            try:
+                for _ in range(10_000):  # an endless stream, as a long generation
+                    w.write(b"5\r\nhello\r\n")
+                    await w.drain()
+                    await asyncio.sleep(0.001)
+            except (ConnectionError, OSError):
+                closed.set()  # the client closed: llama-server's write fails and it stops generating
+
+        server, port, _ = await serve(script)
+        pool = BackendPool("127.0.0.1", port)
+        got: list[bytes] = []
+        await pool.request("POST", "/", b"{}", lambda s, c: True, lambda d: got.append(d) or len(got) < 3)
+        assert len(got) == 3 and not pool.idle  # a half-read answer's connection is never reused
+        await asyncio.wait_for(closed.wait(), 5)  # llama-server sees the close: it stops generating
+        # a cancelled request also closes its connection
+        task = asyncio.create_task(pool.request("POST", "/", b"{}", lambda s, c: True, lambda d: True))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert not pool.idle and not pool.busy
+        server.close()
+
+    asyncio.run(main())
