@@ -31,6 +31,7 @@ log = structlog.get_logger()
 
 DRAIN_CAP = 512  # messages per reader callback before the loop gets a turn
 RETRY_S = 0.002  # a gateway's queue is full (HWM): try again this much later
+LINGER_S = 0.003  # more data of a flowing stream waits at most this long for company (see Outbox.put)
 
 
 def sync_view(sock: zmq.Socket) -> zmq.Socket:
@@ -84,7 +85,9 @@ class Reader:
 
 
 class Outbox:
-    """A ROUTER's stream items to gateways, sent at the end of the loop tick: one frame per gateway.
+    """A ROUTER's stream items to gateways, sent at the end of the loop tick: one frame per gateway. More data
+    of a stream that already flows may wait up to ``LINGER_S`` (like TCP's Nagle, bounded): with many fast
+    streams a gateway then wakes once per millisecond for all of them instead of once per stream and read.
 
     ``put`` returns False once that gateway is known to be gone (``on_gone(ident)`` is then called once). A
     gateway whose queue is full (HWM) gets its frames later, in order."""
@@ -97,19 +100,31 @@ class Outbox:
         self.pending: dict[bytes, list[StreamItem]] = {}
         self.blocked: dict[bytes, deque[bytes]] = {}
         self.gone: set[bytes] = set()
+        self._soon = False  # a flush is scheduled for the end of this tick
+        self._timer: asyncio.TimerHandle | None = None  # a flush is scheduled within LINGER_S
 
-    def put(self, ident: bytes, item: StreamItem) -> bool:
+    def put(self, ident: bytes, item: StreamItem, urgent: bool = True) -> bool:
+        """Queue ``item``: sent at the end of this loop tick, or, if not ``urgent`` (more of a stream that is
+        already flowing), within ``LINGER_S``, together with what else comes meanwhile."""
         if ident in self.gone:
             return False
         items = self.pending.get(ident)
         if items is None:
-            if not self.pending:
-                self.loop.call_soon(self.flush)
             items = self.pending[ident] = []
         items.append(item)
+        if urgent:
+            if not self._soon:
+                self._soon = True
+                self.loop.call_soon(self.flush)
+        elif not self._soon and self._timer is None:
+            self._timer = self.loop.call_later(LINGER_S, self.flush)
         return True
 
     def flush(self) -> None:
+        self._soon = False
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         pending, self.pending = self.pending, {}
         for ident, items in pending.items():
             frame = STREAM.encode(items)

@@ -114,18 +114,9 @@ async def _generate(request: web.Request, kind: Literal["chat", "generate"]) -> 
         conv = tr.OllamaStream(model, kind, t0, relay.load_ns)
         try:
             async for chunk in relay.chunks():
-                out: list[dict[str, Any]] = []
-                for payload in parser.feed(chunk):
-                    try:
-                        obj = msgspec.json.decode(payload)
-                    except msgspec.DecodeError:
-                        continue
-                    if isinstance(obj, dict) and "error" in obj:
-                        raise ApiError(500, str(obj["error"]), source="backend")
-                    if isinstance(obj, dict):
-                        out.extend(conv.feed(obj))
-                if out:
-                    await resp.write(_ndjson(out))
+                lines = conv.feed_raw(parser.feed(chunk))
+                if lines:
+                    await resp.write(lines)
             await resp.write(_ndjson([conv.finish()]))
         except ApiError as err:  # mid-stream: Ollama's clients read an {"error"} line
             await resp.write(_ndjson([ollama_error_body(err)]))

@@ -424,6 +424,30 @@ def load_response(model: str, kind: str, done_reason: Literal["load", "unload"])
     return out
 
 
+class _Delta(msgspec.Struct):
+    content: str | None = None
+    reasoning_content: str | None = None
+    tool_calls: Any = None
+
+
+class _Choice(msgspec.Struct):
+    index: int | None = 0
+    delta: _Delta | None = None
+    text: str | None = None
+    finish_reason: str | None = None
+
+
+class _Chunk(msgspec.Struct):
+    choices: list[_Choice] = []
+    timings: dict[str, Any] | None = None
+    usage: dict[str, Any] | None = None
+    error: Any = None
+
+
+_decode_chunk = msgspec.json.Decoder(_Chunk).decode
+_enc = msgspec.json.Encoder()
+
+
 class OllamaStream:
     """Turns parsed llama-server OpenAI-style chunks (dicts) into Ollama NDJSON objects (dicts).
 
@@ -504,6 +528,57 @@ class OllamaStream:
                 if self._tools:
                     out.append(self._tool_object())
         return out
+
+    def feed_raw(self, payloads: list[bytes]) -> bytes:
+        """The NDJSON lines for SSE ``payloads`` (each a JSON chunk of llama-server's stream).
+
+        Hot path: a plain text delta (one choice, content only: nearly every chunk) is decoded into a typed
+        struct and written from a template, no dicts; anything else (tool calls, thinking, errors, odd shapes)
+        goes through ``feed``. A chunk with an ``error`` raises ``ApiError(source="backend")``."""
+        lines: list[bytes] = []
+        prefix = b""
+        for payload in payloads:
+            try:
+                chunk = _decode_chunk(payload)
+            except (msgspec.DecodeError, msgspec.ValidationError):
+                chunk = None
+            if chunk is not None and chunk.error is None:
+                if chunk.timings:
+                    self._timings = chunk.timings
+                if chunk.usage:
+                    self._usage = chunk.usage
+                choices = chunk.choices
+                if not choices:
+                    continue
+                if len(choices) == 1:
+                    c = choices[0]
+                    d = c.delta
+                    if (c.index == 0 and (d is None or (d.tool_calls is None and not d.reasoning_content))
+                            and not self._tools):
+                        text = c.text if d is None else d.content
+                        if text:
+                            if not prefix:
+                                prefix = self._line_prefix()
+                            lines.append(prefix + _enc.encode(text) + self._line_suffix)
+                        if c.finish_reason:
+                            self._finish_reason = c.finish_reason
+                        continue
+            try:
+                obj = msgspec.json.decode(payload)
+            except msgspec.DecodeError:
+                continue
+            if isinstance(obj, dict) and "error" in obj:
+                raise error_from_backend(obj["error"])
+            lines.extend(_enc.encode(o) + b"\n" for o in self.feed(obj))
+        return b"".join(lines)
+
+    def _line_prefix(self) -> bytes:
+        head = b'{"model":' + _enc.encode(self.model) + b',"created_at":"' + created_at().encode() + b'",'
+        return head + (b'"message":{"role":"assistant","content":' if self.kind == "chat" else b'"response":')
+
+    @property
+    def _line_suffix(self) -> bytes:
+        return b'},"done":false}\n' if self.kind == "chat" else b',"done":false}\n'
 
     def finish(self) -> dict[str, Any]:
         out: dict[str, Any] = {"model": self.model, "created_at": created_at()}

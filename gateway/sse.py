@@ -43,6 +43,10 @@ class SSEParser:
             self._started = True
             if buf.startswith(_BOM):
                 buf = buf[len(_BOM) :]
+        if not self._has_data and b"\r" not in buf:
+            fast = self._simple_events(buf)
+            if fast is not None:
+                return fast
         lines = buf.splitlines(keepends=True)  # bytes split only on \r, \n and \r\n
         if not lines:
             self._buf = b""
@@ -58,6 +62,22 @@ class SSEParser:
         out: list[bytes] = []
         for raw in lines:
             self._line(raw.rstrip(b"\r\n"), out)
+        return out
+
+    def _simple_events(self, buf: bytes) -> list[bytes] | None:
+        """Fast path: events that are each one ``data: ...`` line (what llama-server sends), split in one C call;
+        None (the line parser takes the buffer) when any event is not that simple."""
+        events = buf.split(b"\n\n")
+        tail = events.pop()  # an incomplete event: kept for the next feed
+        out: list[bytes] = []
+        for event in events:
+            if not event.startswith(b"data: ") or b"\n" in event:
+                return None
+            if event == b"data: [DONE]":
+                self.done = True
+            else:
+                out.append(event[6:])
+        self._buf = tail
         return out
 
     def flush(self) -> list[bytes]:

@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from itertools import repeat
 
 MAX_HEAD = 64 * 1024
+GATHER_S = 0.002  # reads of one answer closer than this: the next one waits this long (see _Conn._pace)
 
 OnHead = Callable[[int, str], bool]  # (status, content type) -> keep going?
 OnData = Callable[[bytes], bool]  # a read's body bytes -> keep going?
@@ -46,12 +48,15 @@ class _Conn(asyncio.Protocol):
         self.on_head: OnHead | None = None
         self.on_data: OnData | None = None
         self.done: asyncio.Future[None] | None = None
+        self.last_read = 0.0  # loop time of the last read that carried body data
+        self.paused = False
 
     # --------------------------------------------------------------------- exchange
     def start(self, request: bytes, on_head: OnHead, on_data: OnData) -> asyncio.Future[None]:
         assert self.transport is not None
         self.on_head, self.on_data = on_head, on_data
         self.state, self.left, self.keep_alive, self.got_bytes = _HEAD, 0, True, False
+        self.last_read = 0.0
         self.buf = b""
         self.done = self.pool.loop.create_future()
         self.transport.write(request)
@@ -111,6 +116,26 @@ class _Conn(asyncio.Protocol):
             return
         if self.state == _DONE:
             self._finish()
+        elif out:
+            self._pace()
+
+    def _pace(self) -> None:
+        """Body data arriving faster than one read per ``pool.gather_s``: wait that long before the next read, so
+        that the kernel gathers what comes meanwhile into one read (and one bus message) instead of waking us for
+        every token. A real model's tokens (milliseconds apart) are never held back; the first read of an answer
+        never is."""
+        now = self.pool.loop.time()
+        last, self.last_read = self.last_read, now
+        gather = self.pool.gather_s
+        if gather and now - last < gather and self.transport is not None and not self.paused:
+            self.paused = True
+            self.transport.pause_reading()
+            self.pool.loop.call_later(gather, self._resume)
+
+    def _resume(self) -> None:
+        self.paused = False
+        if self.transport is not None and not self.closed:
+            self.transport.resume_reading()
 
     # --------------------------------------------------------------------- parsing
     def _head(self) -> bool:
@@ -179,22 +204,15 @@ class _Conn(asyncio.Protocol):
         pos = 0
         size = len(buf)
         find = buf.find
+        tried = False
         while pos < size:
             if state == _CHUNK_SIZE:
-                # fast path: whole chunks (llama-server writes one SSE event per chunk, a read holds several)
-                while True:
-                    eol = find(b"\r\n", pos)
-                    if eol < 0 or eol - pos > 8:
-                        break
-                    try:
-                        n = int(buf[pos:eol], 16)
-                    except ValueError:
-                        break
-                    end = eol + 2 + n
-                    if n == 0 or end + 2 > size or buf[end : end + 2] != b"\r\n":
-                        break
-                    pieces.append(buf[eol + 2 : end])
-                    pos = end + 2
+                if not tried:  # once per read: the whole chunks in one go (after a chunk the last read split)
+                    tried = True
+                    whole = _whole_chunks(buf[pos:] if pos else buf)
+                    if whole is not None:
+                        pieces.append(whole[0])
+                        pos += whole[1]
                 if pos >= size:
                     break
                 eol = find(b"\r\n", pos)
@@ -240,11 +258,35 @@ class _Conn(asyncio.Protocol):
         return b"".join(pieces) if len(pieces) != 1 else pieces[0]
 
 
+def _whole_chunks(buf: bytes) -> tuple[bytes, int] | None:
+    """The payload of the complete non-empty chunks at the start of ``buf`` and the bytes they take, or None.
+
+    The fast path of a streamed answer: llama-server writes one SSE event per chunk and SSE data holds no CR LF,
+    so splitting on CR LF gives size, payload, size, payload...; every size is checked against its payload's
+    length in C-level loops (``map``), never a Python loop per token. Anything else (a payload containing CR LF,
+    the last chunk, extensions) fails the check and is left to the state machine."""
+    parts = buf.split(b"\r\n")
+    k = (len(parts) - 1) // 2  # (size, payload) pairs followed by the CR LF that ends the payload
+    if k == 0:
+        return None
+    sizes, payloads = parts[0 : 2 * k : 2], parts[1 : 2 * k : 2]
+    try:
+        lengths = list(map(int, sizes, repeat(16)))
+    except ValueError:
+        return None
+    if lengths != list(map(len, payloads)):
+        return None
+    if 0 in lengths:  # the last chunk is among them (or an empty payload): the state machine takes it
+        return None
+    return b"".join(payloads), sum(map(len, sizes)) + sum(lengths) + 4 * k
+
+
 class BackendPool:
     """Keep-alive connections to one host:port, reused last-in first-out."""
 
-    def __init__(self, host: str, port: int, connect_timeout: float = 10.0) -> None:
+    def __init__(self, host: str, port: int, connect_timeout: float = 10.0, gather_s: float = GATHER_S) -> None:
         self.host, self.port = host, port
+        self.gather_s = gather_s
         self.connect_timeout = connect_timeout
         self.loop = asyncio.get_running_loop()
         self.idle: list[_Conn] = []

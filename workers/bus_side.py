@@ -71,10 +71,10 @@ class WorkerBus:
             endpoint=self.endpoint if state == WorkerState.READY else "", backend_pid=backend_pid,
             message=message)))
 
-    def send_item(self, ident: bytes, item: Head | Data | End | Fail) -> bool:
+    def send_item(self, ident: bytes, item: Head | Data | End | Fail, urgent: bool = True) -> bool:
         """Queue ``item`` for the gateway ``ident`` (sent at the end of this loop tick, with every other item for
-        it); False once that gateway is known to be gone."""
-        return self.outbox.put(ident, item)
+        it; within 1 ms if not ``urgent``); False once that gateway is known to be gone."""
+        return self.outbox.put(ident, item, urgent)
 
     def _gateway_gone(self, ident: bytes) -> None:
         """A gateway went away: its jobs are cancelled (overridden by each worker)."""

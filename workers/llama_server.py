@@ -10,11 +10,11 @@ import sys
 import time
 from pathlib import Path
 
-import aiohttp
 import structlog
 
 from bus.protocol import WorkerLaunch
 from supervisor.child import kill_with_parent_preexec
+from workers.backend_http import BackendHTTPError, BackendPool
 
 log = structlog.get_logger()
 
@@ -97,21 +97,32 @@ class LlamaServer:
             exited.cancel()
 
     async def _wait_healthy(self, deadline: float, exited: asyncio.Future[int]) -> None:
-        async with aiohttp.ClientSession() as session:
+        pool = BackendPool("127.0.0.1", self.port, connect_timeout=2)
+        status = 0
+
+        def on_head(code: int, _content_type: str) -> bool:
+            nonlocal status
+            status = code
+            return True
+
+        try:
             while True:
                 if exited.done():
                     await asyncio.sleep(0.05)
                     raise BackendError(f"llama-server exited with code {self.proc.returncode if self.proc else '?'} "
                                        f"while loading: {self.last_output()}")
                 try:
-                    async with session.get(f"{self.base_url}/health", timeout=aiohttp.ClientTimeout(total=2)) as r:
-                        if r.status == 200:
-                            return
-                except (TimeoutError, aiohttp.ClientError):
+                    async with asyncio.timeout(2):
+                        await pool.request("GET", "/health", b"", on_head, lambda _data: True)
+                    if status == 200:
+                        return
+                except (TimeoutError, BackendHTTPError):
                     pass
                 if time.monotonic() > deadline:
                     raise BackendError("llama-server did not become healthy in time")
                 await asyncio.sleep(0.05)
+        finally:
+            pool.close()
 
     async def _pump_output(self) -> None:
         """Copy llama-server's output to its log file; find the port on the 'listening' line."""

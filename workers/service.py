@@ -188,7 +188,7 @@ class LlamaWorker(WorkerBus):
         stats = self.stats
         stats.started(rid)
         status = 0
-        gone = False
+        gone = flowing = False
 
         def on_head(code: int, content_type: str) -> bool:
             nonlocal status, gone
@@ -199,9 +199,10 @@ class LlamaWorker(WorkerBus):
             return not gone
 
         def on_data(chunk: bytes) -> bool:  # one backend read
-            nonlocal gone
+            nonlocal gone, flowing
             stats.data(rid, chunk)
-            gone = not self.send_item(ident, Data(request_id=rid, data=chunk))
+            gone = not self.send_item(ident, Data(request_id=rid, data=chunk), urgent=not flowing)
+            flowing = True  # the first data goes out at once; more of it may wait 1 ms for company
             return not gone  # gateway gone: the upstream connection is closed, llama-server stops
 
         try:

@@ -731,3 +731,57 @@ def test_non_stream_reply_survives_any_body(body: Any) -> None:
             assert err.source == "backend"
             continue
         msgspec.json.encode(obj)
+
+
+def _without_time(lines: bytes) -> list[dict[str, Any]]:
+    out = []
+    for line in lines.splitlines():
+        obj = msgspec.json.decode(line)
+        assert RFC3339.match(obj.pop("created_at"))
+        out.append(obj)
+    return out
+
+
+SPECIAL_CHUNKS: list[dict[str, Any]] = [
+    {"choices": [{"index": 0, "delta": {"role": "assistant", "content": None}}]},
+    {"choices": [{"index": 0, "delta": {"reasoning_content": "let me think"}}]},
+    {"choices": [{"index": 0, "delta": {"content": "é \"quoted\" \n\u2028 ok"}}]},
+    {"choices": [{"index": 1, "delta": {"content": "second answer: dropped"}}]},
+    {"choices": [{"index": 0, "delta": {"tool_calls": [
+        {"index": 0, "id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": "{\"ci"}}]}}]},
+    {"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "function": {"arguments": "ty\":\"Paris\"}"}}]}}]},
+    {"choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]},
+    {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}},
+]
+
+
+@settings(max_examples=40, deadline=None)
+@given(cuts=st.lists(st.integers(min_value=0, max_value=100_000), max_size=20),
+       fixture=st.sampled_from(["chat_stream.txt", "completions_stream.txt"]),
+       kind=st.sampled_from(["chat", "generate"]), special=st.booleans())
+def test_feed_raw_is_feed(cuts: list[int], fixture: str, kind: Any, special: bool) -> None:
+    """The hot path (typed decoding, templated lines) answers exactly what the dict path answers, for the recorded
+    streams cut anywhere, and for the chunks it hands over to the dict path (thinking, tool calls, other choices)."""
+    chunks = golden_chunks(fixture) + (SPECIAL_CHUNKS if special else [])
+    raw = b"".join(b"data: " + msgspec.json.encode(c) + b"\n\n" for c in chunks) + b"data: [DONE]\n\n"
+    by_dict = OllamaStream("m", kind, started_ns=START, clock=clock_at(START + 5))
+    expected = b"".join(msgspec.json.encode(o) + b"\n" for c in chunks for o in by_dict.feed(c))
+    fast = OllamaStream("m", kind, started_ns=START, clock=clock_at(START + 5))
+    parser = SSEParser()
+    points = sorted({c % (len(raw) + 1) for c in cuts} | {len(raw)})
+    got, last = b"", 0
+    for p in points:
+        got += fast.feed_raw(parser.feed(raw[last:p]))
+        last = p
+    assert parser.done
+    assert _without_time(got) == _without_time(expected)
+    final, final_dict = fast.finish(), by_dict.finish()
+    final.pop("created_at"), final_dict.pop("created_at")
+    assert final == final_dict
+
+
+def test_feed_raw_error_chunk_raises() -> None:
+    stream = OllamaStream("m", "chat", started_ns=START)
+    with pytest.raises(ApiError) as err:
+        stream.feed_raw([b'{"error":{"code":500,"message":"slot unavailable","type":"server_error"}}'])
+    assert err.value.source == "backend" and "slot unavailable" in err.value.message
