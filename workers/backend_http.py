@@ -48,13 +48,15 @@ class _Conn(asyncio.Protocol):
         self.on_head: OnHead | None = None
         self.on_data: OnData | None = None
         self.done: asyncio.Future[None] | None = None
+        self.flowing: Callable[[], bool] | None = None  # pacing starts once this says so (first token sent)
         self.last_read = 0.0  # loop time of the last read that carried body data
         self.paused = False
 
     # --------------------------------------------------------------------- exchange
-    def start(self, request: bytes, on_head: OnHead, on_data: OnData) -> asyncio.Future[None]:
+    def start(self, request: bytes, on_head: OnHead, on_data: OnData,
+              flowing: Callable[[], bool] | None = None) -> asyncio.Future[None]:
         assert self.transport is not None
-        self.on_head, self.on_data = on_head, on_data
+        self.on_head, self.on_data, self.flowing = on_head, on_data, flowing
         self.state, self.left, self.keep_alive, self.got_bytes = _HEAD, 0, True, False
         self.last_read = 0.0
         self.buf = b""
@@ -64,7 +66,7 @@ class _Conn(asyncio.Protocol):
 
     def _finish(self, exc: BaseException | None = None) -> None:
         done, self.done = self.done, None
-        self.on_head = self.on_data = None
+        self.on_head = self.on_data = self.flowing = None
         self.state = _DONE
         if exc is not None or not self.keep_alive or self.buf:
             self.abort()
@@ -123,11 +125,12 @@ class _Conn(asyncio.Protocol):
         """Body data arriving faster than one read per ``pool.gather_s``: wait that long before the next read, so
         that the kernel gathers what comes meanwhile into one read (and one bus message) instead of waking us for
         every token. A real model's tokens (milliseconds apart) are never held back; the first read of an answer
-        never is."""
+        never is, nor any before ``flowing()`` (the worker: until the first token went out)."""
         now = self.pool.loop.time()
         last, self.last_read = self.last_read, now
         gather = self.pool.gather_s
-        if gather and now - last < gather and self.transport is not None and not self.paused:
+        if (gather and now - last < gather and self.transport is not None and not self.paused
+                and (self.flowing is None or self.flowing())):
             self.paused = True
             self.transport.pause_reading()
             self.pool.loop.call_later(gather, self._resume)
@@ -310,7 +313,8 @@ class BackendPool:
         if conn in self.idle:
             self.idle.remove(conn)
 
-    async def request(self, method: str, path: str, body: bytes, on_head: OnHead, on_data: OnData) -> None:
+    async def request(self, method: str, path: str, body: bytes, on_head: OnHead, on_data: OnData,
+                      flowing: Callable[[], bool] | None = None) -> None:
         """Send one request; ``on_head`` then ``on_data`` (once per read) are called from the protocol. Returns at
         the end of the response (or when a callback said stop); raises BackendHTTPError."""
         head = (f"{method} {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
@@ -323,7 +327,7 @@ class BackendPool:
             conn = self.idle.pop() if self.idle else await self._connect()
             self.busy.add(conn)
             try:
-                await conn.start(request, on_head, on_data)
+                await conn.start(request, on_head, on_data, flowing)
                 return
             except _Stale:
                 if fresh or attempt:

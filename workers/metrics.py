@@ -109,6 +109,11 @@ class WorkerStats(RequestFigures):
         self._emit(RequestEvent(request_id=rid, model=self.name, phase="started", path=st.path,
                                 stream=st.stream, queued_s=st.started - st.arrived))
 
+    def flowing(self, rid: str) -> bool:
+        """The request's first token went out (a streamed one; or any answer to a non-streaming one)."""
+        st = self.live.get(rid)
+        return st is not None and st.first != 0.0
+
     def data(self, rid: str, chunk: bytes) -> None:
         """One backend read (hot path: byte counts only)."""
         st = self.live.get(rid)

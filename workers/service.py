@@ -201,12 +201,16 @@ class LlamaWorker(WorkerBus):
         def on_data(chunk: bytes) -> bool:  # one backend read
             nonlocal gone, flowing
             stats.data(rid, chunk)
+            # everything up to the first token goes out at once; more of a flowing stream may wait for company
             gone = not self.send_item(ident, Data(request_id=rid, data=chunk), urgent=not flowing)
-            flowing = True  # the first data goes out at once; more of it may wait 1 ms for company
+            flowing = stats.flowing(rid)
             return not gone  # gateway gone: the upstream connection is closed, llama-server stops
 
+        def is_flowing() -> bool:
+            return flowing
+
         try:
-            await self.pool.request(job.method, job.path, job.body, on_head, on_data)
+            await self.pool.request(job.method, job.path, job.body, on_head, on_data, is_flowing)
         except BackendHTTPError as exc:
             self.errors_total += 1
             stats.finished(rid, 502, "error")
