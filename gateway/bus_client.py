@@ -37,15 +37,19 @@ from bus.protocol import (
     WorkerState,
     WorkerStateEvent,
 )
-from bus.pump import Reader, sync_view
+from bus.pump import NOBLOCK, Reader, sync_view
 from gateway.errors import ApiError
 
 log = structlog.get_logger()
 
 class Channel:
-    """The stream of one request: items arrive from the worker link, the handler takes them in batches."""
+    """The stream of one request: items arrive from the worker link, the handler takes them in batches.
 
-    __slots__ = ("request_id", "worker", "link", "_items", "_event", "finished", "lease")
+    A handler waiting longer than ``timeout`` for the next item gets a 504. One timer per request checks that (not a
+    timeout context per wait: that cost a timer handle and two callbacks per batch on the hot path)."""
+
+    __slots__ = ("request_id", "worker", "link", "_items", "_waiter", "finished", "lease", "_timer", "_since",
+                 "_expired", "_loop")
 
     def __init__(self, request_id: str, worker: str, link: WorkerLink, lease: str = "") -> None:
         self.request_id = request_id
@@ -53,24 +57,51 @@ class Channel:
         self.worker = worker
         self.link = link
         self._items: list[StreamItem] = []
-        self._event = asyncio.Event()
+        self._waiter: asyncio.Future[None] | None = None
         self.finished = False
+        self._loop = asyncio.get_running_loop()
+        self._timer: asyncio.TimerHandle | None = None
+        self._since = 0.0  # loop time the handler started waiting, or of the last item since
+        self._expired = False
 
     def push(self, item: StreamItem) -> None:
         self._items.append(item)
-        self._event.set()
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     async def batch(self, timeout: float) -> list[StreamItem]:
         if not self._items:
+            loop = self._loop
+            self._since = loop.time()
+            if self._timer is None:
+                self._timer = loop.call_later(timeout, self._check, timeout)
+            self._waiter = loop.create_future()
             try:
-                async with asyncio.timeout(timeout):  # not wait_for: no extra task (2 loop turns) per wakeup
-                    await self._event.wait()
-            except TimeoutError:
-                raise ApiError(504, f"no answer from model {self.worker!r} within {timeout:.0f}s",
-                               code="timeout") from None
+                await self._waiter
+            finally:
+                self._waiter = None
+            if self._expired and not self._items:
+                self._expired = False
+                raise ApiError(504, f"no answer from model {self.worker!r} within {timeout:.0f}s", code="timeout")
         items, self._items = self._items, []
-        self._event.clear()
         return items
+
+    def _check(self, timeout: float) -> None:
+        waited = self._loop.time() - self._since
+        waiter = self._waiter
+        if waiter is not None and not waiter.done() and waited >= timeout * 0.999:
+            self._timer = None
+            self._expired = True
+            waiter.set_result(None)
+        else:  # busy meanwhile: check again when the current wait would reach the timeout
+            self._timer = self._loop.call_later(max(timeout - waited, 0.001) if waiter else timeout, self._check,
+                                                timeout)
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
 
 class WorkerLink:
@@ -91,7 +122,7 @@ class WorkerLink:
 
     def send(self, payload: bytes) -> None:
         """Send a job now; raises ``zmq.Again`` when the worker's queue is full."""
-        self.sock.send(payload, zmq.NOBLOCK, copy=False)
+        self.sock.send(payload, NOBLOCK, copy=False)
         self.reader.kick()
 
     async def send_job(self, payload: bytes, timeout: float) -> None:
@@ -315,6 +346,7 @@ class GatewayBus:
     async def close_channel(self, ch: Channel) -> None:
         """Forget a channel; if its stream did not finish, cancel it at the worker (frees the slot)."""
         ch.link.channels.pop(ch.request_id, None)
+        ch.close()
         if not ch.finished:
             with contextlib.suppress(zmq.ZMQError):
                 ch.link.send(JOBS.encode(Cancel(request_id=ch.request_id)))

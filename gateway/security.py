@@ -123,6 +123,12 @@ async def read_body(request: web.Request, timeout: float, limit: int) -> bytes:
     length = request.content_length
     if length is not None and length > limit:
         raise _too_large(limit)
+    content = request.content
+    if content.is_eof():  # the whole body is already here (a small request): no timer, no loop
+        data = content.read_nowait(-1)
+        if len(data) > limit:
+            raise _too_large(limit)
+        return data
     buf = bytearray()
     try:
         async with asyncio.timeout(timeout):

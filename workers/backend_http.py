@@ -49,14 +49,15 @@ class _Conn(asyncio.Protocol):
         self.on_data: OnData | None = None
         self.done: asyncio.Future[None] | None = None
         self.flowing: Callable[[], bool] | None = None  # pacing starts once this says so (first token sent)
+        self.on_end: Callable[[], None] | None = None  # called when the answer ended cleanly
         self.last_read = 0.0  # loop time of the last read that carried body data
         self.paused = False
 
     # --------------------------------------------------------------------- exchange
-    def start(self, request: bytes, on_head: OnHead, on_data: OnData,
-              flowing: Callable[[], bool] | None = None) -> asyncio.Future[None]:
+    def start(self, request: bytes, on_head: OnHead, on_data: OnData, flowing: Callable[[], bool] | None = None,
+              on_end: Callable[[], None] | None = None) -> asyncio.Future[None]:
         assert self.transport is not None
-        self.on_head, self.on_data, self.flowing = on_head, on_data, flowing
+        self.on_head, self.on_data, self.flowing, self.on_end = on_head, on_data, flowing, on_end
         self.state, self.left, self.keep_alive, self.got_bytes = _HEAD, 0, True, False
         self.last_read = 0.0
         self.buf = b""
@@ -64,9 +65,12 @@ class _Conn(asyncio.Protocol):
         self.transport.write(request)
         return self.done
 
-    def _finish(self, exc: BaseException | None = None) -> None:
+    def _finish(self, exc: BaseException | None = None, stopped: bool = False) -> None:
         done, self.done = self.done, None
-        self.on_head = self.on_data = self.flowing = None
+        on_end = self.on_end
+        self.on_head = self.on_data = self.flowing = self.on_end = None
+        if exc is None and not stopped and on_end is not None:
+            on_end()  # in this very callback: the end leaves with the last data, not a loop turn later
         self.state = _DONE
         if exc is not None or not self.keep_alive or self.buf:
             self.abort()
@@ -114,7 +118,7 @@ class _Conn(asyncio.Protocol):
             return
         if out and self.on_data is not None and not self.on_data(out):
             self.keep_alive = False
-            self._finish()
+            self._finish(stopped=True)
             return
         if self.state == _DONE:
             self._finish()
@@ -183,7 +187,7 @@ class _Conn(asyncio.Protocol):
             self.state, self.keep_alive = _UNTIL_CLOSE, False
         if self.on_head is not None and not self.on_head(status, content_type):
             self.keep_alive = False
-            self._finish()
+            self._finish(stopped=True)
             return False
         return True
 
@@ -314,9 +318,10 @@ class BackendPool:
             self.idle.remove(conn)
 
     async def request(self, method: str, path: str, body: bytes, on_head: OnHead, on_data: OnData,
-                      flowing: Callable[[], bool] | None = None) -> None:
-        """Send one request; ``on_head`` then ``on_data`` (once per read) are called from the protocol. Returns at
-        the end of the response (or when a callback said stop); raises BackendHTTPError."""
+                      flowing: Callable[[], bool] | None = None, on_end: Callable[[], None] | None = None) -> None:
+        """Send one request; ``on_head`` then ``on_data`` (once per read), then ``on_end`` at a clean end, are called
+        from the protocol. Returns at the end of the response (or when a callback said stop); raises
+        BackendHTTPError."""
         head = (f"{method} {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
                 + (f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n" if body or method == "POST"
                    else "")
@@ -327,7 +332,7 @@ class BackendPool:
             conn = self.idle.pop() if self.idle else await self._connect()
             self.busy.add(conn)
             try:
-                await conn.start(request, on_head, on_data, flowing)
+                await conn.start(request, on_head, on_data, flowing, on_end)
                 return
             except _Stale:
                 if fresh or attempt:

@@ -1,7 +1,7 @@
 """What every worker shares on the bus: its sockets, its hellos to the supervisor, answering gateways.
 
 - control: DEALER to the supervisor (WorkerHello on every state change)
-- pub: PUB into the metrics bus
+- pub: XPUB into the metrics bus (an XPUB to hear subscriptions: request events are built only when wanted)
 - router: ROUTER at endpoints.worker(run_dir, name), where gateways send Jobs and get StreamItems back (read from
   the loop's reader callback, answered through an Outbox: one frame per gateway per loop tick, see bus/pump.py)
 """
@@ -22,7 +22,7 @@ import zmq.asyncio
 from bus import endpoints
 from bus.codec import COMMANDS, JOBS, BusDecodeError
 from bus.protocol import Data, End, Fail, Head, Job, WorkerHello, WorkerLaunch, WorkerState
-from bus.pump import Outbox, Reader
+from bus.pump import NOBLOCK, Outbox, Reader, sync_view
 
 log = structlog.get_logger()
 
@@ -45,10 +45,15 @@ class WorkerBus:
         self.control = self.ctx.socket(zmq.DEALER)
         self.control.linger = 0
         self.control.connect(endpoints.control(self.launch.run_dir))
-        self.pub = self.ctx.socket(zmq.PUB)
+        # An XPUB, not a PUB: it hears which topics anybody subscribes to (the supervisor's proxy passes them on), so
+        # per-request events are not even built while nobody listens (they cost ~10% of a tiny request).
+        self.pub = self.ctx.socket(zmq.XPUB)
         self.pub.linger = 0
         self.pub.sndhwm = 1000
         self.pub.connect(endpoints.metrics_in(self.launch.run_dir))
+        self._pub = sync_view(self.pub)
+        self.subscriptions: set[bytes] = set()
+        self._sub_reader = Reader(self.pub, self._on_subscription)
         self.router = self.ctx.socket(zmq.ROUTER)
         self.router.linger = 0
         self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a send to a gone gateway fails instead of vanishing
@@ -58,7 +63,29 @@ class WorkerBus:
         self.router.bind(self.endpoint)
         self.outbox = Outbox(self.router, self._gateway_gone)
 
+    def _on_subscription(self, frames: list[zmq.Frame]) -> None:
+        msg = frames[0].bytes
+        if msg[:1] == b"\x01":
+            self.subscriptions.add(msg[1:])
+        elif msg[:1] == b"\x00":
+            self.subscriptions.discard(msg[1:])
+        self.subscriptions_changed()
+
+    def subscriptions_changed(self) -> None:
+        """Somebody subscribed or unsubscribed on the metrics bus (overridden: who needs to know)."""
+
+    def wanted(self, topic: str) -> bool:
+        """Does any subscriber want events of ``topic``?"""
+        raw = topic.encode()
+        return any(raw.startswith(s) for s in self.subscriptions)
+
+    def publish(self, frames: list[bytes]) -> None:
+        """Publish an event now (dropped when the bus is full or gone: events never block a worker)."""
+        with contextlib.suppress(zmq.ZMQError):
+            self._pub.send_multipart(frames, NOBLOCK)
+
     def _close_sockets(self) -> None:
+        self._sub_reader.close()
         self.outbox.flush()  # the last items (e.g. Fails of a stop) leave before the sockets close
         for sock in (self.router, self.control, self.pub):
             sock.close(linger=0)

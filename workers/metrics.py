@@ -46,6 +46,7 @@ class RequestFigures:
 
     name: str
     pub: zmq.Socket | None = None  # a sync view of the worker's PUB socket (None: no events, e.g. tests)
+    wanted: bool = True  # does anybody subscribe to this model's request events? (the worker keeps it current)
     tokens_total: int = 0
     ttfts: collections.deque[float] = field(default_factory=lambda: collections.deque(maxlen=100))
     ttft_last: float = 0.0
@@ -69,7 +70,7 @@ class RequestFigures:
         return statistics.median(self.ttfts) if self.ttfts else 0.0
 
     def _emit(self, event: RequestEvent) -> None:
-        if self.pub is None:
+        if self.pub is None or not self.wanted:
             return
         try:
             self.pub.send_multipart(encode_event(self.topic, event), zmq.NOBLOCK)

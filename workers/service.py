@@ -1,7 +1,11 @@
 """A llama worker process: serves Jobs from gateways on its ROUTER, relaying its llama-server's output.
 
-Hot path: one bus message per backend read (everything llama-server produced since the last read), never one
-message per token.
+Hot path (issue 7, measured in BENCHMARKS.md): llama-server is spoken to through workers/backend_http.py, whose
+reads are handed over as they come (everything llama-server produced since the last read, never one message per
+token); the answer's items leave through the Outbox (bus/pump.py): one frame per gateway per loop tick, so a small
+answer's head, body and end cross the bus as one message. Once a stream flows (its first token went out), reads
+closer than 2 ms apart wait that long and data waits up to 3 ms for company: a fast stream moves in few, large
+messages; a real model's tokens (tens of ms apart) and every first token are never held back.
 """
 
 from __future__ import annotations
@@ -209,25 +213,29 @@ class LlamaWorker(WorkerBus):
         def is_flowing() -> bool:
             return flowing
 
+        def on_end() -> None:  # in the same loop turn as the last data: one bus frame for a small answer
+            self.send_item(ident, End(request_id=rid))
+            stats.finished(rid, status, "ok" if status < 400 else "error")
+
         try:
-            await self.pool.request(job.method, job.path, job.body, on_head, on_data, is_flowing)
+            await self.pool.request(job.method, job.path, job.body, on_head, on_data, is_flowing, on_end)
         except BackendHTTPError as exc:
             self.errors_total += 1
             stats.finished(rid, 502, "error")
             self.send_item(ident, Fail(request_id=rid, status=502, code="backend_error",
                                        message=f"llama-server: {exc}", source="backend"))
             return
-        if gone:
-            return
-        self.send_item(ident, End(request_id=rid))
-        stats.finished(rid, status, "ok" if status < 400 else "error")
 
     # ------------------------------------------------------------------ metrics
+    def subscriptions_changed(self) -> None:
+        self.stats.wanted = self.wanted(self.stats.topic)
+
     async def _metrics(self) -> None:
         me = psutil.Process()
         topic = endpoints.topic_worker_metrics(self.launch.name)
         backend = None
-        self.stats.pub = zmq.Socket.shadow(self.pub.underlying)  # per-request events: sync, never awaited
+        self.stats.pub = self._pub  # per-request events: sync, never awaited
+        self.subscriptions_changed()
         while True:
             rss = me.memory_info().rss
             cpu = me.cpu_percent()
@@ -246,6 +254,5 @@ class LlamaWorker(WorkerBus):
                 tokens_per_s=tps, requests_per_s=rps, ttft_last_s=self.stats.ttft_last,
                 ttft_p50_s=self.stats.ttft_p50(), model_path=self.launch.model_path,
             )
-            with contextlib.suppress(zmq.ZMQError):
-                await self.pub.send_multipart(encode_event(topic, event))
+            self.publish(encode_event(topic, event))
             await asyncio.sleep(1.0)

@@ -78,7 +78,8 @@ class WhisperWorker(WorkerBus):
     # ------------------------------------------------------------------ main
     async def run(self) -> int:
         self._sockets()
-        self.stats.pub = zmq.Socket.shadow(self.pub.underlying)  # per-request events: sync, never awaited
+        self.stats.pub = self._pub  # per-request events: sync, never awaited
+        self.subscriptions_changed()
         install_stop_signals(self.stopping.set)
         parent = asyncio.create_task(watch_parent(self.launch.supervisor_pid, self.stopping.set))
         await self.hello(WorkerState.STARTING)
@@ -259,6 +260,9 @@ class WhisperWorker(WorkerBus):
         return tokens
 
     # ------------------------------------------------------------------ metrics
+    def subscriptions_changed(self) -> None:
+        self.stats.wanted = self.wanted(self.stats.topic)
+
     async def _metrics(self) -> None:
         me = psutil.Process()
         topic = endpoints.topic_worker_metrics(self.launch.name)
@@ -272,6 +276,5 @@ class WhisperWorker(WorkerBus):
                 model_path=self.launch.model_path, tokens_per_s=tps, requests_per_s=rps,
                 ttft_last_s=self.stats.ttft_last, ttft_p50_s=self.stats.ttft_p50(),
             )
-            with contextlib.suppress(zmq.ZMQError):
-                await self.pub.send_multipart(encode_event(topic, event))
+            self.publish(encode_event(topic, event))
             await asyncio.sleep(1.0)
