@@ -34,7 +34,7 @@ EVENTS, POLLIN, NOBLOCK = int(zmq.EVENTS), int(zmq.POLLIN), int(zmq.NOBLOCK)
 
 DRAIN_CAP = 512  # messages per reader callback before the loop gets a turn
 RETRY_S = 0.002  # a gateway's queue is full (HWM): try again this much later
-LINGER_S = 0.003  # more data of a flowing stream waits at most this long for company (see Outbox.put)
+LINGER_S = 0.001  # more data of a flowing stream waits at most this long for company (see Outbox.put)
 
 
 def sync_view(sock: zmq.Socket) -> zmq.Socket:

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from itertools import repeat
 
 MAX_HEAD = 64 * 1024
-GATHER_S = 0.002  # reads of one answer closer than this: the next one waits this long (see _Conn._pace)
+GATHER_S = 0.0005  # reads of one flowing answer closer than this: the next one waits this long (see _Conn._pace)
 
 OnHead = Callable[[int, str], bool]  # (status, content type) -> keep going?
 OnData = Callable[[bytes], bool]  # a read's body bytes -> keep going?

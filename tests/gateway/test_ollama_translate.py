@@ -752,6 +752,12 @@ SPECIAL_CHUNKS: list[dict[str, Any]] = [
     {"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "function": {"arguments": "ty\":\"Paris\"}"}}]}}]},
     {"choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]},
     {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}},
+    # plain text chunks with escapes, an empty one, and one carrying timings (timings_per_token)
+    {"choices": [{"finish_reason": None, "index": 0, "delta": {"content": 'a \\ "b" \u00e9\t'}}], "created": 1},
+    {"choices": [{"finish_reason": None, "index": 0, "delta": {"content": "x"}}], "created": 1,
+     "timings": {"prompt_n": 5, "prompt_ms": 1.5, "predicted_n": 9, "predicted_ms": 20.0, "cache_n": 0}},
+    {"choices": [{"text": " t\"x", "index": 0, "logprobs": None, "finish_reason": None}], "created": 1},
+    {"choices": [{"finish_reason": None, "index": 0, "delta": {"content": ""}}], "created": 1},
 ]
 
 

@@ -66,11 +66,11 @@ def params(args: argparse.Namespace, kind: str) -> Params:
             )
         if args.tokens:
             p.tokens = {c: args.tokens for c in p.concurrency}
-    else:  # the real model: ~90 tokens/s with -t 1 on these machines
+    else:  # the real model: 45-90 tokens/s with -t 1 on these machines; loops long enough for several streams a run
         p = Params(
             runs=3,
-            tokens={1: 64, 16: 16, 64: 8},
-            duration=1.5,
+            tokens={1: 32, 16: 16, 64: 8},
+            duration=5.0,
             samples=30,
             ttft_tokens=2,
             rps_duration=2.0,
