@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway.sse import SSEParser
+from tests.pieces import split_at
 
 GOLDEN = Path(__file__).parent / "golden"
 
@@ -19,16 +20,6 @@ def parse_all(chunks: list[bytes]) -> tuple[list[bytes], bool]:
     for chunk in chunks:
         out.extend(parser.feed(chunk))
     return out, parser.done
-
-
-def split_at(data: bytes, cuts: list[int]) -> list[bytes]:
-    points = sorted({c % (len(data) + 1) for c in cuts})
-    pieces, start = [], 0
-    for p in points:
-        pieces.append(data[start:p])
-        start = p
-    pieces.append(data[start:])
-    return pieces
 
 
 def test_llama_server_style_stream() -> None:
