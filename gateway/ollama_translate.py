@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -445,6 +445,7 @@ class _Chunk(msgspec.Struct):
 
 
 _decode_chunk = msgspec.json.Decoder(_Chunk).decode
+_decode_chunks = msgspec.json.Decoder(list[_Chunk]).decode
 _enc = msgspec.json.Encoder()
 
 
@@ -536,12 +537,23 @@ class OllamaStream:
         struct and written from a template, no dicts; anything else (tool calls, thinking, errors, odd shapes)
         goes through ``feed``. A chunk with an ``error`` raises ``ApiError(source="backend")``."""
         lines: list[bytes] = []
+        if not payloads:
+            return b""
+        try:  # the batch in one call (a JSON array of the chunks); one odd chunk sends them all one by one
+            chunks: Sequence[_Chunk | None] = _decode_chunks(b"[" + b",".join(payloads) + b"]")
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            chunks = []
+        if len(chunks) != len(payloads):  # (a payload holding two values would shift them)
+            chunks = [None] * len(payloads)
         prefix = b""
-        for payload in payloads:
-            try:
-                chunk = _decode_chunk(payload)
-            except (msgspec.DecodeError, msgspec.ValidationError):
-                chunk = None
+        suffix = self._line_suffix
+        encode = _enc.encode
+        for payload, chunk in zip(payloads, chunks, strict=True):
+            if chunk is None:
+                try:
+                    chunk = _decode_chunk(payload)
+                except (msgspec.DecodeError, msgspec.ValidationError):
+                    chunk = None
             if chunk is not None and chunk.error is None:
                 if chunk.timings:
                     self._timings = chunk.timings
@@ -559,7 +571,7 @@ class OllamaStream:
                         if text:
                             if not prefix:
                                 prefix = self._line_prefix()
-                            lines.append(prefix + _enc.encode(text) + self._line_suffix)
+                            lines.append(prefix + encode(text) + suffix)
                         if c.finish_reason:
                             self._finish_reason = c.finish_reason
                         continue
@@ -569,7 +581,7 @@ class OllamaStream:
                 continue
             if isinstance(obj, dict) and "error" in obj:
                 raise error_from_backend(obj["error"])
-            lines.extend(_enc.encode(o) + b"\n" for o in self.feed(obj))
+            lines.extend(encode(o) + b"\n" for o in self.feed(obj))
         return b"".join(lines)
 
     def _line_prefix(self) -> bytes:

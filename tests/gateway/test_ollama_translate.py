@@ -786,6 +786,16 @@ def test_feed_raw_is_feed(cuts: list[int], fixture: str, kind: Any, special: boo
     assert final == final_dict
 
 
+def test_feed_raw_odd_payloads_in_a_batch() -> None:
+    """A batch is decoded in one call; a payload that is not one chunk object sends the batch one by one, and the
+    lines are those of the good chunks, in order."""
+    good = [b'{"choices":[{"index":0,"delta":{"content":"%d"}}]}' % i for i in range(3)]
+    for odd in (b"not json", b'{"choices":[]},{"choices":[]}', b"", b'{"choices":"x"}', b"[1,2]"):
+        stream = OllamaStream("m", "chat", started_ns=START)
+        got = _without_time(stream.feed_raw([good[0], odd, good[1], good[2]]))
+        assert [o["message"]["content"] for o in got] == ["0", "1", "2"], odd
+
+
 def test_feed_raw_error_chunk_raises() -> None:
     stream = OllamaStream("m", "chat", started_ns=START)
     with pytest.raises(ApiError) as err:
