@@ -31,7 +31,7 @@ from bus.protocol import (
     StatusReply,
     StopWorker,
 )
-from config.loader import ConfigError, load_config
+from config.loader import Config, ConfigError, load_config
 from dashboard import auth, logtail, prom
 from dashboard.hub import Hub
 
@@ -184,12 +184,17 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 # --------------------------------------------------------------------------- models and chat
-async def models(request: web.Request) -> web.Response:
-    launch = request.app[LAUNCH]
+def _config(request: web.Request) -> Config:
+    """The config as it is on disk now; a broken one is a 500 with the loader's message."""
     try:
-        config = load_config(launch.config_dir or None)
+        return load_config(request.app[LAUNCH].config_dir or None)
     except ConfigError as exc:
-        return web.json_response({"error": f"config error: {exc}"}, status=500)
+        raise web.HTTPInternalServerError(body=msgspec.json.encode({"error": f"config error: {exc}"}),
+                                          content_type="application/json") from None
+
+
+async def models(request: web.Request) -> web.Response:
+    config = _config(request)
     loaded: dict[str, Any] = {}
     with contextlib.suppress(ControlTimeout, web.HTTPException):
         loaded = {w.name: w for w in (await _status(request.app)).workers}
@@ -216,11 +221,7 @@ async def discover(request: web.Request) -> web.Response:
     from config.loader import MODELS_FILE
     from supervisor.discovery import discover as run_discovery
 
-    launch = request.app[LAUNCH]
-    try:
-        config = load_config(launch.config_dir or None)
-    except ConfigError as exc:
-        return web.json_response({"error": f"config error: {exc}"}, status=500)
+    config = _config(request)
     write = request.method == "POST"
     root = config.models_root
     try:

@@ -48,7 +48,7 @@ from bus.protocol import (
 )
 from config import runtime
 from config.loader import Config, ConfigError, load_config
-from supervisor.metrics_tcp import TcpMetrics
+from supervisor.metrics_tcp import TcpMetrics, proxy_events
 from supervisor.processes import EXIT_CANNOT_LISTEN, python_module, spawn, terminate
 from supervisor.reload import plan as reload_plan
 from supervisor.scheduler import Scheduler
@@ -150,21 +150,13 @@ class Supervisor:
 
     def _metrics_proxy(self) -> None:
         """XSUB (publishers connect) -> XPUB (subscribers connect). Runs in its own thread."""
-        xsub = self.ctx.socket(zmq.XSUB)
-        xpub = self.ctx.socket(zmq.XPUB)
-        try:
-            for s in (xsub, xpub):
-                s.linger = 0
-            xpub.sndhwm = 1000
+
+        def attach(xsub: zmq.Socket, xpub: zmq.Socket) -> bool:
             xsub.bind(endpoints.metrics_in(self.run_dir))
             xpub.bind(endpoints.metrics(self.run_dir))
-            self._proxy_ready.set()
-            zmq.proxy(xsub, xpub)
-        except zmq.ContextTerminated:
-            pass
-        finally:
-            xsub.close(0)
-            xpub.close(0)
+            return True
+
+        proxy_events(self.ctx, attach, self._proxy_ready)
 
     def publish(self, topic: str, event: Any) -> None:
         with contextlib.suppress(zmq.ZMQError):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import structlog
@@ -43,6 +44,29 @@ def keys_dir(cfg: MetricsConfig) -> Path:
     return Path(cfg.curve_keys_dir).expanduser() if cfg.curve_keys_dir else runtime.cache_root() / "metrics-curve"
 
 
+def proxy_events(ctx: zmq.Context, attach: Callable[[zmq.Socket, zmq.Socket], bool],
+                 ready: threading.Event) -> None:
+    """Forward events XSUB -> XPUB (and subscriptions back) until the context ends; ``attach(xsub, xpub)`` binds
+    or connects both (False: give up). ``ready`` is set once they are attached, or when giving up. Runs in a thread:
+    the supervisor's own bus and the tcp endpoint are both one of these."""
+    xsub = ctx.socket(zmq.XSUB)
+    xpub = ctx.socket(zmq.XPUB)
+    try:
+        for s in (xsub, xpub):
+            s.linger = 0
+        xpub.sndhwm = 1000
+        if not attach(xsub, xpub):
+            return
+        ready.set()
+        zmq.proxy(xsub, xpub)
+    except zmq.ContextTerminated:
+        pass
+    finally:
+        ready.set()
+        xsub.close(0)
+        xpub.close(0)
+
+
 class TcpMetrics:
     def __init__(self, ctx: zmq.Context, run_dir: Path, host: str, cfg: MetricsConfig) -> None:  # type: ignore[type-arg]
         self.ctx, self.run_dir, self.host, self.cfg = ctx, run_dir, host, cfg
@@ -61,32 +85,22 @@ class TcpMetrics:
         self.ready.wait(5)
 
     def _run(self) -> None:
-        xsub = self.ctx.socket(zmq.XSUB)
-        xpub = self.ctx.socket(zmq.XPUB)
+        proxy_events(self.ctx, self._attach, self.ready)
+
+    def _attach(self, xsub: zmq.Socket, xpub: zmq.Socket) -> bool:
+        if self.cfg.curve:
+            public, secret = server_keys(keys_dir(self.cfg))
+            xpub.curve_server = True
+            xpub.curve_publickey = public
+            xpub.curve_secretkey = secret
+        xsub.connect(endpoints.metrics(self.run_dir))
         try:
-            for s in (xsub, xpub):
-                s.linger = 0
-            xpub.sndhwm = 1000
-            if self.cfg.curve:
-                public, secret = server_keys(keys_dir(self.cfg))
-                xpub.curve_server = True
-                xpub.curve_publickey = public
-                xpub.curve_secretkey = secret
-            xsub.connect(endpoints.metrics(self.run_dir))
-            try:
-                xpub.bind(f"tcp://{self.host}:{self.cfg.tcp_port}")
-            except zmq.ZMQError as exc:
-                log.error("metrics_tcp_bind_failed", port=self.cfg.tcp_port, error=str(exc))
-                return
-            log.info("metrics_tcp", host=self.host, port=self.cfg.tcp_port, curve=self.cfg.curve)
-            self.ready.set()
-            zmq.proxy(xsub, xpub)
-        except zmq.ContextTerminated:
-            pass
-        finally:
-            self.ready.set()
-            xsub.close(0)
-            xpub.close(0)
+            xpub.bind(f"tcp://{self.host}:{self.cfg.tcp_port}")
+        except zmq.ZMQError as exc:
+            log.error("metrics_tcp_bind_failed", port=self.cfg.tcp_port, error=str(exc))
+            return False
+        log.info("metrics_tcp", host=self.host, port=self.cfg.tcp_port, curve=self.cfg.curve)
+        return True
 
     def stop(self) -> None:
         if self.auth is not None:

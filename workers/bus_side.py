@@ -23,11 +23,14 @@ from bus import endpoints
 from bus.codec import COMMANDS, JOBS, BusDecodeError
 from bus.protocol import Data, End, Fail, Head, Job, WorkerHello, WorkerLaunch, WorkerState
 from bus.pump import NOBLOCK, Outbox, Reader, sync_view
+from workers.metrics import RequestFigures
 
 log = structlog.get_logger()
 
 
 class WorkerBus:
+    stats: RequestFigures  # each worker's own figures (set by its __init__), wired to the metrics bus here
+
     def __init__(self, launch: WorkerLaunch) -> None:
         self.launch = launch
         self.ctx = zmq.asyncio.Context()
@@ -52,7 +55,9 @@ class WorkerBus:
         self.pub.sndhwm = 1000
         self.pub.connect(endpoints.metrics_in(self.launch.run_dir))
         self._pub = sync_view(self.pub)
+        self.stats.pub = self._pub  # per-request events: sync, never awaited
         self.subscriptions: set[bytes] = set()
+        self.subscriptions_changed()
         self._sub_reader = Reader(self.pub, self._on_subscription)
         self.router = self.ctx.socket(zmq.ROUTER)
         self.router.linger = 0
@@ -72,7 +77,8 @@ class WorkerBus:
         self.subscriptions_changed()
 
     def subscriptions_changed(self) -> None:
-        """Somebody subscribed or unsubscribed on the metrics bus (overridden: who needs to know)."""
+        """Somebody subscribed or unsubscribed on the metrics bus: are this model's request events wanted?"""
+        self.stats.wanted = self.wanted(self.stats.topic)
 
     def wanted(self, topic: str) -> bool:
         """Does any subscriber want events of ``topic``?"""

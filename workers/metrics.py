@@ -110,16 +110,12 @@ class WorkerStats(RequestFigures):
         self._emit(RequestEvent(request_id=rid, model=self.name, phase="started", path=st.path,
                                 stream=st.stream, queued_s=st.started - st.arrived))
 
-    def flowing(self, rid: str) -> bool:
-        """The request's first token went out (a streamed one; or any answer to a non-streaming one)."""
-        st = self.live.get(rid)
-        return st is not None and st.first != 0.0
-
-    def data(self, rid: str, chunk: bytes) -> None:
-        """One backend read (hot path: byte counts only)."""
+    def data(self, rid: str, chunk: bytes) -> bool:
+        """One backend read (hot path: byte counts only). True once the request's first token went out (a streamed
+        one; any answer of a non-streaming request)."""
         st = self.live.get(rid)
         if st is None:
-            return
+            return False
         st.tail += chunk
         if len(st.tail) > _TAIL_MAX:
             del st.tail[:-_TAIL_KEEP]
@@ -134,6 +130,7 @@ class WorkerStats(RequestFigures):
             self.ttfts.append(ttft)
             self._emit(RequestEvent(request_id=rid, model=self.name, phase="first_token", path=st.path,
                                     stream=st.stream, ttft_s=ttft))
+        return bool(st.first)
 
     def finished(self, rid: str, status: int, outcome: str) -> None:
         self._leave_queue(rid)

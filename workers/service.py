@@ -57,7 +57,7 @@ class LlamaWorker(WorkerBus):
         self.requests_total = 0
         self.errors_total = 0
         self.started = time.monotonic()
-        self.stats = WorkerStats(launch.name)
+        self.stats: WorkerStats = WorkerStats(launch.name)
         self.pool: BackendPool | None = None
 
     async def hello(self, state: WorkerState, message: str = "", backend_pid: int = 0) -> None:
@@ -192,23 +192,21 @@ class LlamaWorker(WorkerBus):
         stats = self.stats
         stats.started(rid)
         status = 0
-        gone = flowing = False
+        flowing = False
 
         def on_head(code: int, content_type: str) -> bool:
-            nonlocal status, gone
+            nonlocal status
             status = code
             if code >= 500:
                 self.errors_total += 1
-            gone = not self.send_item(ident, Head(request_id=rid, status=code, content_type=content_type))
-            return not gone
+            return self.send_item(ident, Head(request_id=rid, status=code, content_type=content_type))
 
-        def on_data(chunk: bytes) -> bool:  # one backend read
-            nonlocal gone, flowing
-            stats.data(rid, chunk)
+        def on_data(chunk: bytes) -> bool:  # one backend read; False: the gateway is gone, llama-server is let go
+            nonlocal flowing
             # everything up to the first token goes out at once; more of a flowing stream may wait for company
-            gone = not self.send_item(ident, Data(request_id=rid, data=chunk), urgent=not flowing)
-            flowing = stats.flowing(rid)
-            return not gone  # gateway gone: the upstream connection is closed, llama-server stops
+            urgent = not flowing
+            flowing = stats.data(rid, chunk)
+            return self.send_item(ident, Data(request_id=rid, data=chunk), urgent=urgent)
 
         def is_flowing() -> bool:
             return flowing
@@ -228,15 +226,10 @@ class LlamaWorker(WorkerBus):
             return
 
     # ------------------------------------------------------------------ metrics
-    def subscriptions_changed(self) -> None:
-        self.stats.wanted = self.wanted(self.stats.topic)
-
     async def _metrics(self) -> None:
         me = psutil.Process()
         topic = endpoints.topic_worker_metrics(self.launch.name)
         backend = None
-        self.stats.pub = self._pub  # per-request events: sync, never awaited
-        self.subscriptions_changed()
         while True:
             rss = me.memory_info().rss
             cpu = me.cpu_percent()

@@ -71,15 +71,13 @@ class WhisperWorker(WorkerBus):
         self.slots = asyncio.Semaphore(self.parallel)
         self.waiting = self.in_flight = 0
         self.requests_total = self.errors_total = 0
-        self.stats = WhisperStats(launch.name)
+        self.stats: WhisperStats = WhisperStats(launch.name)
         self.started = time.monotonic()
         self._enc = msgspec.json.Encoder()
 
     # ------------------------------------------------------------------ main
     async def run(self) -> int:
         self._sockets()
-        self.stats.pub = self._pub  # per-request events: sync, never awaited
-        self.subscriptions_changed()
         install_stop_signals(self.stopping.set)
         parent = asyncio.create_task(watch_parent(self.launch.supervisor_pid, self.stopping.set))
         await self.hello(WorkerState.STARTING)
@@ -260,9 +258,6 @@ class WhisperWorker(WorkerBus):
         return tokens
 
     # ------------------------------------------------------------------ metrics
-    def subscriptions_changed(self) -> None:
-        self.stats.wanted = self.wanted(self.stats.topic)
-
     async def _metrics(self) -> None:
         me = psutil.Process()
         topic = endpoints.topic_worker_metrics(self.launch.name)
