@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import sys
 
-from bus.protocol import GatewayLaunch
-from supervisor.child import read_launch, run
+from supervisor.lean import refuse_probed_imports
+
+refuse_probed_imports()  # before anything imports structlog
+
+from bus.protocol import GatewayLaunch  # noqa: E402
+from supervisor.child import read_launch, run  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -18,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     async def _main() -> int:
         return await serve(build(launch), launch)
 
-    return run(_main)
+    return run(_main, fast_loop=False)  # a page's few updates a second: asyncio's own loop is enough
 
 
 if __name__ == "__main__":

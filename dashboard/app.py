@@ -18,6 +18,7 @@ from typing import Any
 import aiohttp
 import msgspec
 import structlog
+import zmq.asyncio
 from aiohttp import web
 
 from bus.control_client import ControlClient, ControlTimeout, new_id
@@ -32,7 +33,7 @@ from bus.protocol import (
     StopWorker,
 )
 from config.loader import Config, ConfigError, load_config
-from dashboard import auth, logtail, prom
+from dashboard import auth, logtail
 from dashboard.hub import Hub
 
 log = structlog.get_logger()
@@ -41,7 +42,7 @@ LAUNCH: web.AppKey[GatewayLaunch] = web.AppKey("launch", GatewayLaunch)
 HUB: web.AppKey[Hub] = web.AppKey("hub", Hub)
 TOKEN: web.AppKey[str | None] = web.AppKey("token")
 HTTP: web.AppKey[aiohttp.ClientSession] = web.AppKey("http", aiohttp.ClientSession)
-PROM: web.AppKey[Any] = web.AppKey("prom")
+PROM: web.AppKey[dict[str, Any]] = web.AppKey("prom")  # {"registry": ...} from the first scrape on
 
 HERE = Path(__file__).resolve().parent
 STATIC = HERE / "static"
@@ -179,7 +180,13 @@ async def logs(request: web.Request) -> web.StreamResponse:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    body = prom.render(request.app[PROM])
+    # prometheus_client loads at the first scrape, not in every dashboard that is never scraped (~2 MB).
+    from dashboard import prom
+
+    made = request.app[PROM]
+    if "registry" not in made:
+        made["registry"] = prom.registry(request.app[HUB])
+    body = prom.render(made["registry"])
     return web.Response(body=body, headers={"Content-Type": prom.CONTENT_TYPE})
 
 
@@ -311,9 +318,9 @@ def build(launch: GatewayLaunch, token: str | None = None) -> web.Application:
     app = web.Application(middlewares=[auth.guard(token, _protected)])
     app[LAUNCH] = launch
     app[TOKEN] = token
-    app[CONTROL] = ControlClient(launch.run_dir)
+    app[CONTROL] = ControlClient(launch.run_dir, zmq.asyncio.Context.instance())
     hub = app[HUB] = Hub(launch.run_dir)
-    app[PROM] = prom.registry(hub)
+    app[PROM] = {}
 
     async def seed() -> None:  # the supervisor's view, for a scrape that comes before any browser
         with contextlib.suppress(Exception):

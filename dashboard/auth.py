@@ -12,9 +12,13 @@ import ipaddress
 import os
 import secrets
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
-from aiohttp import web
+if TYPE_CHECKING:  # the supervisor imports this module for the token alone: no aiohttp in its process
+    from aiohttp import web
+
+    Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 ENV_TOKEN = "LLAMA_RUNNER_DASHBOARD_TOKEN"
 HEADER = "X-Llama-Runner-Token"
@@ -59,11 +63,9 @@ def same_origin(request: web.Request) -> bool:
     return urlsplit(origin).netloc == request.host
 
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
 def guard(token: str | None, protected: Callable[[web.Request], bool]) -> Callable[..., Awaitable[web.StreamResponse]]:
     """Middleware: ``protected(request)`` requests need the token; any non-GET needs the same origin."""
+    from aiohttp import web
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:

@@ -4,24 +4,30 @@ from __future__ import annotations
 
 import sys
 
-from bus.protocol import GatewayLaunch
-from supervisor.child import read_launch, run
+from supervisor.lean import refuse_probed_imports
+
+refuse_probed_imports()  # before anything imports structlog
+
+from bus.protocol import GatewayLaunch  # noqa: E402
+from supervisor.child import read_launch, run  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
     launch = read_launch("gateway", GatewayLaunch, argv, lambda g: f"gateway-{g.protocol}")
     if launch is None:
         return 2
-    from gateway import ollama_app, openai_app
-    from gateway.server import serve
-
-    builders = {"ollama": ollama_app.build, "openai": openai_app.build}
-    if launch.protocol not in builders:
+    # Only the protocol's own modules: the other one's would cost this process memory for nothing.
+    if launch.protocol == "ollama":
+        from gateway.ollama_app import build
+    elif launch.protocol == "openai":
+        from gateway.openai_app import build
+    else:
         print(f"unknown protocol {launch.protocol!r}", file=sys.stderr)
         return 2
+    from gateway.server import serve
 
     async def _main() -> int:
-        return await serve(builders[launch.protocol](launch), launch)
+        return await serve(build(launch), launch)
 
     return run(_main)
 

@@ -178,11 +178,13 @@ class _SharedLease:
 
 
 class GatewayBus:
-    def __init__(self, run_dir: Path | str, load_timeout: float, name: str = "") -> None:
+    def __init__(self, run_dir: Path | str, load_timeout: float, name: str = "",
+                 ctx: zmq.asyncio.Context | None = None) -> None:
         self.name = name
         self.run_dir = run_dir
         self.load_timeout = load_timeout
-        self.ctx = zmq.asyncio.Context()
+        self._own_ctx = ctx is None  # a process shares one context (each one is two threads)
+        self.ctx = ctx or zmq.asyncio.Context()
         self.control = ControlClient(run_dir, self.ctx)
         self.links: dict[str, WorkerLink] = {}  # by worker name
         self._shared: dict[str, _SharedLease] = {}  # by model name as asked for
@@ -362,7 +364,8 @@ class GatewayBus:
         for link in self.links.values():
             link.close()
         await self.control.close()
-        self.ctx.term()
+        if self._own_ctx:
+            self.ctx.term()
 
 
 def joined(items: Iterable[bytes]) -> bytes:

@@ -11,6 +11,7 @@ from typing import Any
 
 import msgspec
 import structlog
+import zmq.asyncio
 from aiohttp import web
 
 from bus.protocol import GatewayLaunch, HttpJob, Job
@@ -189,7 +190,8 @@ def make_app(launch: GatewayLaunch, shape: ErrorShape,
     app[LAUNCH] = launch
     app[CONFIG] = config
     app.on_response_prepare.append(security.on_prepare_cors(origins))
-    bus = GatewayBus(launch.run_dir, launch.load_timeout_s, name=f"gateway-{launch.protocol}")
+    bus = GatewayBus(launch.run_dir, launch.load_timeout_s, name=f"gateway-{launch.protocol}",
+                     ctx=zmq.asyncio.Context.instance())
     app[BUS] = bus
     gateway_metrics.install(app, launch)  # GatewayMetrics on the bus every second; counts requests
 

@@ -212,12 +212,9 @@ def _up(args: argparse.Namespace) -> int:
             asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, sup.request_reload)
         return await sup.run()
 
-    try:
-        import uvloop
-
-        return uvloop.run(_main())
-    except ImportError:
-        return asyncio.run(_main())
+    # Plain asyncio: the supervisor is off the request path (leases are shared and long-lived), and uvloop
+    # would bring ssl into its process (see supervisor/lean.py).
+    return asyncio.run(_main())
 
 
 def _dashboard_token(config: Config) -> None:

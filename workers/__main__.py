@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import sys
 
-from bus.protocol import WorkerLaunch
-from supervisor.child import read_launch, run
+from supervisor.lean import refuse_probed_imports
+
+refuse_probed_imports()  # before anything imports structlog
+
+from bus.protocol import WorkerLaunch  # noqa: E402
+from supervisor.child import read_launch, run  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
