@@ -51,3 +51,45 @@ def test_the_llama_runner_command_goes_through_the_lean_entry() -> None:
 
     doc = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())
     assert doc["project"]["scripts"]["llama-runner"] == "supervisor.__main__:main"
+
+
+AIOHTTP_WITHOUT_TLS = """
+import asyncio, sys
+from supervisor.lean import without_tls
+with without_tls():
+    import aiohttp, aiohttp.web
+import ssl  # back for everyone else (uvloop needs it)
+import aiohttp.connector
+assert aiohttp.connector.ssl is None and ssl.SSLContext
+# only aiohttp's own modules went without: the standard library keeps TLS (prometheus_client needs urllib's)
+for name, mod in list(sys.modules.items()):
+    if mod is not None and not name.startswith("aiohttp"):
+        assert vars(mod).get("ssl", ssl) is not None and vars(mod).get("_have_ssl", True), name
+import urllib.request, prometheus_client
+assert urllib.request.HTTPSHandler
+
+async def main():
+    app = aiohttp.web.Application()
+    app.router.add_get("/", lambda r: aiohttp.web.json_response({"ok": 1}))
+    runner = aiohttp.web.AppRunner(app)
+    await runner.setup()
+    site = aiohttp.web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{port}/") as r:
+        assert (await r.json()) == {"ok": 1}
+    try:
+        async with aiohttp.ClientSession() as s:
+            await s.get("https://127.0.0.1:9/")
+        raise SystemExit("https must fail without TLS")
+    except RuntimeError as exc:  # aiohttp: "SSL is not supported." -- fails loudly, never insecurely
+        assert "SSL" in str(exc)
+    await runner.cleanup()
+asyncio.run(main())
+print("ok")
+"""
+
+
+def test_aiohttp_imported_without_tls_serves_and_calls_plain_http() -> None:
+    out = subprocess.run([sys.executable, "-c", AIOHTTP_WITHOUT_TLS], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr
