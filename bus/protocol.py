@@ -32,8 +32,9 @@ class WorkerState(enum.StrEnum):
     FATAL = "fatal"
 
 
-class _Msg(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"):
-    pass
+class _Msg(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", gc=False):
+    """Messages are plain data (never part of a reference cycle): not tracked by the cyclic garbage collector,
+    so the thousands a stream decodes do not set it off (it cost ~15% of a gateway's CPU while streaming)."""
 
 
 # --------------------------------------------------------------------------- commands (-> supervisor)
