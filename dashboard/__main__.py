@@ -19,7 +19,7 @@ def main(argv: list[str] | None = None) -> int:
     if launch is None:
         return 2
     from dashboard.app import build
-    from gateway.server import serve
+    from gateway.listen import serve
 
     async def _main() -> int:
         return await serve(build(launch), launch)

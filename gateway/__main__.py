@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(f"unknown protocol {launch.protocol!r}", file=sys.stderr)
         return 2
-    from gateway.server import serve
+    from gateway.listen import serve
 
     async def _main() -> int:
         return await serve(build(launch), launch)

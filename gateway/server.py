@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -22,8 +21,6 @@ from gateway import request_limits, security
 from gateway.bus_client import GatewayBus
 from gateway.errors import ApiError
 from gateway.relay import Relay, backend_error
-from supervisor.child import install_stop_signals, watch_parent
-from supervisor.processes import EXIT_CANNOT_LISTEN
 
 log = structlog.get_logger()
 
@@ -214,28 +211,6 @@ def make_app(launch: GatewayLaunch, shape: ErrorShape,
     return app
 
 
-
-
-async def serve(app: web.Application, launch: GatewayLaunch) -> int:
-    stop = asyncio.Event()
-    install_stop_signals(stop.set)
-    parent = asyncio.create_task(watch_parent(launch.supervisor_pid, stop.set))
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, launch.host, launch.port, reuse_address=True)
-    try:
-        await site.start()
-    except OSError as exc:
-        log.error("bind_failed", host=launch.host, port=launch.port, error=str(exc))
-        await runner.cleanup()
-        return EXIT_CANNOT_LISTEN
-    log.info("gateway_listening", protocol=launch.protocol, host=launch.host, port=launch.port)
-    await stop.wait()
-    parent.cancel()
-    with contextlib.suppress(Exception):
-        await runner.shutdown()
-    await runner.cleanup()
-    return 0
 
 
 def model_files(config: Config, kinds: tuple[str, ...] = ("llama",)) -> dict[str, tuple[Path, float, int]]:

@@ -1,0 +1,39 @@
+"""Serve an aiohttp application on the launch's host and port until stopped (SIGTERM/SIGINT or the supervisor
+gone). Shared by the gateways and the dashboard, and light on purpose: the dashboard imports this alone."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import structlog
+from aiohttp import web
+
+from bus.protocol import GatewayLaunch
+from supervisor.child import install_stop_signals, watch_parent
+
+log = structlog.get_logger()
+
+
+async def serve(app: web.Application, launch: GatewayLaunch) -> int:
+    stop = asyncio.Event()
+    install_stop_signals(stop.set)
+    parent = asyncio.create_task(watch_parent(launch.supervisor_pid, stop.set))
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, launch.host, launch.port, reuse_address=True)
+    try:
+        await site.start()
+    except OSError as exc:
+        from supervisor.processes import EXIT_CANNOT_LISTEN  # (it imports psutil: the dashboard needs none)
+
+        log.error("bind_failed", host=launch.host, port=launch.port, error=str(exc))
+        await runner.cleanup()
+        return EXIT_CANNOT_LISTEN
+    log.info("gateway_listening", protocol=launch.protocol, host=launch.host, port=launch.port)
+    await stop.wait()
+    parent.cancel()
+    with contextlib.suppress(Exception):
+        await runner.shutdown()
+    await runner.cleanup()
+    return 0
