@@ -114,7 +114,7 @@ async def _generate(request: web.Request, kind: Literal["chat", "generate"]) -> 
         conv = tr.OllamaStream(model, kind, t0, relay.load_ns)
         try:
             async for chunk in relay.chunks():
-                lines = conv.feed_raw(parser.feed(chunk))
+                lines = conv.feed_sse(parser, chunk)
                 if lines:
                     await resp.write(lines)
             await resp.write(_ndjson([conv.finish()]))

@@ -17,6 +17,7 @@ nothing else; an error reported by the backend raises ``ApiError(source="backend
 from __future__ import annotations
 
 import math
+import operator
 import re
 import time
 from collections.abc import Callable, Sequence
@@ -26,6 +27,7 @@ from typing import Any, Literal
 import msgspec
 
 from gateway.errors import ApiError
+from gateway.sse import SSEParser
 
 __all__ = [
     "BackendRequest",
@@ -444,6 +446,11 @@ class _Chunk(msgspec.Struct, gc=False):
     error: Any = None
 
 
+# A plain text delta as llama-server writes it (its JSON keeps this key order): the event up to its content's
+# string literal (opening quote included), and what follows the literal's closing quote.
+_CHAT_TEXT_EVENT = (b'data: {"choices":[{"finish_reason":null,"index":0,"delta":{"content":"', b'"}}],"created":')
+_COMPLETION_TEXT_EVENT = (b'data: {"choices":[{"text":"', b'","index":0,"logprobs":null,"finish_reason":null}],"created":')
+_slices = operator.itemgetter
 _decode_chunk = msgspec.json.Decoder(_Chunk).decode
 _decode_chunks = msgspec.json.Decoder(list[_Chunk]).decode
 _enc = msgspec.json.Encoder()
@@ -529,6 +536,57 @@ class OllamaStream:
                 if self._tools:
                     out.append(self._tool_object())
         return out
+
+    def feed_sse(self, parser: SSEParser, data: bytes) -> bytes:
+        """The NDJSON lines for the next bytes of llama-server's stream (``parser`` frames its events).
+
+        Hottest path: a run of whole events that are all plain text deltas of one stream in llama-server's own
+        layout is turned into lines by a few whole-buffer operations, the content's JSON string literals copied
+        as they are (``_plain_texts``); anything else goes through the parser and ``feed_raw``."""
+        whole = parser.whole_events(data)
+        if whole is not None and not self._tools:
+            lines = self._plain_texts(whole)
+            if lines is not None:
+                return lines
+        return self.feed_raw(parser.feed(data))
+
+    def _plain_texts(self, buf: bytes) -> bytes | None:
+        """Lines for ``buf`` if every event in it is a plain text delta (``_CHAT_TEXT_EVENT``) whose other fields
+        are those of the first (one request's ``created``, ``id``, ``model``...; no timings, usage or error) and no
+        literal holds a quote or ends in a backslash (those go the decoding way); else None."""
+        head, tail = _CHAT_TEXT_EVENT if buf.startswith(_CHAT_TEXT_EVENT[0]) else _COMPLETION_TEXT_EVENT
+        if not buf.startswith(head):
+            return None
+        pieces = buf.split(tail)  # [head+c1, R+"\n\n"+head+c2, ..., R+"\n\n"]: the rest R of each event alike
+        n = len(pieces) - 1
+        if n < 1:
+            return None
+        last = pieces[n]
+        if n == 1:
+            contents = [pieces[0][len(head):]]
+        else:
+            cut = last.find(b"\n\n")
+            common = last[: cut + 2] + head
+            if cut < 0 or not pieces[1].startswith(common):
+                return None
+            mids = pieces[1:n]
+            at = len(common)
+            if list(map(_slices(slice(None, at)), mids)).count(common) != n - 1:
+                return None
+            contents = [pieces[0][len(head):], *map(_slices(slice(at, None)), mids)]
+        rest = last[:-2]
+        if not last.endswith(b"}\n\n") or b"\n" in rest or b'"timings"' in rest or b'"usage"' in rest \
+                or b'"error"' in rest:
+            return None
+        joined = b"\x00".join(contents) + b"\x00"  # (a raw NUL never is in JSON text)
+        if b'"' in joined or b"\\\x00" in joined:
+            return None
+        if b"" in contents:
+            contents = [c for c in contents if c]
+            if not contents:
+                return b""
+        prefix, suffix = self._line_prefix() + b'"', b'"' + self._line_suffix
+        return prefix + (suffix + prefix).join(contents) + suffix
 
     def feed_raw(self, payloads: list[bytes]) -> bytes:
         """The NDJSON lines for SSE ``payloads`` (each a JSON chunk of llama-server's stream).

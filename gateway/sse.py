@@ -64,6 +64,14 @@ class SSEParser:
             self._line(raw.rstrip(b"\r\n"), out)
         return out
 
+    def whole_events(self, data: bytes) -> bytes | None:
+        """``data`` itself when it holds whole simple events only (the parser is between events and ``data`` ends
+        one, no CR): the caller may then read them its own way; the parser stays as it was. Else None."""
+        if (self._started and not self._buf and not self._has_data and not self.done and data.endswith(b"\n\n")
+                and b"\r" not in data):
+            return data
+        return None
+
     def _simple_events(self, buf: bytes) -> list[bytes] | None:
         """Fast path: events that are each one ``data: ...`` line (what llama-server sends), split in one C call;
         None (the line parser takes the buffer) when any event is not that simple."""

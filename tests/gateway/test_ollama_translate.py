@@ -801,3 +801,106 @@ def test_feed_raw_error_chunk_raises() -> None:
     with pytest.raises(ApiError) as err:
         stream.feed_raw([b'{"error":{"code":500,"message":"slot unavailable","type":"server_error"}}'])
     assert err.value.source == "backend" and "slot unavailable" in err.value.message
+
+
+# plain text deltas in llama-server's layout whose content the whole-buffer path must refuse or copy exactly
+LAYOUT_CHUNKS: list[dict[str, Any]] = [
+    {"choices": [{"finish_reason": None, "index": 0, "delta": {"content": c}}], "created": 7, "id": "x",
+     "model": "m", "system_fingerprint": "b", "object": "chat.completion.chunk"}
+    for c in ("ends in a backslash \\", "nul \u0000 and \u2028", "tab\t", "", 'q"uote', "back\\\\slashes", "é")
+] + [
+    {"choices": [{"finish_reason": None, "index": 0, "delta": {"content": "other request"}}], "created": 8,
+     "id": "y", "model": "m", "system_fingerprint": "b", "object": "chat.completion.chunk"},
+    {"choices": [{"finish_reason": None, "index": 0, "delta": {"content": "x"}}], "created": 8, "id": "y",
+     "model": "m", "system_fingerprint": "b", "object": "chat.completion.chunk",
+     "timings": {"prompt_n": 1, "prompt_ms": 1.0, "predicted_n": 2, "predicted_ms": 3.0, "cache_n": 0}},
+    {"choices": [{"text": "plain", "index": 0, "logprobs": None, "finish_reason": None}], "created": 8,
+     "model": "m", "system_fingerprint": "b", "object": "text_completion", "id": "z"},
+    {"choices": [{"finish_reason": None, "index": 0, "delta": {"content": "a", "reasoning_content": "b"}}],
+     "created": 8, "id": "y", "model": "m", "system_fingerprint": "b", "object": "chat.completion.chunk"},
+]
+
+
+def _events(chunks: list[dict[str, Any]]) -> tuple[bytes, list[int]]:
+    events = [b"data: " + msgspec.json.encode(c) + b"\n\n" for c in chunks] + [b"data: [DONE]\n\n"]
+    ends, at = [], 0
+    for e in events:
+        at += len(e)
+        ends.append(at)
+    return b"".join(events), ends
+
+
+@settings(max_examples=60, deadline=None)
+@given(cuts=st.lists(st.integers(min_value=0, max_value=100_000), max_size=10),
+       at_events=st.lists(st.integers(min_value=0, max_value=200), max_size=12),
+       fixture=st.sampled_from(["chat_stream.txt", "completions_stream.txt"]),
+       kind=st.sampled_from(["chat", "generate"]), extra=st.sampled_from(["none", "special", "layout"]))
+def test_feed_sse_is_feed(cuts: list[int], at_events: list[int], fixture: str, kind: Any, extra: str) -> None:
+    """The whole-buffer path (runs of whole plain text events, literals copied) answers exactly what the dict path
+    answers: recorded streams cut anywhere and at event boundaries (where that path applies), with the chunks
+    it must refuse (quotes, a trailing backslash, timings, another request's fields, thinking, tool calls)."""
+    chunks = golden_chunks(fixture) + {"none": [], "special": SPECIAL_CHUNKS, "layout": LAYOUT_CHUNKS}[extra]
+    raw, ends = _events(chunks)
+    by_dict = OllamaStream("m", kind, started_ns=START, clock=clock_at(START + 5))
+    expected = b"".join(msgspec.json.encode(o) + b"\n" for c in chunks for o in by_dict.feed(c))
+    fast = OllamaStream("m", kind, started_ns=START, clock=clock_at(START + 5))
+    parser = SSEParser()
+    points = sorted({c % (len(raw) + 1) for c in cuts} | {ends[i % len(ends)] for i in at_events} | {len(raw)})
+    got, last = b"", 0
+    for p in points:
+        got += fast.feed_sse(parser, raw[last:p])
+        last = p
+    assert parser.done
+    assert _without_time(got) == _without_time(expected)
+    final, final_dict = fast.finish(), by_dict.finish()
+    final.pop("created_at"), final_dict.pop("created_at")
+    assert final == final_dict
+
+
+@pytest.mark.parametrize("fixture", ["chat_stream.txt", "completions_stream.txt"])
+def test_feed_sse_takes_the_whole_buffer_path_for_plain_text(fixture: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """After the first event (the parser's start), runs of llama-server's plain text events never reach the
+    decoding path: the hot path is real, not a fallback that always runs."""
+    chunks = golden_chunks(fixture)
+    plain = [c for c in chunks[1:] if c["choices"] and not c["choices"][0].get("finish_reason")]
+    assert len(plain) >= 5
+    raw, _ = _events(plain)
+    stream = OllamaStream("m", "chat", started_ns=START)
+    parser = SSEParser()
+    first_end = raw.index(b"\n\n") + 2
+    stream.feed_sse(parser, raw[:first_end])
+    decoded: list[int] = []
+    real = OllamaStream.feed_raw
+
+    def spy(self: OllamaStream, payloads: list[bytes]) -> bytes:
+        decoded.append(len(payloads))
+        return real(self, payloads)
+
+    monkeypatch.setattr(OllamaStream, "feed_raw", spy)
+    body_end = raw.rindex(b"data: [DONE]")
+    lines = stream.feed_sse(parser, raw[first_end:body_end])
+    assert decoded == []
+
+    def text(chunk: dict[str, Any]) -> str:
+        choice = chunk["choices"][0]
+        return str(choice["delta"]["content"] if "delta" in choice else choice["text"])
+
+    assert [o["message"]["content"] for o in _without_time(lines)] == [t for t in map(text, plain[1:]) if t]
+
+
+@pytest.mark.parametrize("chunk", LAYOUT_CHUNKS + SPECIAL_CHUNKS)
+@pytest.mark.parametrize("run", [1, 3])
+def test_feed_sse_one_run_of_whole_events(chunk: dict[str, Any], run: int) -> None:
+    """Each odd chunk, alone or repeated, as a run of whole events (what the whole-buffer path looks at)."""
+    start, _ = _events(golden_chunks("chat_stream.txt")[:1])
+    body, _ = _events([chunk] * run)
+    body = body[: -len(b"data: [DONE]\n\n")]
+    by_dict = OllamaStream("m", "chat", started_ns=START, clock=clock_at(START + 5))
+    expected = b"".join(msgspec.json.encode(o) + b"\n" for _ in range(run) for o in by_dict.feed(chunk))
+    fast = OllamaStream("m", "chat", started_ns=START, clock=clock_at(START + 5))
+    parser = SSEParser()
+    fast.feed_sse(parser, start[: start.index(b"\n\n") + 2])
+    assert _without_time(fast.feed_sse(parser, body)) == _without_time(expected)
+    final, final_dict = fast.finish(), by_dict.finish()  # (the figures: a chunk's timings or usage counts)
+    final.pop("created_at"), final_dict.pop("created_at")
+    assert final == final_dict
