@@ -82,7 +82,7 @@ def read_launch(module: str, kind: type[T], argv: list[str] | None, process: Cal
 
 
 STARTED_AFTER_S = 3.0  # start-up is over (imports, config, first connections)
-IDLE_CHECK_S = 2.0  # a process that used less than IDLE_CPU of a core over this long is idle
+IDLE_CHECK_S = 1.0  # a process that used less than IDLE_CPU of a core over this long is idle
 IDLE_CPU = 0.02
 
 
