@@ -451,6 +451,25 @@ class _Chunk(msgspec.Struct, gc=False):
 _CHAT_TEXT_EVENT = (b'data: {"choices":[{"finish_reason":null,"index":0,"delta":{"content":"', b'"}}],"created":')
 _COMPLETION_TEXT_EVENT = (b'data: {"choices":[{"text":"', b'","index":0,"logprobs":null,"finish_reason":null}],"created":')
 _slices = operator.itemgetter
+
+
+def _plain_run(buf: bytes) -> tuple[int, int, tuple[bytes, bytes]] | None:
+    """Where whole events ``buf`` may hold a run of plain text deltas: from the first event in a plain layout to
+    the end of the last event holding that layout's tail (what lies between is checked by ``_plain_texts``)."""
+    for layout in (_CHAT_TEXT_EVENT, _COMPLETION_TEXT_EVENT):
+        head, tail = layout
+        if buf.startswith(head):
+            start = 0
+        else:
+            start = buf.find(b"\n\n" + head) + 2
+            if start < 2:
+                continue
+        last = buf.rfind(tail)
+        end = buf.find(b"\n\n", last) + 2
+        if last < start or end < 2:
+            return None
+        return start, end, layout
+    return None
 _decode_chunk = msgspec.json.Decoder(_Chunk).decode
 _decode_chunks = msgspec.json.Decoder(list[_Chunk]).decode
 _enc = msgspec.json.Encoder()
@@ -540,21 +559,29 @@ class OllamaStream:
     def feed_sse(self, parser: SSEParser, data: bytes) -> bytes:
         """The NDJSON lines for the next bytes of llama-server's stream (``parser`` frames its events).
 
-        Hottest path: a run of whole events that are all plain text deltas of one stream in llama-server's own
-        layout is turned into lines by a few whole-buffer operations, the content's JSON string literals copied
-        as they are (``_plain_texts``); anything else goes through the parser and ``feed_raw``."""
+        Hottest path: the run of whole plain text deltas among the events completed (all but a stream's first
+        and last few) is turned into lines by a few whole-buffer operations, the content's JSON string literals
+        copied as they are (``_plain_texts``); the events around it, or a run refused, go through ``feed_raw``."""
         whole = parser.whole_events(data)
-        if whole is not None and not self._tools:
-            lines = self._plain_texts(whole)
-            if lines is not None:
-                return lines
-        return self.feed_raw(parser.feed(data))
+        if whole is None:
+            return self.feed_raw(parser.feed(data))
+        run = _plain_run(whole) if whole and not self._tools else None
+        if run is None:
+            return self.feed_raw(parser.events_of(whole)) if whole else b""
+        start, end, layout = run
+        out = [self.feed_raw(parser.events_of(whole[:start]))] if start else []
+        middle = whole[start:end] if start or end < len(whole) else whole
+        lines = None if self._tools else self._plain_texts(middle, layout)
+        out.append(self.feed_raw(parser.events_of(middle)) if lines is None else lines)
+        if end < len(whole):
+            out.append(self.feed_raw(parser.events_of(whole[end:])))
+        return b"".join(out)
 
-    def _plain_texts(self, buf: bytes) -> bytes | None:
-        """Lines for ``buf`` if every event in it is a plain text delta (``_CHAT_TEXT_EVENT``) whose other fields
-        are those of the first (one request's ``created``, ``id``, ``model``...; no timings, usage or error) and no
-        literal holds a quote or ends in a backslash (those go the decoding way); else None."""
-        head, tail = _CHAT_TEXT_EVENT if buf.startswith(_CHAT_TEXT_EVENT[0]) else _COMPLETION_TEXT_EVENT
+    def _plain_texts(self, buf: bytes, layout: tuple[bytes, bytes]) -> bytes | None:
+        """Lines for ``buf`` if every event in it is a plain text delta in ``layout`` whose other fields are those
+        of the first (one request's ``created``, ``id``, ``model``...; no timings, usage or error) and no literal
+        holds a quote or ends in a backslash (those go the decoding way); else None."""
+        head, tail = layout
         if not buf.startswith(head):
             return None
         pieces = buf.split(tail)  # [head+c1, R+"\n\n"+head+c2, ..., R+"\n\n"]: the rest R of each event alike

@@ -65,12 +65,27 @@ class SSEParser:
         return out
 
     def whole_events(self, data: bytes) -> bytes | None:
-        """``data`` itself when it holds whole simple events only (the parser is between events and ``data`` ends
-        one, no CR): the caller may then read them its own way; the parser stays as it was. Else None."""
-        if (self._started and not self._buf and not self._has_data and not self.done and data.endswith(b"\n\n")
-                and b"\r" not in data):
-            return data
-        return None
+        """Take ``data``; return the simple events it completes as one buffer (ending in a blank line; b"" when none
+        is complete yet), keeping the rest for later, so that the caller may read them its own way (or hand them
+        to ``events_of``). None, with nothing taken, unless the stream so far is simple: no CR, no event half read
+        by ``feed`` (then call ``feed``)."""
+        if not self._started or self._has_data or self.done or b"\r" in data or b"\r" in self._buf:
+            return None
+        buf = self._buf + data if self._buf else data
+        cut = buf.rfind(b"\n\n")
+        if cut < 0:
+            self._buf = buf
+            return b""
+        self._buf = buf[cut + 2 :]
+        return buf[: cut + 2]
+
+    def events_of(self, whole: bytes) -> list[bytes]:
+        """The payloads of a buffer ``whole_events`` returned (``done`` is set on ``[DONE]``, as ``feed`` does)."""
+        rest, self._buf = self._buf, b""
+        try:
+            return self.feed(whole)
+        finally:
+            self._buf = rest
 
     def _simple_events(self, buf: bytes) -> list[bytes] | None:
         """Fast path: events that are each one ``data: ...`` line (what llama-server sends), split in one C call;

@@ -904,3 +904,29 @@ def test_feed_sse_one_run_of_whole_events(chunk: dict[str, Any], run: int) -> No
     final, final_dict = fast.finish(), by_dict.finish()  # (the figures: a chunk's timings or usage counts)
     final.pop("created_at"), final_dict.pop("created_at")
     assert final == final_dict
+
+
+@pytest.mark.parametrize("fixture", ["chat_stream.txt", "completions_stream.txt"])
+def test_feed_sse_decodes_only_the_events_around_the_plain_run(fixture: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A whole recorded stream at once: its first event (the role) and its last ones (finish, usage) are decoded,
+    the plain text deltas between them are not; the lines are the dict path's."""
+    chunks = golden_chunks(fixture)
+    raw, _ = _events(chunks)
+    by_dict = OllamaStream("m", "chat", started_ns=START, clock=clock_at(START + 5))
+    expected = b"".join(msgspec.json.encode(o) + b"\n" for c in chunks for o in by_dict.feed(c))
+    decoded: list[int] = []
+    real = OllamaStream.feed_raw
+
+    def spy(self: OllamaStream, payloads: list[bytes]) -> bytes:
+        decoded.append(len(payloads))
+        return real(self, payloads)
+
+    monkeypatch.setattr(OllamaStream, "feed_raw", spy)
+    stream = OllamaStream("m", "chat", started_ns=START, clock=clock_at(START + 5))
+    parser = SSEParser()
+    assert stream.feed_sse(parser, b": a comment starts the stream\n\n") == b""
+    got = stream.feed_sse(parser, raw)
+    assert _without_time(got) == _without_time(expected)
+    plain = sum(1 for c in chunks if c["choices"] and not c["choices"][0].get("finish_reason")
+                and (c["choices"][0].get("delta") or {}).get("role") is None)
+    assert plain >= 5 and sum(decoded) <= len(chunks) - plain + 1

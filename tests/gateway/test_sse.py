@@ -143,3 +143,24 @@ def test_recorded_llama_server_streams_one_byte_at_a_time() -> None:
         bytewise, done_bytewise = parse_all([raw[i : i + 1] for i in range(len(raw))])
         assert whole == bytewise and done_whole and done_bytewise
         assert all(isinstance(msgspec.json.decode(p), dict) for p in whole)
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=_streams, cuts=st.lists(st.integers(min_value=0, max_value=10_000), max_size=12))
+def test_whole_events_then_events_of_parse_like_feed(data: bytes, cuts: list[int]) -> None:
+    """A reader taking whole events when it can (``whole_events``, ``events_of``) and ``feed`` otherwise gets
+    the payloads ``feed`` alone gives, for any bytes split anywhere (CRs, BOMs, comments, [DONE])."""
+    whole = SSEParser()
+    expected = whole.feed(data) + whole.flush()
+    split = SSEParser()
+    got: list[bytes] = []
+    for piece in split_at(data, cuts):
+        taken = split.whole_events(piece)
+        if taken is None:
+            got.extend(split.feed(piece))
+        elif taken:
+            assert taken.endswith(b"\n\n")
+            got.extend(split.events_of(taken))
+    got.extend(split.flush())
+    assert got == expected
+    assert split.done == whole.done
