@@ -1,16 +1,17 @@
 """What a GGUF file says about its model: architecture, size, quantization, context length, metadata.
 
-Read with the ``gguf`` package (maintained with llama.cpp). Its ``GGUFReader`` builds one numpy view per
-element of every array field, which takes seconds on a tokenizer's 50k-150k token lists; the reader here
-only changes that: arrays longer than :data:`MAX_ARRAY` are skipped over (their length is kept) instead
-of parsed. Results are cached per file (path, mtime, size); reading is blocking, call it in a thread.
+GGUF's header is read here directly (``struct`` over a memory map: the header and the tensor descriptions, never
+the weights): the ``gguf`` package would bring numpy into the gateway (~15 MB of RSS for good, once a client
+lists models) and parses every element of the tokenizer's 50k-150k token lists. Array fields longer than
+:data:`MAX_ARRAY` are skipped over (shown as ``[]``, as Ollama hides them unless verbose). Results are cached per
+file (path, mtime, size); reading is blocking, call it in a thread. Versions 2 and 3, either byte order.
 """
 
 from __future__ import annotations
 
-import functools
+import math
+import mmap
 import struct
-import sys
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,36 +21,106 @@ __all__ = ["MAX_ARRAY", "ModelFacts", "human_number", "quantization_name", "read
 
 MAX_ARRAY = 64  # longer array fields (token lists, merges) are skipped, as Ollama hides them unless verbose
 
+# GGUF value types -> struct codes (STRING = 8 and ARRAY = 9 have their own layouts)
+_SCALAR = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+_FLOAT32, _STRING, _ARRAY = 6, 8, 9
 
-@functools.cache
-def _reader_class() -> Any:
-    """``GGUFReader`` that skips the content of long array fields (kept: their type and length).
+# llama.cpp's llama_ftype (general.file_type) -> Ollama's quantization level
+FILE_TYPES = {
+    0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1", 10: "Q2_K", 11: "Q3_K_S",
+    12: "Q3_K_M", 13: "Q3_K_L", 14: "Q4_K_S", 15: "Q4_K_M", 16: "Q5_K_S", 17: "Q5_K_M", 18: "Q6_K",
+    19: "IQ2_XXS", 20: "IQ2_XS", 21: "Q2_K_S", 22: "IQ3_XS", 23: "IQ3_XXS", 24: "IQ1_S", 25: "IQ4_NL",
+    26: "IQ3_S", 27: "IQ3_M", 28: "IQ2_S", 29: "IQ2_M", 30: "IQ4_XS", 31: "IQ1_M", 32: "BF16", 36: "TQ1_0",
+    37: "TQ2_0", 38: "MXFP4_MOE", 39: "NVFP4", 40: "Q1_0", 1024: "GUESSED",
+}
 
-    Built on first use: gguf and numpy cost a gateway ~15 MB of RSS, paid only once a model is described."""
-    import numpy as np
-    from gguf import GGUFReader, GGUFValueType
 
-    class MetadataReader(GGUFReader):  # type: ignore[misc]
-        def _get_field_parts(self, orig_offs: int, raw_type: int) -> Any:
-            if GGUFValueType(raw_type) != GGUFValueType.ARRAY:
-                return super()._get_field_parts(orig_offs, raw_type)
-            raw_itype = self._get(orig_offs, np.uint32)
-            alen = self._get(orig_offs + 4, np.uint64)
-            count, itype = int(alen[0]), GGUFValueType(int(raw_itype[0]))
-            if count <= MAX_ARRAY or itype == GGUFValueType.ARRAY:
-                return super()._get_field_parts(orig_offs, raw_type)
-            offs = orig_offs + 12
-            if itype == GGUFValueType.STRING:
-                fmt = "=Q" if self.byte_order == "I" else (">Q" if sys.byteorder == "little" else "<Q")
-                data = self.data
-                for _ in range(count):
-                    offs += 8 + struct.unpack_from(fmt, data, offs)[0]  # type: ignore[arg-type]
-            else:
-                offs += count * np.dtype(self.gguf_scalar_to_np[itype]).itemsize
-            # No data parts: ``contents()`` of the field is [].
-            return offs - orig_offs, [raw_itype, alen], [], [GGUFValueType.ARRAY, itype]
+def short_float32(x: float) -> float:
+    """A float32 in its shortest decimal form (``1e-05``, not ``9.999999747378752e-06``)."""
+    if not math.isfinite(x):
+        return x
+    packed = struct.pack("<f", x)
+    for digits in range(1, 10):
+        text = f"{x:.{digits}g}"
+        if struct.pack("<f", float(text)) == packed:
+            return float(text)
+    return x
 
-    return MetadataReader
+
+class _Header:
+    """A cursor over a GGUF file's bytes (``order``: "<" or ">")."""
+
+    def __init__(self, data: Any, order: str) -> None:
+        self.data, self.order, self.pos = data, order, 0
+
+    def take(self, code: str) -> Any:
+        fmt = self.order + code
+        value = struct.unpack_from(fmt, self.data, self.pos)[0]
+        self.pos += struct.calcsize(fmt)
+        return value
+
+    def raw_string(self) -> bytes:
+        n = self.take("Q")
+        end = self.pos + n
+        if end > len(self.data):
+            raise ValueError("truncated GGUF file")
+        text = bytes(self.data[self.pos : end])
+        self.pos = end
+        return text
+
+    def value(self, vtype: int) -> Any:
+        if vtype == _STRING:
+            return self.raw_string().decode(errors="replace")
+        if vtype == _ARRAY:
+            itype, count = self.take("I"), self.take("Q")
+            if count <= MAX_ARRAY or itype == _ARRAY:
+                return [self.value(itype) for _ in range(count)]
+            self.skip(itype, count)
+            return []
+        code = _SCALAR.get(vtype)
+        if code is None:
+            raise ValueError(f"unknown GGUF value type {vtype}")
+        value = self.take(code)
+        return short_float32(value) if vtype == _FLOAT32 else value
+
+    def skip(self, itype: int, count: int) -> None:
+        if itype == _STRING:
+            fmt, data, pos = self.order + "Q", self.data, self.pos
+            for _ in range(count):
+                pos += 8 + struct.unpack_from(fmt, data, pos)[0]
+            self.pos = pos
+        elif itype in _SCALAR:
+            self.pos += count * struct.calcsize(_SCALAR[itype])
+        else:
+            raise ValueError(f"unknown GGUF value type {itype}")
+        if self.pos > len(self.data):
+            raise ValueError("truncated GGUF file")
+
+
+def _read_header(data: Any) -> tuple[dict[str, Any], int]:
+    """(metadata, parameter count) of a GGUF file's bytes."""
+    if bytes(data[:4]) != b"GGUF":
+        raise ValueError("not a GGUF file (no GGUF magic)")
+    version = struct.unpack_from("<I", data, 4)[0]
+    order = "<"
+    if version & 0xFFFF == 0:  # written big-endian
+        order, version = ">", struct.unpack_from(">I", data, 4)[0]
+    if version not in (2, 3):
+        raise ValueError(f"unsupported GGUF version {version}")
+    h = _Header(data, order)
+    h.pos = 8
+    n_tensors, n_kv = h.take("Q"), h.take("Q")
+    meta: dict[str, Any] = {}
+    for _ in range(n_kv):
+        key = h.raw_string().decode(errors="replace")
+        meta[key] = h.value(h.take("I"))
+    params = 0
+    for _ in range(n_tensors):
+        h.raw_string()  # name
+        n_dims = h.take("I")
+        params += math.prod(h.take("Q") for _ in range(n_dims))
+        h.take("I"), h.take("Q")  # type, offset
+    return meta, params
 
 
 @dataclass(frozen=True)
@@ -91,39 +162,15 @@ def human_number(n: int) -> str:
 
 def quantization_name(file_type: int | None) -> str:
     """``general.file_type`` -> Ollama's quantization level (``MOSTLY_Q4_K_M`` -> ``Q4_K_M``)."""
-    from gguf import LlamaFileType
-
     if file_type is None:
         return ""
-    try:
-        name = LlamaFileType(file_type).name
-    except ValueError:
-        return f"unknown({file_type})"
-    for prefix in ("MOSTLY_", "ALL_"):
-        name = name.removeprefix(prefix)
-    return name
-
-
-def _value(field: Any) -> Any:
-    import numpy as np
-    from gguf import GGUFValueType
-
-    main = field.types[0] if field.types else None
-    value = field.contents()
-    if main == GGUFValueType.FLOAT32:
-        return float(str(np.float32(value)))  # float32's shortest form: 1e-05, not 9.99999974e-06
-    if main == GGUFValueType.ARRAY and field.types[-1] == GGUFValueType.FLOAT32:
-        return [float(str(np.float32(v))) for v in value]
-    if isinstance(value, bytes):
-        return value.decode(errors="replace")
-    return value
+    return FILE_TYPES.get(file_type, f"unknown({file_type})")
 
 
 def _read(path: Path) -> ModelFacts:
-    reader = _reader_class()(str(path), "r")
-    meta = {key: _value(fld) for key, fld in reader.fields.items() if not key.startswith("GGUF.")}
+    with path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        meta, params = _read_header(data)
     arch = str(meta.get("general.architecture") or "")
-    params = int(sum(t.n_elements for t in reader.tensors))
     file_type = meta.get("general.file_type")
     file_type = int(file_type) if isinstance(file_type, int) else None
     template = meta.pop("tokenizer.chat_template", "")

@@ -2,17 +2,28 @@
 
 from __future__ import annotations
 
+import struct
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 from gguf import GGUFWriter
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from bus.protocol import WorkerInfo, WorkerState
 from config.schema import ModelConfig, ModelParameters, embedding_args
 from gateway import ollama_models as om
 from gateway.catalog import ModelEntry, capabilities
-from gateway.gguf_info import ModelFacts, human_number, quantization_name, read_facts
+from gateway.gguf_info import (
+    FILE_TYPES,
+    ModelFacts,
+    human_number,
+    quantization_name,
+    read_facts,
+    short_float32,
+)
 
 
 @pytest.mark.parametrize(("n", "text"), [
@@ -26,6 +37,121 @@ def test_human_number_as_ollama(n: int, text: str) -> None:
 def test_quantization_names() -> None:
     assert quantization_name(3) == "Q4_1" and quantization_name(15) == "Q4_K_M"
     assert quantization_name(0) == "F32" and quantization_name(1) == "F16" and quantization_name(None) == ""
+    assert quantization_name(999) == "unknown(999)"
+
+
+def test_quantization_names_are_llama_cpp_file_types() -> None:
+    """Our table is llama.cpp's llama_ftype as the gguf package (maintained with llama.cpp) names it."""
+    from gguf import LlamaFileType
+
+    theirs = {t.value: t.name.removeprefix("MOSTLY_").removeprefix("ALL_") for t in LlamaFileType}
+    assert FILE_TYPES == theirs
+
+
+@settings(max_examples=500, deadline=None)
+@given(bits=st.integers(min_value=0, max_value=2**32 - 1))
+def test_short_float32_is_numpys_shortest_form(bits: int) -> None:
+    x = np.frombuffer(struct.pack("<I", bits), dtype=np.float32)[0]
+    if not np.isfinite(x):
+        return
+    assert short_float32(float(x)) == float(str(x))
+
+
+def _reference_facts(path: Path) -> tuple[dict[str, Any], int]:
+    """What the gguf package's own reader finds (all of every array; long arrays then emptied as we do)."""
+    from gguf import GGUFReader, GGUFValueType
+
+    reader = GGUFReader(str(path), "r")
+    meta: dict[str, Any] = {}
+    for key, fld in reader.fields.items():
+        if key.startswith("GGUF."):
+            continue
+        value = fld.contents()
+        main = fld.types[0] if fld.types else None
+        if main == GGUFValueType.FLOAT32:
+            value = float(str(np.float32(value)))
+        elif main == GGUFValueType.ARRAY:
+            if len(value) > 64 and fld.types[1] != GGUFValueType.ARRAY:
+                value = []
+            elif fld.types[-1] == GGUFValueType.FLOAT32:
+                value = [float(str(np.float32(v))) for v in value]
+        meta[key] = value
+    return meta, int(sum(t.n_elements for t in reader.tensors))
+
+
+def _write_every_type(path: Path, endianess: Any) -> None:
+    from gguf import GGUFEndian
+
+    w = GGUFWriter(str(path), "llama", endianess=GGUFEndian.BIG if endianess == "big" else GGUFEndian.LITTLE)
+    w.add_uint8("t.u8", 200)
+    w.add_int8("t.i8", -100)
+    w.add_uint16("t.u16", 60000)
+    w.add_int16("t.i16", -30000)
+    w.add_uint32("t.u32", 4_000_000_000)
+    w.add_int32("t.i32", -2_000_000_000)
+    w.add_float32("t.f32", 0.1)
+    w.add_uint64("t.u64", 2**63 + 5)
+    w.add_int64("t.i64", -(2**62))
+    w.add_float64("t.f64", 1 / 3)
+    w.add_bool("t.bool", True)
+    w.add_string("t.str", "héllo \u2028 wörld")
+    w.add_array("t.ints", [1, 2, 3])
+    w.add_array("t.floats", [1e-5, 0.1, 3.0])
+    w.add_array("t.strs", ["a", "bé", ""])
+    w.add_array("t.long_strs", [f"tok{i}" for i in range(100)])
+    w.add_array("t.long_ints", list(range(1000)))
+    w.add_array("t.nested", [[1, 2], [3]])
+    w.add_tensor("a", np.zeros((3, 5), dtype=np.float32))
+    w.add_tensor("b", np.zeros((7,), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@pytest.mark.parametrize("endianess", ["little", "big"])
+def test_our_reader_finds_what_the_gguf_package_finds(tmp_path: Path, endianess: str) -> None:
+    path = tmp_path / f"every-{endianess}.gguf"
+    _write_every_type(path, endianess)
+    from gateway.gguf_info import _read_header
+
+    with path.open("rb") as f:
+        meta, params = _read_header(f.read())
+    ref_meta, ref_params = _reference_facts(path)
+    assert meta.pop("t.nested") == [[1, 2], [3]]  # (the package's contents() flattens arrays of arrays)
+    ref_meta.pop("t.nested")
+    assert (meta, params) == (ref_meta, ref_params)
+    assert meta["t.f32"] == 0.1 and meta["t.long_strs"] == [] and meta["t.strs"] == ["a", "bé", ""]
+    assert params == 22
+
+
+def test_the_default_model_reads_as_the_gguf_package_reads_it() -> None:
+    from config.loader import load_config
+
+    cfg = load_config(None)
+    model = cfg.models.models.get(cfg.models.default_model or "")
+    path = cfg.model_path(model) if model else None
+    if path is None or not path.exists():
+        pytest.skip("the default model is not downloaded (make setup)")
+    facts = read_facts(path)
+    meta, params = _reference_facts(path)
+    template = meta.pop("tokenizer.chat_template", "")
+    meta["general.parameter_count"] = params
+    assert facts.error == "" and facts.metadata == dict(sorted(meta.items()))
+    assert facts.chat_template == template and facts.parameter_count == params
+
+
+def test_reading_a_model_imports_no_numpy(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    path = tmp_path / "tiny.gguf"
+    _write_gguf(path, vocab=300)
+    code = ("import sys; from gateway.gguf_info import read_facts; "
+            f"f = read_facts({str(path)!r}); assert f.error == '' and f.parameter_count == 2400, f; "
+            "assert 'numpy' not in sys.modules and 'gguf' not in sys.modules; print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "ok", out.stderr
 
 
 def _write_gguf(path: Path, vocab: int) -> None:
