@@ -1,7 +1,7 @@
 """A gateway's figures on the metrics bus: requests, errors, open streams (one GatewayMetrics a second).
 
-``install(app, launch)`` adds a counting middleware (outermost, so it sees the error middleware's answers),
-marks streaming responses when they are prepared, and starts the publisher with the app.
+``GatewayStats`` counts (``begin``/``end`` from the gateway's middleware, ``prepared`` when a response starts);
+``install(app, stats)`` starts the publisher with the app.
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 import os
 import time
-from collections.abc import Awaitable, Callable
 
 import psutil
 import structlog
@@ -40,32 +39,22 @@ class GatewayStats:
         self._last = (time.monotonic(), 0)
 
     # ------------------------------------------------------------------ counting
-    @web.middleware
-    async def middleware(self, request: web.Request,
-                         handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+    def begin(self) -> None:
+        """A request arrived (called by the gateway's middleware, outermost: it sees every answer)."""
         self.requests_total += 1
         self.in_flight += 1
-        status = 500
-        try:
-            resp = await handler(request)
-            status = resp.status
-            return resp
-        except web.HTTPException as exc:
-            status = exc.status
-            raise
-        except asyncio.CancelledError:
-            status = 0  # the client went away
-            raise
-        finally:
-            self.in_flight -= 1
-            if request.get(_STREAMING):
-                self.open_streams -= 1
-            if status >= 500:
-                self.errors_total += 1
-            elif status >= 400:
-                self.client_errors_total += 1
 
-    async def on_prepare(self, request: web.Request, response: web.StreamResponse) -> None:
+    def end(self, request: web.Request, status: int) -> None:
+        """It was answered with ``status`` (0: the client went away)."""
+        self.in_flight -= 1
+        if request.get(_STREAMING):
+            self.open_streams -= 1
+        if status >= 500:
+            self.errors_total += 1
+        elif status >= 400:
+            self.client_errors_total += 1
+
+    def prepared(self, request: web.Request, response: web.StreamResponse) -> None:
         """A response that is not a plain ``web.Response`` streams (SSE, NDJSON): count it open."""
         if not isinstance(response, web.Response) and not request.get(_STREAMING):
             request[_STREAMING] = True
@@ -117,12 +106,9 @@ class GatewayStats:
 STATS: web.AppKey[GatewayStats] = web.AppKey("gateway_stats", GatewayStats)
 
 
-def install(app: web.Application, launch: GatewayLaunch) -> GatewayStats:
-    """Count requests of ``app`` and publish its GatewayMetrics every second while it runs."""
-    stats = GatewayStats(launch)
+def install(app: web.Application, stats: GatewayStats) -> GatewayStats:
+    """Publish ``app``'s GatewayMetrics every second while it runs (the gateway's middleware counts)."""
     app[STATS] = stats
-    app.middlewares.insert(0, stats.middleware)
-    app.on_response_prepare.append(stats.on_prepare)
     app.on_startup.append(stats.start)
     app.on_cleanup.append(stats.stop)
     return stats

@@ -15,15 +15,14 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from aiohttp import web
 
 from gateway.errors import ApiError
 
-__all__ = ["auth_middleware", "bearer_key", "cors_middleware", "key_matches", "read_body"]
+__all__ = ["add_cors_headers", "bearer_key", "key_matches", "preflight_answer", "read_body", "refusal"]
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 Getter = Callable[[web.Request], Sequence[str]]
 
 CORS_METHODS = "GET, HEAD, POST, PUT, DELETE, OPTIONS"
@@ -51,25 +50,19 @@ def is_preflight(request: web.Request) -> bool:
             and "Access-Control-Request-Method" in request.headers)
 
 
-def auth_middleware(keys: Getter, error: Callable[[web.Request, ApiError], web.Response],
-                    open_paths: frozenset[str] = frozenset()) -> object:
-    """401 (in the protocol's shape, via ``error``) unless the request carries one of ``keys(request)``."""
-
-    @web.middleware
-    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        configured = keys(request)
-        if (configured and not is_preflight(request)
-                and not (request.path in open_paths and request.method in ("GET", "HEAD"))
-                and not key_matches(bearer_key(request), configured)):
-            given = bool(bearer_key(request))
-            resp = error(request, ApiError(
-                401, "invalid API key" if given else "missing API key: send the header `Authorization: Bearer "
-                "<key>` with one of the keys configured for this port", code="invalid_api_key"))
-            resp.headers["WWW-Authenticate"] = 'Bearer realm="llama-runner"'
-            return resp
-        return await handler(request)
-
-    return middleware
+def refusal(request: web.Request, keys: Sequence[str], error: Callable[[web.Request, ApiError], web.Response],
+            open_paths: frozenset[str] = frozenset()) -> web.Response | None:
+    """401 (in the protocol's shape, via ``error``) unless the request carries one of ``keys``; None: let it in."""
+    if (not keys or is_preflight(request)
+            or (request.path in open_paths and request.method in ("GET", "HEAD"))
+            or key_matches(bearer_key(request), keys)):
+        return None
+    given = bool(bearer_key(request))
+    resp = error(request, ApiError(
+        401, "invalid API key" if given else "missing API key: send the header `Authorization: Bearer "
+        "<key>` with one of the keys configured for this port", code="invalid_api_key"))
+    resp.headers["WWW-Authenticate"] = 'Bearer realm="llama-runner"'
+    return resp
 
 
 def _allowed(origin: str, origins: Sequence[str]) -> str | None:
@@ -78,43 +71,34 @@ def _allowed(origin: str, origins: Sequence[str]) -> str | None:
     return origin if origin in origins else None
 
 
-def cors_middleware(origins: Getter) -> object:
+def preflight_answer(request: web.Request, origins: Sequence[str]) -> web.Response | None:
     """A preflight ``OPTIONS`` from an allowed origin is answered here (204), before routing and authentication;
-    no origins configured: ``OPTIONS`` is routed as any method. (Headers on answers: ``on_prepare_cors``.)"""
-
-    @web.middleware
-    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        configured = origins(request)
-        origin = request.headers.get("Origin")
-        allow = _allowed(origin, configured) if configured and origin else None
-        if allow is not None and is_preflight(request):
-            headers = {"Access-Control-Allow-Origin": allow, "Access-Control-Allow-Methods": CORS_METHODS,
-                       "Access-Control-Max-Age": CORS_MAX_AGE}
-            wanted = request.headers.get("Access-Control-Request-Headers")
-            if wanted:
-                headers["Access-Control-Allow-Headers"] = wanted
-            if allow != "*":
-                headers["Vary"] = "Origin"
-            return web.Response(status=204, headers=headers)
-        return await handler(request)
-
-    return middleware
+    None otherwise (no origins configured: ``OPTIONS`` is routed as any method)."""
+    origin = request.headers.get("Origin")
+    allow = _allowed(origin, origins) if origins and origin else None
+    if allow is None or not is_preflight(request):
+        return None
+    headers = {"Access-Control-Allow-Origin": allow, "Access-Control-Allow-Methods": CORS_METHODS,
+               "Access-Control-Max-Age": CORS_MAX_AGE}
+    wanted = request.headers.get("Access-Control-Request-Headers")
+    if wanted:
+        headers["Access-Control-Allow-Headers"] = wanted
+    if allow != "*":
+        headers["Vary"] = "Origin"
+    return web.Response(status=204, headers=headers)
 
 
-def on_prepare_cors(origins: Getter) -> Callable[[web.Request, web.StreamResponse], Awaitable[None]]:
-    """``Access-Control-Allow-Origin`` on every answer to an allowed origin, streams (NDJSON, SSE) included:
-    they send their headers before any middleware sees the response."""
-
-    async def on_prepare(request: web.Request, resp: web.StreamResponse) -> None:
-        origin = request.headers.get("Origin")
-        configured = origins(request)
-        allow = _allowed(origin, configured) if configured and origin else None
-        if allow is not None and "Access-Control-Allow-Origin" not in resp.headers:
-            resp.headers["Access-Control-Allow-Origin"] = allow
-            if allow != "*":
-                resp.headers["Vary"] = "Origin"
-
-    return on_prepare
+def add_cors_headers(request: web.Request, resp: web.StreamResponse, origins: Sequence[str]) -> None:
+    """``Access-Control-Allow-Origin`` on every answer to an allowed origin, streams (NDJSON, SSE) included
+    (called when a response is prepared: streams send their headers before their handler returns)."""
+    if not origins:
+        return
+    origin = request.headers.get("Origin")
+    allow = _allowed(origin, origins) if origin else None
+    if allow is not None and "Access-Control-Allow-Origin" not in resp.headers:
+        resp.headers["Access-Control-Allow-Origin"] = allow
+        if allow != "*":
+            resp.headers["Vary"] = "Origin"
 
 
 async def read_body(request: web.Request, timeout: float, limit: int) -> bytes:
