@@ -857,6 +857,19 @@ def test_feed_sse_is_feed(cuts: list[int], at_events: list[int], fixture: str, k
     assert final == final_dict
 
 
+def _count_decoded(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The sizes of the batches that reach the decoding path (``feed_raw``) from now on."""
+    decoded: list[int] = []
+    real = OllamaStream.feed_raw
+
+    def spy(self: OllamaStream, payloads: list[bytes]) -> bytes:
+        decoded.append(len(payloads))
+        return real(self, payloads)
+
+    monkeypatch.setattr(OllamaStream, "feed_raw", spy)
+    return decoded
+
+
 @pytest.mark.parametrize("fixture", ["chat_stream.txt", "completions_stream.txt"])
 def test_feed_sse_takes_the_whole_buffer_path_for_plain_text(fixture: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """After the first event (the parser's start), runs of llama-server's plain text events never reach the
@@ -869,14 +882,7 @@ def test_feed_sse_takes_the_whole_buffer_path_for_plain_text(fixture: str, monke
     parser = SSEParser()
     first_end = raw.index(b"\n\n") + 2
     stream.feed_sse(parser, raw[:first_end])
-    decoded: list[int] = []
-    real = OllamaStream.feed_raw
-
-    def spy(self: OllamaStream, payloads: list[bytes]) -> bytes:
-        decoded.append(len(payloads))
-        return real(self, payloads)
-
-    monkeypatch.setattr(OllamaStream, "feed_raw", spy)
+    decoded = _count_decoded(monkeypatch)
     body_end = raw.rindex(b"data: [DONE]")
     lines = stream.feed_sse(parser, raw[first_end:body_end])
     assert decoded == []
@@ -914,14 +920,7 @@ def test_feed_sse_decodes_only_the_events_around_the_plain_run(fixture: str, mon
     raw, _ = _events(chunks)
     by_dict = OllamaStream("m", "chat", started_ns=START, clock=clock_at(START + 5))
     expected = b"".join(msgspec.json.encode(o) + b"\n" for c in chunks for o in by_dict.feed(c))
-    decoded: list[int] = []
-    real = OllamaStream.feed_raw
-
-    def spy(self: OllamaStream, payloads: list[bytes]) -> bytes:
-        decoded.append(len(payloads))
-        return real(self, payloads)
-
-    monkeypatch.setattr(OllamaStream, "feed_raw", spy)
+    decoded = _count_decoded(monkeypatch)
     stream = OllamaStream("m", "chat", started_ns=START, clock=clock_at(START + 5))
     parser = SSEParser()
     assert stream.feed_sse(parser, b": a comment starts the stream\n\n") == b""

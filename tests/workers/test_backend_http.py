@@ -7,7 +7,9 @@ the client's work against the real llama-server is covered end to end in tests/e
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 
 import pytest
 from hypothesis import given, settings
@@ -19,7 +21,17 @@ from workers.backend_http import BackendHTTPError, BackendPool
 Script = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
 
-async def serve(script: Script) -> tuple[asyncio.Server, int, list[int]]:
+@dataclass
+class Backend:
+    server: asyncio.Server
+    port: int
+    connections: list[int]  # one item per connection the client opened
+    pool: BackendPool  # the client under test, pointed at the server
+
+
+@contextlib.asynccontextmanager
+async def serve(script: Script) -> AsyncIterator[Backend]:
+    """A scripted server and a BackendPool to it, both closed at the end."""
     connections: list[int] = []
 
     async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
@@ -30,7 +42,13 @@ async def serve(script: Script) -> tuple[asyncio.Server, int, list[int]]:
             w.close()
 
     server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    return server, server.sockets[0].getsockname()[1], connections
+    port = server.sockets[0].getsockname()[1]
+    b = Backend(server, port, connections, BackendPool("127.0.0.1", port))
+    try:
+        yield b
+    finally:
+        b.pool.close()
+        server.close()
 
 
 async def read_request(r: asyncio.StreamReader) -> bytes:
@@ -71,14 +89,11 @@ def test_chunked_answer_split_anywhere(cuts: list[int]) -> None:
                 await asyncio.sleep(0)
             await r.read()  # keep the connection open until the client is done with it
 
-        server, port, _ = await serve(script)
-        pool = BackendPool("127.0.0.1", port)
-        heads, data = await fetch(pool)
-        assert heads == [(200, "text/event-stream")]
-        assert data == b"".join([*EVENTS, b"data: [DONE]\n\n"])
-        assert len(pool.idle) == 1  # the exchange ended cleanly: the connection is kept for the next one
-        pool.close()
-        server.close()
+        async with serve(script) as b:
+            heads, data = await fetch(b.pool)
+            assert heads == [(200, "text/event-stream")]
+            assert data == b"".join([*EVENTS, b"data: [DONE]\n\n"])
+            assert len(b.pool.idle) == 1  # the exchange ended cleanly: the connection is kept for the next one
 
     asyncio.run(main())
 
@@ -95,14 +110,11 @@ def test_content_length_keep_alive_reuses_one_connection() -> None:
                 await w.drain()
             await r.read()
 
-        server, port, connections = await serve(script)
-        pool = BackendPool("127.0.0.1", port)
-        for i in range(3):
-            heads, data = await fetch(pool, b'{"n":%d}' % i)
-            assert heads == [(200, "application/json")] and data == b'{"answer":%d}' % i
-        assert len(connections) == 1
-        pool.close()
-        server.close()
+        async with serve(script) as b:
+            for i in range(3):
+                heads, data = await fetch(b.pool, b'{"n":%d}' % i)
+                assert heads == [(200, "application/json")] and data == b'{"answer":%d}' % i
+            assert len(b.connections) == 1
 
     asyncio.run(main())
 
@@ -115,14 +127,11 @@ def test_stale_keep_alive_connection_is_retried_once() -> None:
             await w.drain()
             # then close, as llama-server's HTTP library does after its keep-alive count or timeout
 
-        server, port, connections = await serve(script)
-        pool = BackendPool("127.0.0.1", port)
-        assert (await fetch(pool))[1] == b"ok"
-        await asyncio.sleep(0.05)  # the server's close arrives while the connection is idle... or not yet:
-        assert (await fetch(pool))[1] == b"ok"  # either way the second request succeeds
-        assert len(connections) == 2
-        pool.close()
-        server.close()
+        async with serve(script) as b:
+            assert (await fetch(b.pool))[1] == b"ok"
+            await asyncio.sleep(0.05)  # the server's close arrives while the connection is idle... or not yet:
+            assert (await fetch(b.pool))[1] == b"ok"  # either way the second request succeeds
+            assert len(b.connections) == 2
 
     asyncio.run(main())
 
@@ -140,16 +149,14 @@ def test_close_delimited_body_and_errors() -> None:
             w.write(next(answers))
             await w.drain()
 
-        server, port, _ = await serve(script)
-        pool = BackendPool("127.0.0.1", port)
-        heads, data = await fetch(pool)
-        assert heads == [(500, "application/json")] and data == b'{"error":"boom"}'
-        with pytest.raises(BackendHTTPError, match="in the middle"):
-            await fetch(pool)
-        with pytest.raises(BackendHTTPError, match="bad status line"):
-            await fetch(pool)
-        server.close()
-        pool2 = BackendPool("127.0.0.1", port)
+        async with serve(script) as b:
+            heads, data = await fetch(b.pool)
+            assert heads == [(500, "application/json")] and data == b'{"error":"boom"}'
+            with pytest.raises(BackendHTTPError, match="in the middle"):
+                await fetch(b.pool)
+            with pytest.raises(BackendHTTPError, match="bad status line"):
+                await fetch(b.pool)
+        pool2 = BackendPool("127.0.0.1", b.port)
         await asyncio.sleep(0.05)
         with pytest.raises(BackendHTTPError, match="cannot connect"):
             await fetch(pool2)
@@ -172,19 +179,18 @@ def test_stopping_mid_answer_closes_the_upstream_connection() -> None:
             except (ConnectionError, OSError):
                 closed.set()  # the client closed: llama-server's write fails and it stops generating
 
-        server, port, _ = await serve(script)
-        pool = BackendPool("127.0.0.1", port)
-        got: list[bytes] = []
-        await pool.request("POST", "/", b"{}", lambda s, c: True, lambda d: got.append(d) or len(got) < 3)
-        assert len(got) == 3 and not pool.idle  # a half-read answer's connection is never reused
-        await asyncio.wait_for(closed.wait(), 5)  # llama-server sees the close: it stops generating
-        # a cancelled request also closes its connection
-        task = asyncio.create_task(pool.request("POST", "/", b"{}", lambda s, c: True, lambda d: True))
-        await asyncio.sleep(0.05)
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-        assert not pool.idle and not pool.busy
-        server.close()
+        async with serve(script) as b:
+            pool = b.pool
+            got: list[bytes] = []
+            await pool.request("POST", "/", b"{}", lambda s, c: True, lambda d: got.append(d) or len(got) < 3)
+            assert len(got) == 3 and not pool.idle  # a half-read answer's connection is never reused
+            await asyncio.wait_for(closed.wait(), 5)  # llama-server sees the close: it stops generating
+            # a cancelled request also closes its connection
+            task = asyncio.create_task(pool.request("POST", "/", b"{}", lambda s, c: True, lambda d: True))
+            await asyncio.sleep(0.05)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert not pool.idle and not pool.busy
 
     asyncio.run(main())
