@@ -13,6 +13,7 @@ import re
 import statistics
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import zmq
 
@@ -69,9 +70,11 @@ class RequestFigures:
     def ttft_p50(self) -> float:
         return statistics.median(self.ttfts) if self.ttfts else 0.0
 
-    def _emit(self, event: RequestEvent) -> None:
+    def _emit(self, rid: str, phase: str, **fields: Any) -> None:
+        """Publish a RequestEvent, built only while somebody subscribes to this model's request events."""
         if self.pub is None or not self.wanted:
             return
+        event = RequestEvent(request_id=rid, model=self.name, phase=phase, **fields)
         try:
             self.pub.send_multipart(encode_event(self.topic, event), zmq.NOBLOCK)
         except zmq.ZMQError:
@@ -88,8 +91,7 @@ class WorkerStats(RequestFigures):
         marker = _TEXT if path.rstrip("/").endswith("/v1/completions") else _CONTENT
         self.live[rid] = _Live(path, stream, time.monotonic(), marker=marker)
         self.waiting.append(rid)
-        self._emit(RequestEvent(request_id=rid, model=self.name, phase="queued", path=path, stream=stream,
-                                position=len(self.waiting)))
+        self._emit(rid, "queued", path=path, stream=stream, position=len(self.waiting))
 
     def _leave_queue(self, rid: str) -> None:
         """``rid`` left the queue (got a slot, was rejected or cancelled): those behind it move up."""
@@ -99,7 +101,7 @@ class WorkerStats(RequestFigures):
             return
         del self.waiting[i]
         for pos, other in enumerate(self.waiting[i:], start=i + 1):
-            self._emit(RequestEvent(request_id=other, model=self.name, phase="position", position=pos))
+            self._emit(other, "position", position=pos)
 
     def started(self, rid: str) -> None:
         self._leave_queue(rid)
@@ -107,8 +109,7 @@ class WorkerStats(RequestFigures):
         if st is None:
             return
         st.started = time.monotonic()
-        self._emit(RequestEvent(request_id=rid, model=self.name, phase="started", path=st.path,
-                                stream=st.stream, queued_s=st.started - st.arrived))
+        self._emit(rid, "started", path=st.path, stream=st.stream, queued_s=st.started - st.arrived)
 
     def data(self, rid: str, chunk: bytes) -> bool:
         """One backend read (hot path: byte counts only). True once the request's first token went out (a streamed
@@ -128,8 +129,7 @@ class WorkerStats(RequestFigures):
             ttft = st.first - st.arrived
             self.ttft_last = ttft
             self.ttfts.append(ttft)
-            self._emit(RequestEvent(request_id=rid, model=self.name, phase="first_token", path=st.path,
-                                    stream=st.stream, ttft_s=ttft))
+            self._emit(rid, "first_token", path=st.path, stream=st.stream, ttft_s=ttft)
         return bool(st.first)
 
     def finished(self, rid: str, status: int, outcome: str) -> None:
@@ -141,7 +141,6 @@ class WorkerStats(RequestFigures):
         tokens = int(exact.group(1)) if exact else st.counted
         self.tokens_total += max(0, tokens - st.counted)  # a counter: the exact figure only adds
         now = time.monotonic()
-        self._emit(RequestEvent(
-            request_id=rid, model=self.name, phase="finished", path=st.path, stream=st.stream,
-            queued_s=(st.started or now) - st.arrived, ttft_s=(st.first - st.arrived) if st.first else 0.0,
-            tokens=tokens, duration_s=now - st.arrived, status=status, outcome=outcome))
+        self._emit(rid, "finished", path=st.path, stream=st.stream, queued_s=(st.started or now) - st.arrived,
+                   ttft_s=(st.first - st.arrived) if st.first else 0.0, tokens=tokens, duration_s=now - st.arrived,
+                   status=status, outcome=outcome)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from bus.protocol import RequestEvent
 from workers.metrics import RequestFigures
 
 
@@ -31,14 +30,13 @@ class WhisperStats(RequestFigures):
 
     def queued(self, rid: str, task: str, stream: bool) -> None:
         st = self.live[rid] = _Live(self.path(task), stream)
-        self._emit(RequestEvent(request_id=rid, model=self.name, phase="queued", path=st.path, stream=stream))
+        self._emit(rid, "queued", path=st.path, stream=stream)
 
     def started(self, rid: str) -> None:
         st = self.live.get(rid)
         if st is not None:
             st.started = time.monotonic()
-            self._emit(RequestEvent(request_id=rid, model=self.name, phase="started", path=st.path,
-                                    stream=st.stream, queued_s=st.started - st.arrived))
+            self._emit(rid, "started", path=st.path, stream=st.stream, queued_s=st.started - st.arrived)
 
     def segment(self, rid: str) -> None:
         """A decoded segment went out (the first one is the request's "first token")."""
@@ -48,8 +46,7 @@ class WhisperStats(RequestFigures):
         st.first = time.monotonic()
         self.ttft_last = st.first - st.arrived
         self.ttfts.append(self.ttft_last)
-        self._emit(RequestEvent(request_id=rid, model=self.name, phase="first_token", path=st.path,
-                                stream=st.stream, ttft_s=self.ttft_last))
+        self._emit(rid, "first_token", path=st.path, stream=st.stream, ttft_s=self.ttft_last)
 
     def finished(self, rid: str, status: int, outcome: str, tokens: int = 0) -> None:
         st = self.live.pop(rid, None)
@@ -57,7 +54,6 @@ class WhisperStats(RequestFigures):
             return
         self.tokens_total += tokens
         now = time.monotonic()
-        self._emit(RequestEvent(
-            request_id=rid, model=self.name, phase="finished", path=st.path, stream=st.stream,
-            queued_s=(st.started or now) - st.arrived, ttft_s=(st.first - st.arrived) if st.first else 0.0,
-            tokens=tokens, duration_s=now - st.arrived, status=status, outcome=outcome))
+        self._emit(rid, "finished", path=st.path, stream=st.stream, queued_s=(st.started or now) - st.arrived,
+                   ttft_s=(st.first - st.arrived) if st.first else 0.0, tokens=tokens, duration_s=now - st.arrived,
+                   status=status, outcome=outcome)
