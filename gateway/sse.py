@@ -110,8 +110,8 @@ class SSEParser:
         closes right after its last ``data:`` line has still sent that data; hand it over.
         """
         out: list[bytes] = []
-        if self._buf:
-            line, self._buf = self._buf.rstrip(b"\r\n"), b""
+        rest, self._buf = self._buf, b""
+        for line in rest.splitlines():  # (the unparsed rest may hold whole lines of an unfinished event)
             self._line(line, out)
         self._line(b"", out)
         return out
