@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import sys
 
-from supervisor.lean import refuse_probed_imports, without_tls
+from supervisor.lean import import_aiohttp_without_tls, refuse_probed_imports
 
 refuse_probed_imports()  # before anything imports structlog
-with without_tls():
-    import aiohttp.web  # noqa: F401  (first import: without its TLS client contexts)
+import_aiohttp_without_tls()
 
 from bus.protocol import GatewayLaunch  # noqa: E402
 from supervisor.child import read_launch, run  # noqa: E402

@@ -450,7 +450,9 @@ class _Chunk(msgspec.Struct, gc=False):
 # string literal (opening quote included), and what follows the literal's closing quote.
 _CHAT_TEXT_EVENT = (b'data: {"choices":[{"finish_reason":null,"index":0,"delta":{"content":"', b'"}}],"created":')
 _COMPLETION_TEXT_EVENT = (b'data: {"choices":[{"text":"', b'","index":0,"logprobs":null,"finish_reason":null}],"created":')
-_slices = operator.itemgetter
+_decode_chunk = msgspec.json.Decoder(_Chunk).decode
+_decode_chunks = msgspec.json.Decoder(list[_Chunk]).decode
+_enc = msgspec.json.Encoder()
 
 
 def _plain_run(buf: bytes) -> tuple[int, int, tuple[bytes, bytes]] | None:
@@ -470,9 +472,6 @@ def _plain_run(buf: bytes) -> tuple[int, int, tuple[bytes, bytes]] | None:
             return None
         return start, end, layout
     return None
-_decode_chunk = msgspec.json.Decoder(_Chunk).decode
-_decode_chunks = msgspec.json.Decoder(list[_Chunk]).decode
-_enc = msgspec.json.Encoder()
 
 
 class OllamaStream:
@@ -581,9 +580,7 @@ class OllamaStream:
         """Lines for ``buf`` if every event in it is a plain text delta in ``layout`` whose other fields are those
         of the first (one request's ``created``, ``id``, ``model``...; no timings, usage or error) and no literal
         holds a quote or ends in a backslash (those go the decoding way); else None."""
-        head, tail = layout
-        if not buf.startswith(head):
-            return None
+        head, tail = layout  # (``buf`` starts with ``head``: see _plain_run)
         pieces = buf.split(tail)  # [head+c1, R+"\n\n"+head+c2, ..., R+"\n\n"]: the rest R of each event alike
         n = len(pieces) - 1
         if n < 1:
@@ -598,9 +595,9 @@ class OllamaStream:
                 return None
             mids = pieces[1:n]
             at = len(common)
-            if list(map(_slices(slice(None, at)), mids)).count(common) != n - 1:
+            if list(map(operator.itemgetter(slice(None, at)), mids)).count(common) != n - 1:
                 return None
-            contents = [pieces[0][len(head):], *map(_slices(slice(at, None)), mids)]
+            contents = [pieces[0][len(head):], *map(operator.itemgetter(slice(at, None)), mids)]
         rest = last[:-2]
         if not last.endswith(b"}\n\n") or b"\n" in rest or b'"timings"' in rest or b'"usage"' in rest \
                 or b'"error"' in rest:

@@ -6,9 +6,7 @@ imports structlog or asyncio; never from a module other code imports (the tests'
 
 from __future__ import annotations
 
-import contextlib
 import sys
-from collections.abc import Iterator
 
 
 def refuse_probed_imports(*, ssl: bool = False) -> None:
@@ -24,15 +22,14 @@ def refuse_probed_imports(*, ssl: bool = False) -> None:
         sys.modules.setdefault("ssl", None)  # type: ignore[arg-type]
 
 
-@contextlib.contextmanager
-def without_tls() -> Iterator[None]:
-    """Import modules as if Python had no ssl module (then put it back for everyone else).
+def import_aiohttp_without_tls() -> None:
+    """Import aiohttp as if Python had no ssl module (then put ssl back for everyone else).
 
-    For aiohttp in the gateways and the dashboard: at import it builds two TLS client contexts, one of them
-    parsing the system's CA store (~2.3 MB per process); those processes serve and call plain HTTP on this
-    machine only. aiohttp supports Pythons without ssl; imported so, its TLS client use would fail loudly.
-    The standard modules that bind ssl when first imported and that aiohttp pulls in are imported before,
-    whole: only the modules first imported inside the block see no ssl.
+    For the gateways and the dashboard: at import aiohttp builds two TLS client contexts, one of them parsing
+    the system's CA store (~2.3 MB per process); those processes serve and call plain HTTP on this machine only.
+    aiohttp supports Pythons without ssl; imported so, its TLS client use would fail loudly. The standard modules
+    that bind ssl when first imported and that aiohttp pulls in are imported before, whole: only aiohttp's own
+    modules see no ssl.
     """
     import asyncio  # noqa: F401
     import urllib.request  # noqa: F401
@@ -40,7 +37,7 @@ def without_tls() -> Iterator[None]:
     real = sys.modules.get("ssl")
     sys.modules["ssl"] = None  # type: ignore[assignment]
     try:
-        yield
+        import aiohttp.web  # noqa: F401
     finally:
         if real is None:
             del sys.modules["ssl"]

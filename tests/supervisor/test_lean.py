@@ -55,9 +55,9 @@ def test_the_llama_runner_command_goes_through_the_lean_entry() -> None:
 
 AIOHTTP_WITHOUT_TLS = """
 import asyncio, sys
-from supervisor.lean import without_tls
-with without_tls():
-    import aiohttp, aiohttp.web
+from supervisor.lean import import_aiohttp_without_tls
+import_aiohttp_without_tls()
+import aiohttp, aiohttp.web
 import ssl  # back for everyone else (uvloop needs it)
 import aiohttp.connector
 assert aiohttp.connector.ssl is None and ssl.SSLContext
