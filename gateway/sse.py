@@ -69,9 +69,16 @@ class SSEParser:
         is complete yet), keeping the rest for later, so that the caller may read them its own way (or hand them
         to ``events_of``). None, with nothing taken, unless the stream so far is simple: no CR, no event half read
         by ``feed`` (then call ``feed``)."""
-        if not self._started or self._has_data or self.done or b"\r" in data or b"\r" in self._buf:
+        if self._has_data or self.done or b"\r" in data or b"\r" in self._buf:
             return None
         buf = self._buf + data if self._buf else data
+        if not self._started:  # (a stream's first bytes: most of a short answer, often)
+            if len(buf) < len(_BOM) and _BOM.startswith(buf):
+                self._buf = buf  # could still be the start of a BOM
+                return b""
+            self._started = True
+            if buf.startswith(_BOM):
+                buf = buf[len(_BOM) :]
         cut = buf.rfind(b"\n\n")
         if cut < 0:
             self._buf = buf
