@@ -14,6 +14,7 @@ retried once on a new connection when nothing of the response arrived.
 from __future__ import annotations
 
 import asyncio
+import operator
 from collections.abc import Callable
 from itertools import repeat
 
@@ -270,8 +271,9 @@ def _whole_chunks(buf: bytes) -> tuple[bytes, int] | None:
 
     The fast path of a streamed answer: llama-server writes one SSE event per chunk and SSE data holds no CR LF,
     so splitting on CR LF gives size, payload, size, payload...; every size is checked against its payload's
-    length in C-level loops (``map``), never a Python loop per token. Anything else (a payload containing CR LF,
-    the last chunk, extensions) fails the check and is left to the state machine."""
+    length in C-level loops (``map``), never a Python loop per token. The chunks up to the first that fails the
+    check (a payload containing CR LF, the last chunk, extensions) are taken; from there the state machine reads.
+    (A read often holds a whole short answer, its last chunk included.)"""
     parts = buf.split(b"\r\n")
     k = (len(parts) - 1) // 2  # (size, payload) pairs followed by the CR LF that ends the payload
     if k == 0:
@@ -281,10 +283,15 @@ def _whole_chunks(buf: bytes) -> tuple[bytes, int] | None:
         lengths = list(map(int, sizes, repeat(16)))
     except ValueError:
         return None
-    if lengths != list(map(len, payloads)):
+    fits = list(map(operator.eq, lengths, map(len, payloads)))
+    if False in fits:
+        k = fits.index(False)
+    if 0 in lengths[:k]:  # the last chunk (it ends the answer: the state machine takes it)
+        k = lengths.index(0)
+    if k == 0:
         return None
-    if 0 in lengths:  # the last chunk is among them (or an empty payload): the state machine takes it
-        return None
+    if k < len(sizes):
+        payloads, sizes, lengths = payloads[:k], sizes[:k], lengths[:k]
     return b"".join(payloads), sum(map(len, sizes)) + sum(lengths) + 4 * k
 
 

@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.pieces import split_at
-from workers.backend_http import BackendHTTPError, BackendPool
+from workers.backend_http import BackendHTTPError, BackendPool, _whole_chunks
 
 Script = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -194,3 +194,43 @@ def test_stopping_mid_answer_closes_the_upstream_connection() -> None:
             assert not pool.idle and not pool.busy
 
     asyncio.run(main())
+
+
+_payloads = st.lists(st.binary(max_size=40) | st.sampled_from([b"data: x\n\n", b"a\r\nb", b"\r\n", b"\r"]),
+                     max_size=12)
+
+
+@settings(max_examples=300, deadline=None)
+@given(payloads=_payloads, cut=st.integers(min_value=0, max_value=2000))
+def test_whole_chunks_takes_only_whole_chunks_from_the_start(payloads: list[bytes], cut: int) -> None:
+    """Whatever a read holds (any chunks, the last one, cut anywhere), the fast path takes a prefix of whole
+    non-empty chunks and their payloads exactly; the state machine is left the rest."""
+    raw = chunked(payloads)
+    buf = raw[:cut]
+    got = _whole_chunks(buf)
+    if got is None:
+        return
+    data, used = got
+    assert used > 0 and raw[:used] == chunked_prefix(payloads, data)
+
+
+def chunked_prefix(payloads: list[bytes], data: bytes) -> bytes:
+    """The chunked encoding of the first payloads that make up ``data`` (all non-empty)."""
+    out, taken = [], b""
+    for p in payloads:
+        if taken == data:
+            break
+        assert p, "the fast path took the last chunk"
+        out.append(p)
+        taken += p
+    assert taken == data
+    return b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in out)
+
+
+@pytest.mark.parametrize("tail", [b"0\r\n\r\n", b"0\r\n", b"", b"5\r\nab\r\nc\r\n0\r\n\r\n"])
+def test_whole_chunks_reads_a_whole_short_answer_up_to_its_end(tail: bytes) -> None:
+    """One read holding a whole short answer (what a busy server's streams mostly are): every plain chunk is taken
+    at once, up to the last chunk (or a payload holding CR LF), which the state machine reads."""
+    events = [*EVENTS, b"data: [DONE]\n\n"]
+    body = b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in events)
+    assert _whole_chunks(body + tail) == (b"".join(events), len(body))
