@@ -23,7 +23,7 @@ from bus.protocol import GatewayLaunch, GatewayMetrics
 
 log = structlog.get_logger()
 
-_STREAMING = "llama_runner_streaming"
+_STREAMING = web.RequestKey("llama_runner_streaming", bool)
 
 
 class GatewayStats:

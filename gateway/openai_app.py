@@ -13,6 +13,7 @@ from gateway import audio, embed_routes
 from gateway import openai_translate as tr
 from gateway.catalog import require_capability
 from gateway.errors import ApiError, openai_error_body
+from gateway.relay import StreamAnswer
 from gateway.server import CONFIG, LAUNCH, json_response, make_app, model_files, open_job, read_json
 from gateway.sse import SSEParser
 
@@ -105,17 +106,21 @@ async def relay_openai(request: web.Request, model: str, path: str, body: dict[s
                 except msgspec.DecodeError:
                     pass
             return web.Response(body=raw, content_type="application/json")
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        resp = StreamAnswer(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await resp.prepare(request)
         parser = SSEParser() if rename or transform is not None else None
+        last = b""  # the answer's last bytes leave with its end
         try:
             async for chunk in relay.chunks():
                 if parser is not None:
                     chunk = _renamed(parser, chunk, model, transform)
-                await resp.write(chunk)
+                if relay.finished:
+                    last = chunk
+                elif chunk:
+                    await resp.write(chunk)
         except ApiError as err:
-            await resp.write(b"data: " + _enc.encode(openai_error_body(err)) + b"\n\n")
-        await resp.write_eof()
+            last += b"data: " + _enc.encode(openai_error_body(err)) + b"\n\n"
+        await resp.write_eof(last)
         return resp
     finally:
         await relay.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Sequence
 
 import msgspec
+from aiohttp import web
 
 from bus.protocol import Data, End, Fail, Head
 from gateway.bus_client import Channel, GatewayBus
@@ -13,6 +14,14 @@ from gateway.errors import ApiError
 
 def _fail_error(item: Fail) -> ApiError:
     return ApiError(item.status, item.message, code=item.code, source=item.source)
+
+
+class StreamAnswer(web.StreamResponse):
+    """A streamed answer whose head leaves with its first bytes, in one write (aiohttp's StreamResponse sends it
+    alone at ``prepare``), as llama-server and Ollama do. With ``write_eof(last)`` for the last bytes, a short
+    answer read at once is one write, not four (head, body, end of body... each a syscall and a client wakeup)."""
+
+    _send_headers_immediately = False  # (aiohttp's own switch: its Response class sets it so)
 
 
 class Relay:
@@ -45,6 +54,11 @@ class Relay:
                 self._ended = True
                 self.ch.finished = True
                 self._fail = _fail_error(item)
+
+    @property
+    def finished(self) -> bool:
+        """The answer ended cleanly and all of it was handed out: what ``chunks`` yielded last was its end."""
+        return self._ended and self._fail is None and not self._pending
 
     @property
     def worker(self) -> str:
