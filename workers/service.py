@@ -213,7 +213,6 @@ class LlamaWorker(WorkerBus):
 
         def on_end() -> None:  # in the same loop turn as the last data: one bus frame for a small answer
             self.send_item(ident, End(request_id=rid))
-            self.outbox.flush()  # now, not at the end of the loop turn: the answer is complete
             stats.finished(rid, status, "ok" if status < 400 else "error")
 
         try:
