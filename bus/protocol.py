@@ -4,7 +4,7 @@ Every message that crosses a process boundary is a msgspec Struct defined here, 
 
 - ``Command``: to the supervisor's control ROUTER (from gateways, the CLI, the dashboard, and workers).
 - ``Reply``: the supervisor's answers, correlated by ``request_id``.
-- ``Job``: gateway DEALER -> worker ROUTER.
+- ``Job``: gateway DEALER -> worker ROUTER; a message carries one or more, a frame each (the jobs of one loop tick).
 - ``StreamItem``: worker -> gateway, the answer to a Job (``Head``, ``Data``..., then ``End`` or ``Fail``); a frame
   carries a list of them (every item for that gateway from one loop tick, see bus/pump.py).
 - ``Event``: published on the metrics PUB/SUB bus (JSON, for any local app), with ``v`` = schema version.

@@ -104,13 +104,18 @@ class Channel:
             self._timer = None
 
 
-class WorkerLink:
-    """One DEALER to a worker's ROUTER: jobs go out with plain non-blocking sends, stream frames (each a batch of
-    items) are read from the loop's reader callback and pushed to their requests' channels (bus/pump.py)."""
+JOB_RETRY_S = 0.002  # the worker's queue is full (HWM): try again this much later
 
-    def __init__(self, ctx: zmq.asyncio.Context, name: str, endpoint: str) -> None:
+
+class WorkerLink:
+    """One DEALER to a worker's ROUTER: the jobs of one loop tick go out as one message (a frame each: requests
+    arriving together cost the worker one wakeup, and this process one send), stream frames (each a batch of items)
+    are read from the loop's reader callback and pushed to their requests' channels (bus/pump.py)."""
+
+    def __init__(self, ctx: zmq.asyncio.Context, name: str, endpoint: str, full_timeout: float = 120.0) -> None:
         self.name = name
         self.endpoint = endpoint
+        self.full_timeout = full_timeout  # a job waits this long for a full queue, then its request gets a 503
         sock = ctx.socket(zmq.DEALER)
         sock.linger = 0
         sock.rcvhwm = 100000
@@ -119,23 +124,49 @@ class WorkerLink:
         self._owner = sock
         self.channels: dict[str, Channel] = {}
         self.reader = Reader(sock, self._on_frames)
+        self._loop = asyncio.get_running_loop()
+        self._out: list[tuple[str, bytes]] = []  # (request id, job) to send at the end of this tick, in order
+        self._scheduled = False
+        self._full_since = 0.0  # loop time the worker's queue was first found full (0: it is not)
 
-    def send(self, payload: bytes) -> None:
-        """Send a job now; raises ``zmq.Again`` when the worker's queue is full."""
-        self.sock.send(payload, NOBLOCK, copy=False)
-        self.reader.kick()
+    def send(self, request_id: str, payload: bytes) -> None:
+        """Queue a job for the end of this loop tick (with every other job of the tick: one message)."""
+        self._out.append((request_id, payload))
+        if not self._scheduled:
+            self._scheduled = True
+            self._loop.call_soon(self._flush)
 
-    async def send_job(self, payload: bytes, timeout: float) -> None:
-        """Send a job, waiting (up to ``timeout``) while the worker's queue is full."""
-        deadline = asyncio.get_running_loop().time() + timeout
-        while True:
-            try:
-                return self.send(payload)
-            except zmq.Again:
-                if asyncio.get_running_loop().time() > deadline:
-                    raise ApiError(503, f"model {self.name!r} is not taking requests (its queue is full)",
-                                   code="unavailable") from None
-                await asyncio.sleep(0.002)
+    def _flush(self) -> None:
+        self._scheduled = False
+        out, self._out = self._out, []
+        if not out or self.reader.closed:
+            return
+        try:
+            self.sock.send_multipart([job for _, job in out], NOBLOCK, copy=False)
+            self._full_since = 0.0
+        except zmq.Again:  # the worker's queue is full: these jobs wait (a while), ahead of any newer ones
+            self._out[:0] = out
+            now = self._loop.time()
+            self._full_since = self._full_since or now
+            if now - self._full_since > self.full_timeout:
+                self._refuse_waiting()
+            elif not self._scheduled:
+                self._scheduled = True
+                self._loop.call_later(JOB_RETRY_S, self._flush)
+            return
+        except zmq.ZMQError as exc:  # closed under us (the worker went away): its channels are failed elsewhere
+            log.info("job_send_failed", worker=self.name, error=str(exc))
+            return
+        self.reader.kick()  # (a send may swallow the signal of an arriving message)
+
+    def _refuse_waiting(self) -> None:
+        waiting, self._out = self._out, []
+        self._full_since = 0.0
+        for rid, _ in waiting:
+            ch = self.channels.get(rid)
+            if ch is not None:
+                ch.push(Fail(request_id=rid, status=503, code="unavailable",
+                             message=f"model {self.name!r} is not taking requests (its queue is full)"))
 
     def _on_frames(self, frames: list[zmq.Frame]) -> None:
         for frame in frames:
@@ -155,6 +186,12 @@ class WorkerLink:
             ch.push(Fail(request_id=ch.request_id, status=status, code=code, message=message))
 
     def close(self) -> None:
+        for rid, _ in self._out:  # never sent: their requests go to the model's next worker (gateway/server.py)
+            ch = self.channels.get(rid)
+            if ch is not None:
+                ch.push(Fail(request_id=rid, status=502, code="worker_replaced",
+                             message=f"model {self.name!r}: its worker was replaced before the job was sent"))
+        self._out = []
         self.reader.close()
         self._owner.close(0)
 
@@ -333,16 +370,16 @@ class GatewayBus:
         if link is None or link.endpoint != we.endpoint:
             if link is not None:
                 link.close()
-            link = self.links[we.model] = WorkerLink(self.ctx, we.model, we.endpoint)
+            link = self.links[we.model] = WorkerLink(self.ctx, we.model, we.endpoint, self.load_timeout)
         rid = new_id()
+        try:
+            payload = JOBS.encode(make_job(rid))
+        except BaseException:
+            self.release(we.request_id)
+            raise
         ch = Channel(rid, we.model, link, lease=we.request_id)
         link.channels[rid] = ch
-        try:
-            await link.send_job(JOBS.encode(make_job(rid)), self.load_timeout)
-        except BaseException:
-            link.channels.pop(rid, None)
-            self.release(ch.lease)
-            raise
+        link.send(rid, payload)
         return ch
 
     async def close_channel(self, ch: Channel) -> None:
@@ -350,8 +387,7 @@ class GatewayBus:
         ch.link.channels.pop(ch.request_id, None)
         ch.close()
         if not ch.finished:
-            with contextlib.suppress(zmq.ZMQError):
-                ch.link.send(JOBS.encode(Cancel(request_id=ch.request_id)))
+            ch.link.send(ch.request_id, JOBS.encode(Cancel(request_id=ch.request_id)))
         if ch.lease:
             self.release(ch.lease)
             ch.lease = ""

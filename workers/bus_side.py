@@ -125,12 +125,15 @@ class WorkerBus:
         raise NotImplementedError
 
     def _on_frames(self, frames: list[zmq.Frame]) -> None:
-        if len(frames) != 2:
+        """[gateway ident, job, job...]: a gateway sends the jobs of one loop tick as one message."""
+        if len(frames) < 2:
             log.warning("bad_job_frames", count=len(frames))
             return
-        try:
-            job = JOBS.decode(frames[1].buffer)
-        except BusDecodeError as exc:
-            log.warning("bad_job", error=str(exc))
-            return
-        self._dispatch(frames[0].bytes, job)
+        ident = frames[0].bytes
+        for frame in frames[1:]:
+            try:
+                job = JOBS.decode(frame.buffer)
+            except BusDecodeError as exc:
+                log.warning("bad_job", error=str(exc))
+                continue
+            self._dispatch(ident, job)
