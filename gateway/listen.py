@@ -21,9 +21,15 @@ async def serve(app: web.Application, launch: GatewayLaunch) -> int:
     parent = asyncio.create_task(watch_parent(launch.supervisor_pid, stop.set))
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, launch.host, launch.port, reuse_address=True)
+    fast = None
     try:
-        await site.start()
+        if launch.protocol in ("ollama", "openai"):  # the gateways: their hot routes answered without aiohttp's web layer
+            from gateway.fast_http import start_server
+
+            assert runner.server is not None
+            fast = await start_server(app, runner.server, launch.host, launch.port)
+        if fast is None:
+            await web.TCPSite(runner, launch.host, launch.port, reuse_address=True).start()
     except OSError as exc:
         from supervisor.processes import EXIT_CANNOT_LISTEN  # (it imports psutil: the dashboard needs none)
 
@@ -33,6 +39,11 @@ async def serve(app: web.Application, launch: GatewayLaunch) -> int:
     log.info("gateway_listening", protocol=launch.protocol, host=launch.host, port=launch.port)
     await stop.wait()
     parent.cancel()
+    if fast is not None:
+        server, connections = fast
+        server.close()
+        for conn in list(connections):
+            conn.close()
     with contextlib.suppress(Exception):
         await runner.shutdown()
     await runner.cleanup()

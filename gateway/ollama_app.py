@@ -12,7 +12,7 @@ from gateway import audio, catalog, embed_routes, openai_app
 from gateway import ollama_models as om
 from gateway import ollama_translate as tr
 from gateway.errors import ApiError, ollama_error_body, openai_error_body
-from gateway.relay import StreamAnswer
+from gateway.relay import open_stream
 from gateway.server import BUS, CONFIG, json_response, make_app, open_job, read_json, started_ns
 from gateway.sse import SSEParser
 
@@ -109,8 +109,7 @@ async def _generate(request: web.Request, kind: Literal["chat", "generate"]) -> 
                 raise ApiError(502, "llama-server sent an answer that is not JSON", source="backend") from None
             make = tr.chat_response if kind == "chat" else tr.generate_response
             return json_response(make(model, body, t0, relay.load_ns))
-        resp = StreamAnswer(headers={"Content-Type": NDJSON})
-        await resp.prepare(request)
+        resp = await open_stream(request, {"Content-Type": NDJSON})
         parser = SSEParser()
         conv = tr.OllamaStream(model, kind, t0, relay.load_ns)
         last = b""  # the answer's last lines leave with its end

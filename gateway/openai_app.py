@@ -13,7 +13,7 @@ from gateway import audio, embed_routes
 from gateway import openai_translate as tr
 from gateway.catalog import require_capability
 from gateway.errors import ApiError, openai_error_body
-from gateway.relay import StreamAnswer
+from gateway.relay import open_stream
 from gateway.server import CONFIG, LAUNCH, json_response, make_app, model_files, open_job, read_json
 from gateway.sse import SSEParser
 
@@ -106,8 +106,7 @@ async def relay_openai(request: web.Request, model: str, path: str, body: dict[s
                 except msgspec.DecodeError:
                     pass
             return web.Response(body=raw, content_type="application/json")
-        resp = StreamAnswer(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
-        await resp.prepare(request)
+        resp = await open_stream(request, {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         parser = SSEParser() if rename or transform is not None else None
         last = b""  # the answer's last bytes leave with its end
         try:

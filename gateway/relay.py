@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
+from typing import cast
 
 import msgspec
 from aiohttp import web
@@ -22,6 +23,17 @@ class StreamAnswer(web.StreamResponse):
     answer read at once is one write, not four (head, body, end of body... each a syscall and a client wakeup)."""
 
     _send_headers_immediately = False  # (aiohttp's own switch: its Response class sets it so)
+
+
+async def open_stream(request: web.Request, headers: dict[str, str]) -> web.StreamResponse:
+    """A started streamed answer for ``request``: aiohttp's (a StreamAnswer), or the fast path's own
+    (gateway/fast_http.py). Either takes ``write(bytes)`` and ``write_eof(last bytes)``."""
+    opener = getattr(request, "open_stream", None)  # (a FastRequest)
+    if opener is not None:
+        return cast(web.StreamResponse, await opener(headers))
+    resp = StreamAnswer(headers=headers)
+    await resp.prepare(request)
+    return resp
 
 
 class Relay:

@@ -29,6 +29,13 @@ LAUNCH: web.AppKey[GatewayLaunch] = web.AppKey("launch", GatewayLaunch)
 CONFIG: web.AppKey[Config] = web.AppKey("config", Config)
 
 ErrorShape = Callable[[ApiError], dict[str, Any]]
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+Answer = Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]
+OnPrepare = Callable[[web.Request, web.StreamResponse], Awaitable[None]]
+# What stands before every route (the middleware's checks and error shapes) and what every answer gets when it
+# starts (CORS, counted streams): kept on the app for gateway/fast_http.py, which answers the hot routes itself.
+ANSWER: web.AppKey[Answer] = web.AppKey("answer")
+ON_PREPARE: web.AppKey[OnPrepare] = web.AppKey("on_prepare")
 
 
 async def read_json(request: web.Request) -> dict[str, Any]:
@@ -76,9 +83,6 @@ def shape_resolver(shape: ErrorShape, path_shapes: dict[str, ErrorShape] | None 
     return shape_for
 
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
 async def shaped(request: web.Request, handler: Handler, shape_for: Callable[[str], ErrorShape]
                  ) -> web.StreamResponse:
     """``handler``'s answer, every error answered in the protocol's shape (redirects, a client gone: raised)."""
@@ -111,9 +115,9 @@ def error_middleware(shape: ErrorShape, path_shapes: dict[str, ErrorShape] | Non
     return middleware
 
 
-def gateway_middleware(stats: gateway_metrics.GatewayStats, origins: security.Getter, keys: security.Getter,
-                       shape_for: Callable[[str], ErrorShape], open_paths: frozenset[str]) -> Any:
-    """What stands before every route, in one middleware of plain checks (each layer of aiohttp middleware costs
+def gateway_answer(stats: gateway_metrics.GatewayStats, origins: security.Getter, keys: security.Getter,
+                   shape_for: Callable[[str], ErrorShape], open_paths: frozenset[str]) -> Answer:
+    """What stands before every route, in one function of plain checks (each layer of aiohttp middleware costs
     a coroutine and a wrapper per request: four of them were ~10-15% of a gateway's CPU for a tiny request).
 
     In order: counted (every answer, errors included); a CORS preflight from an allowed origin answered; the API
@@ -122,8 +126,7 @@ def gateway_middleware(stats: gateway_metrics.GatewayStats, origins: security.Ge
     def unauthorized(request: web.Request, err: ApiError) -> web.Response:
         return error_response(shape_for(request.path), err)
 
-    @web.middleware
-    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    async def answer(request: web.Request, handler: Handler) -> web.StreamResponse:
         stats.begin()
         status = 500
         try:
@@ -141,6 +144,16 @@ def gateway_middleware(stats: gateway_metrics.GatewayStats, origins: security.Ge
             raise
         finally:
             stats.end(request, status)
+
+    return answer
+
+
+def gateway_middleware(answer: Answer) -> Any:
+    """``answer`` as the app's one middleware."""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        return await answer(request, handler)
 
     return middleware
 
@@ -219,16 +232,18 @@ def make_app(launch: GatewayLaunch, shape: ErrorShape,
         return proxy_config(request.app[CONFIG], launch.protocol).cors_origins
 
     stats = gateway_metrics.GatewayStats(launch)
-    middleware = gateway_middleware(stats, origins, keys, shape_for, OPEN_PATHS.get(launch.protocol, frozenset()))
+    answer = gateway_answer(stats, origins, keys, shape_for, OPEN_PATHS.get(launch.protocol, frozenset()))
     # client_max_size guards aiohttp's own readers too (read_json reads with the live limit itself).
-    app = web.Application(middlewares=[middleware], client_max_size=config.app.limits.max_body_bytes)
+    app = web.Application(middlewares=[gateway_middleware(answer)], client_max_size=config.app.limits.max_body_bytes)
     app[LAUNCH] = launch
     app[CONFIG] = config
+    app[ANSWER] = answer
 
     async def on_prepare(request: web.Request, resp: web.StreamResponse) -> None:
         stats.prepared(request, resp)
         security.add_cors_headers(request, resp, origins(request))
 
+    app[ON_PREPARE] = on_prepare
     app.on_response_prepare.append(on_prepare)
     bus = GatewayBus(launch.run_dir, launch.load_timeout_s, name=f"gateway-{launch.protocol}",
                      ctx=zmq.asyncio.Context.instance())

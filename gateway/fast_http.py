@@ -1,0 +1,300 @@
+"""The hot routes without aiohttp's web layer: a plain HTTP/1.1 protocol in front of the gateway's aiohttp app.
+
+Why (issue 7, measured in BENCHMARKS.md): aiohttp's request and response machinery (request objects, a task per
+request, router, middleware partials, header multidicts, signals, its writer) was ~180 µs of CPU of a gateway's
+~540 µs for a tiny request; on these 2-core machines a request's added latency is mostly the CPU spent on its way.
+
+What takes the fast path: ``POST`` to a hot route (``/api/chat``, ``/api/generate``, ``/v1/chat/completions``,
+``/v1/completions``, as the app routes them) over HTTP/1.1, its whole body already read, framed by Content-Length
+and within ``limits.max_body_bytes``, no ``Expect`` / ``Transfer-Encoding`` / ``Upgrade``. Such a request runs the
+app's own route handler and checks (``ANSWER``: counted, API key, errors in the protocol's shape; ``ON_PREPARE``:
+CORS, open streams), with a small stand-in for aiohttp's request (``FastRequest``) and a streamed answer of its own
+(``FastStream``, chunked). At the first request that is anything else, the connection is handed to aiohttp for
+good: its own protocol takes the transport and every byte not yet answered, as if it had been there from the start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from email.utils import formatdate
+from typing import Any, cast
+
+import structlog
+from aiohttp import web
+from multidict import CIMultiDict
+
+from gateway.server import ANSWER, CONFIG, ON_PREPARE
+
+log = structlog.get_logger()
+
+HOT_PATHS = ("/api/chat", "/api/generate", "/v1/chat/completions", "/v1/completions")
+KEEPALIVE_S = 75.0  # an idle kept-alive connection is closed after this long (aiohttp's default)
+MAX_HEAD = 64 * 1024
+REFUSED_HEADERS = frozenset({"expect", "transfer-encoding", "upgrade"})
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def hot_routes(app: web.Application) -> dict[bytes, Handler]:
+    """The app's own handlers of the hot paths it routes for POST (none for an app without them)."""
+    out: dict[bytes, Handler] = {}
+    for route in app.router.routes():
+        info = route.resource.get_info() if route.resource is not None else {}
+        path = info.get("path")
+        if route.method == "POST" and path in HOT_PATHS:
+            out[path.encode()] = route.handler  # type: ignore[assignment]
+    return out
+
+
+class _Body:
+    """The request body, whole (what ``security.read_body`` asks of aiohttp's stream reader)."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def is_eof(self) -> bool:
+        return True
+
+    def read_nowait(self, n: int = -1) -> bytes:
+        data, self.data = self.data, b""
+        return data
+
+
+class FastRequest(dict[Any, Any]):
+    """What the hot routes and the gateway's checks use of ``web.Request``: ``app``, ``method``, ``path``,
+    ``headers``, ``content_length``, ``content``, ``transport``, and the request's own storage (a dict)."""
+
+    def __init__(self, conn: FastHTTP, method: str, path: str, headers: CIMultiDict[str], body: bytes) -> None:
+        super().__init__()
+        self.conn = conn
+        self.app = conn.app
+        self.method = method
+        self.path = path
+        self.headers = headers
+        self.content_length = len(body)
+        self.content = _Body(body)
+        self.stream: FastStream | None = None
+
+    @property
+    def transport(self) -> asyncio.Transport | None:
+        return self.conn.transport
+
+    async def open_stream(self, headers: Mapping[str, str]) -> FastStream:
+        """A streamed answer (what ``relay.open_stream`` gives a route on the fast path)."""
+        self.stream = FastStream(self, headers)
+        await self.app[ON_PREPARE](cast(web.Request, self), cast(web.StreamResponse, self.stream))
+        return self.stream
+
+
+def _head(status: int, reason: str, headers: Mapping[str, str], framing: bytes) -> bytes:
+    lines = [f"HTTP/1.1 {status} {reason}\r\n"]
+    lines.extend(f"{k}: {v}\r\n" for k, v in headers.items())
+    lines.append(f"Date: {_date()}\r\n")
+    return "".join(lines).encode("latin-1") + framing
+
+
+_date_cache = (0, "")
+
+
+def _date() -> str:
+    global _date_cache
+    now = int(time.time())
+    if _date_cache[0] != now:
+        _date_cache = (now, formatdate(now, usegmt=True))
+    return _date_cache[1]
+
+
+class FastStream:
+    """A streamed answer (chunked transfer encoding): its head leaves with its first bytes, its last bytes with its
+    end (the same writes as ``relay.StreamAnswer``)."""
+
+    status = 200
+    reason = "OK"
+
+    def __init__(self, request: FastRequest, headers: Mapping[str, str]) -> None:
+        self.request = request
+        self.headers: CIMultiDict[str] = CIMultiDict(headers)
+        self._head_sent = False
+        self.ended = False
+
+    def _framed(self, data: bytes) -> list[bytes]:
+        out = [] if self._head_sent else [_head(200, "OK", self.headers, b"Transfer-Encoding: chunked\r\n\r\n")]
+        self._head_sent = True
+        if data:
+            out += [b"%x\r\n" % len(data), data, b"\r\n"]
+        return out
+
+    async def write(self, data: bytes) -> None:
+        if data or not self._head_sent:
+            await self.request.conn.send(self._framed(data))
+
+    async def write_eof(self, data: bytes = b"") -> None:
+        if not self.ended:
+            self.ended = True
+            await self.request.conn.send([*self._framed(data), b"0\r\n\r\n"])
+
+
+class FastHTTP(asyncio.Protocol):
+    """One client connection (see the module's docstring); ``aiohttp_protocol()`` makes aiohttp's own."""
+
+    def __init__(self, app: web.Application, routes: dict[bytes, Handler],
+                 aiohttp_protocol: Callable[[], asyncio.Protocol], connections: set[FastHTTP]) -> None:
+        self.app = app
+        self.routes = routes
+        self.aiohttp_protocol = aiohttp_protocol
+        self.connections = connections
+        self.loop = asyncio.get_running_loop()
+        self.transport: asyncio.Transport | None = None
+        self.buf = b""
+        self.task: asyncio.Task[None] | None = None  # the request being answered
+        self.closing = False  # the client asked to close after this answer
+        self.handed_over = False
+        self._paused = False
+        self._drained: asyncio.Future[None] | None = None
+        self._idle: asyncio.TimerHandle | None = None
+
+    # ------------------------------------------------------------------ asyncio.Protocol
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # (uvloop's transports are not asyncio classes)
+        self.connections.add(self)
+        self._idle = self.loop.call_later(KEEPALIVE_S, self.close)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.connections.discard(self)
+        self.transport = None
+        if self._idle is not None:
+            self._idle.cancel()
+        if self.task is not None:
+            self.task.cancel()  # the client went away: the route lets go of its job (as aiohttp's cancellation)
+        self._wake_writer()
+
+    def data_received(self, data: bytes) -> None:
+        self.buf = self.buf + data if self.buf else data
+        if self.task is None:
+            self._next()
+
+    def pause_writing(self) -> None:
+        self._paused = True
+
+    def resume_writing(self) -> None:
+        self._paused = False
+        self._wake_writer()
+
+    def _wake_writer(self) -> None:
+        if self._drained is not None and not self._drained.done():
+            self._drained.set_result(None)
+
+    # ------------------------------------------------------------------ requests
+    def _next(self) -> None:
+        """Answer the next whole request in the buffer here, or hand the connection to aiohttp."""
+        buf = self.buf
+        end = buf.find(b"\r\n\r\n")
+        if end < 0:
+            if len(buf) > MAX_HEAD:
+                self._hand_over()
+            return
+        if self._idle is not None:
+            self._idle.cancel()
+            self._idle = None
+        lines = buf[:end].decode("latin-1").split("\r\n")
+        parts = lines[0].split(" ")
+        handler = self.routes.get(parts[1].encode("latin-1")) if len(parts) == 3 else None
+        if handler is None or parts[0] != "POST" or parts[2] != "HTTP/1.1":
+            return self._hand_over()
+        headers: CIMultiDict[str] = CIMultiDict()
+        length = -1
+        for line in lines[1:]:
+            name, sep, value = line.partition(":")
+            name = name.lower()
+            if not sep or not name or name != name.strip() or name in REFUSED_HEADERS:
+                return self._hand_over()  # (a malformed or an unusual request: aiohttp answers it)
+            value = value.strip()
+            if name == "content-length":
+                if length >= 0 or not value.isdigit():
+                    return self._hand_over()
+                length = int(value)
+            elif name == "connection" and value.lower() == "close":
+                self.closing = True
+            headers.add(name, value)
+        start = end + 4
+        if length < 0 or length > self.app[CONFIG].app.limits.max_body_bytes or len(buf) < start + length:
+            return self._hand_over()  # (no length, too large, or not all here: aiohttp reads it, with its timeout)
+        body, self.buf = buf[start : start + length], buf[start + length :]
+        request = FastRequest(self, parts[0], parts[1], headers, body)
+        self.task = self.loop.create_task(self._answer(request, handler))
+
+    async def _answer(self, request: FastRequest, handler: Handler) -> None:
+        try:
+            resp = await self.app[ANSWER](cast(web.Request, request), handler)
+            if request.stream is None:
+                await self._send_response(request, cast(web.Response, resp))
+            elif not request.stream.ended:  # (a route that returned without ending its stream)
+                await request.stream.write_eof()
+        except (asyncio.CancelledError, ConnectionError):
+            self.close()
+            return
+        except Exception:  # (the answer's checks caught the route's errors: this is ours)
+            log.exception("fast_path_failed", path=request.path)
+            self.close()
+            return
+        finally:
+            self.task = None
+        if self.closing:
+            self.close()
+        elif self.transport is not None:
+            self._idle = self.loop.call_later(KEEPALIVE_S, self.close)
+            if self.buf:
+                self._next()
+
+    async def _send_response(self, request: FastRequest, resp: web.Response) -> None:
+        await self.app[ON_PREPARE](cast(web.Request, request), resp)
+        body = resp.body if isinstance(resp.body, bytes) else b""
+        headers = {k: v for k, v in resp.headers.items() if k.lower() != "content-length"}
+        await self.send([_head(resp.status, resp.reason, headers, b"Content-Length: %d\r\n\r\n" % len(body)), body])
+
+    async def send(self, pieces: list[bytes]) -> None:
+        """Write ``pieces`` (one system call); wait while the client reads slower than we write."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            raise ConnectionResetError("the client went away")
+        transport.writelines(pieces)
+        while self._paused and self.transport is not None:
+            self._drained = self.loop.create_future()
+            await self._drained
+
+    def _hand_over(self) -> None:
+        """aiohttp answers this connection from here on: the request not answered yet, and everything after it."""
+        transport = self.transport
+        self.handed_over = True
+        self.connections.discard(self)
+        if self._idle is not None:
+            self._idle.cancel()
+            self._idle = None
+        if transport is None:
+            return
+        protocol = self.aiohttp_protocol()
+        transport.set_protocol(protocol)
+        protocol.connection_made(transport)
+        rest, self.buf = self.buf, b""
+        if rest:
+            protocol.data_received(rest)
+
+    def close(self) -> None:
+        if self.transport is not None and not self.handed_over:
+            self.transport.close()
+
+
+async def start_server(app: web.Application, aiohttp_protocol: Callable[[], asyncio.Protocol], host: str,
+                       port: int) -> tuple[asyncio.Server, set[FastHTTP]] | None:
+    """Listen with the fast path in front of aiohttp (None: the app has no hot routes; aiohttp listens alone)."""
+    routes = hot_routes(app)
+    if not routes:
+        return None
+    connections: set[FastHTTP] = set()
+    server = await asyncio.get_running_loop().create_server(
+        lambda: FastHTTP(app, routes, aiohttp_protocol, connections), host, port, reuse_address=True, backlog=128)
+    return server, connections

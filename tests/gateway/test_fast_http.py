@@ -1,0 +1,244 @@
+"""The hot routes' fast path (gateway/fast_http.py) on the real gateway apps, with the worker's side scripted.
+
+A plain POST to a hot route is answered without aiohttp's web layer, with the same checks (API keys, CORS, error
+shapes, request limits) and bytes; anything else hands the connection to aiohttp, which answers that request and
+every later one as before (other routes, HEAD, ``Expect: 100-continue``, chunked or partly sent bodies, HTTP/1.0,
+query strings, malformed headers, oversize bodies). Requests sent back to back (pipelined) are answered in order;
+a client gone mid-stream lets go of its job; ``Connection: close`` is honoured."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+from bus.protocol import GatewayLaunch
+from gateway import fast_http, ollama_app, openai_app
+from gateway.server import BUS
+from tests.gateway.test_security import KEY, _config
+from tests.gateway.test_stream_writes import CUT, STREAM, batches_of, scripted
+
+CHAT = {"model": "smollm2", "messages": [{"role": "user", "content": "hi"}]}
+
+
+class Served:
+    def __init__(self, app: web.Application, port: int, fast: tuple[Any, set[fast_http.FastHTTP]]) -> None:
+        self.app, self.port, self.fast = app, port, fast
+        self.handed_over = 0
+
+    async def exchange(self, raw: bytes, until_close: bool = False, answers: int = 1) -> bytes:
+        """Send ``raw`` on a new connection; read ``answers`` whole answers (or until the server closes)."""
+        reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+        try:
+            writer.write(raw)
+            await writer.drain()
+            if until_close:
+                return await asyncio.wait_for(reader.read(), 10)
+            return await asyncio.wait_for(read_answers(reader, answers), 10)
+        finally:
+            writer.close()
+
+
+async def read_answers(reader: asyncio.StreamReader, n: int) -> bytes:
+    out = b""
+    for _ in range(n):
+        head = await reader.readuntil(b"\r\n\r\n")
+        out += head
+        fields = {k.strip().lower(): v.strip() for k, _, v in
+                  (line.partition(b":") for line in head.split(b"\r\n")[1:] if line)}
+        if b"content-length" in fields:
+            out += await reader.readexactly(int(fields[b"content-length"]))
+        elif fields.get(b"transfer-encoding") == b"chunked":
+            while True:
+                size_line = await reader.readuntil(b"\r\n")
+                size = int(size_line.split(b";")[0], 16)
+                chunk = await reader.readexactly(size + 2)
+                out += size_line + chunk
+                if size == 0:
+                    break
+    return out
+
+
+def body_of(answer: bytes) -> bytes:
+    head, _, rest = answer.partition(b"\r\n\r\n")
+    if b"transfer-encoding: chunked" not in head.lower():
+        return rest
+    out = b""
+    while rest:
+        size_line, _, rest = rest.partition(b"\r\n")
+        size = int(size_line, 16)
+        out, rest = out + rest[:size], rest[size + 2 :]
+        if not size:
+            break
+    return out
+
+
+@pytest.fixture
+async def served(tmp_path: Path) -> AsyncIterator[Any]:
+    made: list[tuple[web.AppRunner, Any]] = []
+
+    async def make(protocol: str = "ollama", **app_config: Any) -> Served:
+        cfg = _config(tmp_path, **app_config)
+        run = tmp_path / "run"
+        run.mkdir(exist_ok=True)
+        launch = GatewayLaunch(protocol=protocol, host="127.0.0.1", port=0, run_dir=str(run), logs_dir=str(tmp_path),
+                               supervisor_pid=0, config_dir=str(cfg), load_timeout_s=1.0)
+        app = (ollama_app.build if protocol == "ollama" else openai_app.build)(launch)
+        runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+        await runner.setup()
+        assert runner.server is not None
+        handed: list[int] = []
+        aiohttp_server = runner.server
+
+        def aiohttp_protocol() -> asyncio.Protocol:
+            handed.append(1)
+            return aiohttp_server()
+
+        fast = await fast_http.start_server(app, aiohttp_protocol, "127.0.0.1", 0)
+        assert fast is not None
+        made.append((runner, fast))
+        s = Served(app, fast[0].sockets[0].getsockname()[1], fast)
+        s.handed = handed  # type: ignore[attr-defined]
+        return s
+
+    yield make
+    for runner, (server, conns) in made:
+        server.close()
+        for c in list(conns):
+            c.close()
+        await runner.cleanup()
+
+
+def post(path: str, doc: Any, extra: str = "", version: str = "1.1") -> bytes:
+    body = json.dumps(doc).encode()
+    return (f"POST {path} HTTP/{version}\r\nHost: x\r\nContent-Type: application/json\r\n{extra}"
+            f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+
+
+# --------------------------------------------------------------------------- answered on the fast path
+@pytest.mark.parametrize("protocol,path", [("ollama", "/api/chat"), ("openai", "/v1/chat/completions")])
+async def test_hot_routes_stream_on_the_fast_path_in_as_few_writes(served: Any, monkeypatch: pytest.MonkeyPatch,
+                                                                   protocol: str, path: str) -> None:
+    s = await served(protocol)
+    app_module = ollama_app if protocol == "ollama" else openai_app
+    model = json.loads(STREAM.split(b"\n\n")[0][6:])["model"]
+    for pieces, writes_expected in (((STREAM,), 1), ((STREAM[:CUT], STREAM[CUT:]), 2)):
+        writes: list[int] = []
+        monkeypatch.setattr(app_module, "open_job", scripted(batches_of(*pieces), writes))
+        answer = await s.exchange(post(path, {**CHAT, "model": model, "stream": True}))
+        assert answer.startswith(b"HTTP/1.1 200 OK\r\n") and b"Transfer-Encoding: chunked" in answer
+        body = body_of(answer)
+        if protocol == "openai":
+            assert body == STREAM and b"text/event-stream" in answer
+        else:
+            lines = [json.loads(x) for x in body.splitlines()]
+            assert lines[-1]["done"] and not lines[0]["done"] and b"application/x-ndjson" in answer
+        assert len(writes) == writes_expected
+    assert not s.handed  # type: ignore[attr-defined]
+
+
+async def test_errors_keys_and_cors_on_the_fast_path(served: Any) -> None:
+    s = await served("ollama", **{"proxies.ollama.api_keys": [KEY], "proxies.ollama.cors_origins": ["http://ui"]})
+    # no key: 401 in Ollama's shape, CORS header for the allowed origin
+    answer = await s.exchange(post("/api/chat", CHAT, "Origin: http://ui\r\n"))
+    assert answer.startswith(b"HTTP/1.1 401 ") and b"Access-Control-Allow-Origin: http://ui" in answer
+    assert b"WWW-Authenticate: Bearer" in answer and "missing API key" in json.loads(body_of(answer))["error"]
+    # the key, bad JSON: 400 in Ollama's shape; on /v1 of the Ollama port: OpenAI's shape
+    auth = f"Authorization: Bearer {KEY}\r\n"
+    raw = post("/api/chat", CHAT, auth).replace(b'{"model"', b'{"model" oops', 1)
+    raw = raw.replace(b"Content-Length: %d" % len(json.dumps(CHAT)), b"Content-Length: %d" % (len(json.dumps(CHAT)) + 5))
+    answer = await s.exchange(raw)
+    assert answer.startswith(b"HTTP/1.1 400 ") and "invalid JSON" in json.loads(body_of(answer))["error"]
+    answer = await s.exchange(post("/v1/chat/completions", {"messages": []}, auth))
+    assert answer.startswith(b"HTTP/1.1 400 ") and isinstance(json.loads(body_of(answer))["error"], dict)
+    answer = await s.exchange(post("/api/chat", {"messages": []}, auth))
+    assert answer.startswith(b"HTTP/1.1 400 ") and json.loads(body_of(answer)) == {
+        "error": "model is required (llama-runner)"}
+    assert not s.handed  # type: ignore[attr-defined]
+    assert s.app[BUS] is not None
+
+
+async def test_pipelined_requests_are_answered_in_order_and_connection_close_is_honoured(
+        served: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    s = await served("openai")
+    model = json.loads(STREAM.split(b"\n\n")[0][6:])["model"]
+    monkeypatch.setattr(openai_app, "open_job", scripted(batches_of(STREAM), []))
+    one = post("/v1/chat/completions", {**CHAT, "model": model, "stream": True})
+    bad = post("/v1/chat/completions", {"messages": []})
+    answer = await s.exchange(one + bad + one, answers=3)
+    assert answer.count(b"HTTP/1.1 200 OK") == 2 and answer.index(b"HTTP/1.1 400 ") > answer.index(b"200 OK")
+    answer = await s.exchange(post("/v1/chat/completions", {"messages": []}, "Connection: close\r\n"),
+                              until_close=True)
+    assert answer.startswith(b"HTTP/1.1 400 ")  # and the server closed: read() returned
+    assert not s.handed  # type: ignore[attr-defined]
+
+
+# --------------------------------------------------------------------------- handed to aiohttp
+@pytest.mark.parametrize("raw,status,then", [
+    (b"GET /api/version HTTP/1.1\r\nHost: x\r\n\r\n", 200, True),
+    (b"HEAD / HTTP/1.1\r\nHost: x\r\n\r\n", 200, True),
+    (post("/api/chat", {"messages": []}, "Expect: 100-continue\r\n"), 100, False),
+    (b"POST /api/chat HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n", 400, True),
+    (post("/api/chat?x=1", {"messages": []}), 400, True),
+    (post("/api/chat", {"messages": []}, version="1.0"), 400, False),  # (aiohttp closes an HTTP/1.0 exchange)
+    (post("/api/chat", {"messages": []}, "Bad Header\r\n"), 400, False),  # (and a malformed one)
+    (post("/api/chat", {"messages": []}).replace(b"Content-Length: 16", b"Content-Length: 99999999"), 413, False),
+])
+async def test_anything_else_is_answered_by_aiohttp_then_and_after(served: Any, raw: bytes, status: int,
+                                                                   then: bool) -> None:
+    s = await served("ollama")
+    version = b"GET /api/version HTTP/1.1\r\nHost: x\r\n\r\n"
+    answer = await s.exchange(raw + version, answers=2) if then else await s.exchange(raw, answers=1)
+    assert answer.startswith(b"HTTP/1.1 %d " % status) or answer.startswith(b"HTTP/1.0 %d " % status), answer[:200]
+    if then:
+        assert answer.count(b"HTTP/1.") == 2 and b'"version"' in answer  # the next request too, by aiohttp
+    assert s.handed == [1]  # type: ignore[attr-defined]
+
+
+async def test_a_body_sent_in_pieces_is_read_by_aiohttp(served: Any) -> None:
+    s = await served("ollama")
+    raw = post("/api/chat", {"messages": []})
+    reader, writer = await asyncio.open_connection("127.0.0.1", s.port)
+    writer.write(raw[:-5])
+    await writer.drain()
+    await asyncio.sleep(0.05)
+    writer.write(raw[-5:])
+    answer = await asyncio.wait_for(read_answers(reader, 1), 10)
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 400 ") and "model is required" in json.loads(body_of(answer))["error"]
+    assert s.handed == [1]  # type: ignore[attr-defined]
+
+
+# --------------------------------------------------------------------------- a client gone
+async def test_a_client_gone_mid_stream_lets_go_of_its_job(served: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    s = await served("openai")
+    model = json.loads(STREAM.split(b"\n\n")[0][6:])["model"]
+    closed: list[str] = []
+    real = scripted([batches_of(STREAM[:CUT])[0]], [])  # the head and some data, never the end
+
+    async def open_job(request: Any, *args: Any, **kwargs: Any) -> Any:
+        relay = await real(request, *args, **kwargs)
+        close = relay.close
+
+        async def tracked_close() -> None:
+            closed.append(relay.ch.request_id)
+            await close()
+
+        relay.close = tracked_close
+        return relay
+
+    monkeypatch.setattr(openai_app, "open_job", open_job)
+    reader, writer = await asyncio.open_connection("127.0.0.1", s.port)
+    writer.write(post("/v1/chat/completions", {**CHAT, "model": model, "stream": True}))
+    await asyncio.wait_for(reader.readuntil(b"data: "), 10)  # streaming
+    writer.close()
+    for _ in range(100):
+        if closed:
+            break
+        await asyncio.sleep(0.02)
+    assert closed == ["r1"]
