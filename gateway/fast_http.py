@@ -154,6 +154,7 @@ class FastHTTP(asyncio.Protocol):
         self.closing = False  # the client asked to close after this answer
         self.handed_over = False
         self._paused = False
+        self._reading_paused = False
         self._drained: asyncio.Future[None] | None = None
         self._idle: asyncio.TimerHandle | None = None
 
@@ -176,6 +177,9 @@ class FastHTTP(asyncio.Protocol):
         self.buf = self.buf + data if self.buf else data
         if self.task is None:
             self._next()
+        elif len(self.buf) > MAX_HEAD + self.app[CONFIG].app.limits.max_body_bytes and self.transport is not None:
+            self.transport.pause_reading()  # requests sent ahead of their turn: no more until this answer is out
+            self._reading_paused = True
 
     def pause_writing(self) -> None:
         self._paused = True
@@ -243,6 +247,9 @@ class FastHTTP(asyncio.Protocol):
             return
         finally:
             self.task = None
+            if self._reading_paused and self.transport is not None:
+                self._reading_paused = False
+                self.transport.resume_reading()
         if self.closing:
             self.close()
         elif self.transport is not None:

@@ -242,3 +242,25 @@ async def test_a_client_gone_mid_stream_lets_go_of_its_job(served: Any, monkeypa
             break
         await asyncio.sleep(0.02)
     assert closed == ["r1"]
+
+
+async def test_requests_sent_far_ahead_of_their_turn_pause_reading(served: Any) -> None:
+    s = await served("ollama", **{"limits.max_body_bytes": 1000})
+
+    class Transport:
+        paused = 0
+
+        def pause_reading(self) -> None:
+            self.paused += 1
+
+        def resume_reading(self) -> None:
+            self.paused -= 1
+
+    conn = fast_http.FastHTTP(s.app, {}, lambda: asyncio.Protocol(), set())
+    conn.transport = Transport()  # type: ignore[assignment]
+    conn.task = asyncio.get_running_loop().create_future()  # type: ignore[assignment]  # (an answer under way)
+    conn.data_received(b"x" * 1000)
+    assert conn.transport.paused == 0  # type: ignore[union-attr]
+    conn.data_received(b"x" * (fast_http.MAX_HEAD + 1))
+    assert conn.transport.paused == 1  # type: ignore[union-attr]
+    conn.task.cancel()  # type: ignore[union-attr]
