@@ -116,7 +116,7 @@ def test_bench_quick_reports_every_figure(tmp_path: Path) -> None:
         for g in ("ollama", "openai"):
             assert fig["ratio"][g]["n"] == 1
             assert {"gateway", "worker", "upstream"} <= set(fig["cpu_us_per_token"][g])
-    for key in ("ttft", "latency"):
+    for key in ("ttft", "latency", "latency_back_to_back"):
         for p in ("p50_ms", "p99_ms", "added_p50_ms", "added_p99_ms"):
             assert set(r[key][p]) >= {"ollama", "openai"}
     assert (
@@ -135,6 +135,7 @@ def test_bench_quick_reports_every_figure(tmp_path: Path) -> None:
         "## Targets",
         "streaming tokens/s, 64 stream(s)",
         "TTFT, warm p99",
+        "back to back (not a target) p50",
         "requests/s, concurrency 32",
         "cold start",
         "CPU µs per token",

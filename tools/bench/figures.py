@@ -154,18 +154,22 @@ class Bench:
             }
         return out
 
-    async def latency(self, stream: bool) -> dict[str, Any]:
-        """Non-streaming tiny request latency (stream=False) or warm TTFT (stream=True), ms."""
+    async def latency(self, stream: bool, back_to_back: bool = False) -> dict[str, Any]:
+        """Non-streaming tiny request latency (stream=False) or warm TTFT (stream=True), ms: the targets
+        interleaved request by request, or (``back_to_back``, non-streaming) in blocks of requests to one target."""
         p50: dict[str, list[float]] = {n: [] for n in self.t}
         p99: dict[str, list[float]] = {n: [] for n in self.t}
         tokens = self.p.ttft_tokens if stream else 1
         for r in range(self.p.runs):
-            lat = await load.latencies(self.s, list(self.t.values()), self.p.samples, tokens, stream)
+            targets = list(self.t.values())
+            lat = (await load.latencies_back_to_back(self.s, targets, self.p.samples) if back_to_back else
+                   await load.latencies(self.s, targets, self.p.samples, tokens, stream))
             for n, v in lat.items():
                 p50[n].append(load.percentile(v, 50) * 1000)
                 p99[n].append(load.percentile(v, 99) * 1000)
+            what = "TTFT" if stream else "latency back to back" if back_to_back else "latency"
             say(
-                f"[{self.name}] {'TTFT' if stream else 'latency'} run {r + 1}/{self.p.runs} p50/p99 ms: "
+                f"[{self.name}] {what} run {r + 1}/{self.p.runs} p50/p99 ms: "
                 + ", ".join(f"{n} {p50[n][-1]:.2f}/{p99[n][-1]:.2f}" for n in self.t)
             )
         return {
@@ -295,6 +299,7 @@ async def run_upstream(upstream: Upstream, p: Params) -> dict[str, Any]:
             }
             result["idle_rss"] = b.idle_rss()
             result["latency"] = await b.latency(stream=False)
+            result["latency_back_to_back"] = await b.latency(stream=False, back_to_back=True)
             result["ttft"] = await b.latency(stream=True)
             result["streaming"] = await b.streaming()
             result["rps"] = await b.rps()

@@ -209,6 +209,23 @@ async def latencies(
     return out
 
 
+async def latencies_back_to_back(
+    s: aiohttp.ClientSession, ts: list[Target], samples: int, block: int = 20
+) -> dict[str, list[float]]:
+    """Tiny non-streaming requests in blocks of ``block`` to one target, the targets in turn (d x20, o x20, a x20,
+    ...: drift still hits all alike): each path as a client sending one request after another sees it. The first
+    request of a block (its processes idle while the other paths ran) is left out."""
+    out: dict[str, list[float]] = {t.name: [] for t in ts}
+    bodies = {t.name: t.body(1, False) for t in ts}
+    for _ in range(max(1, samples // block)):
+        for t in ts:
+            for i in range(block + 1):
+                took = await request_once(s, t, bodies[t.name])
+                if i:
+                    out[t.name].append(took)
+    return out
+
+
 def percentile(values: list[float], p: float) -> float:
     """Nearest-rank percentile (p in 0..100); nan for no values."""
     if not values:

@@ -173,7 +173,10 @@ def _upstream_table(name: str, r: dict[str, Any]) -> list[str]:
             f"{_s(tps['ollama'])} | {_s(tps['openai'])} | {_s(fig['ratio']['ollama'])} | "
             f"{_s(fig['ratio']['openai'])} |"
         )
-    for key, label in (("ttft", "TTFT, warm"), ("latency", "tiny non-streaming request latency")):
+    for key, label in (("ttft", "TTFT, warm"), ("latency", "tiny non-streaming request latency"),
+                       ("latency_back_to_back", "tiny request latency, back to back (not a target)")):
+        if key not in r:  # (results of an older bench)
+            continue
         fig = r[key]
         for p in ("p50", "p99"):
             vals = fig[f"{p}_ms"]
@@ -298,8 +301,10 @@ def console(doc: dict[str, Any]) -> str:
                 f"  tokens/s {c:>2} streams   ollama {_s(fig['ratio']['ollama'])}   "
                 f"openai {_s(fig['ratio']['openai'])}"
             )
-        for key, label in (("ttft", "TTFT"), ("latency", "latency")):
+        for key, label in (("ttft", "TTFT"), ("latency", "latency"), ("latency_back_to_back", "latency b2b")):
             for p in ("p50", "p99"):
+                if key not in r:
+                    continue
                 a = r[key][f"added_{p}_ms"]
                 lines.append(f"  {label} {p} added ms    ollama {_s(a['ollama'])}   openai {_s(a['openai'])}")
         rr = r["rps"]["ratio"]
