@@ -1,8 +1,8 @@
 """The hot routes without aiohttp's web layer: a plain HTTP/1.1 protocol in front of the gateway's aiohttp app.
 
 Why (issue 7, measured in BENCHMARKS.md): aiohttp's request and response machinery (request objects, a task per
-request, router, middleware partials, header multidicts, signals, its writer) was ~180 µs of CPU of a gateway's
-~540 µs for a tiny request; on these 2-core machines a request's added latency is mostly the CPU spent on its way.
+request, router, middleware partials, header multidicts, signals, its writer) was 150-200 µs of CPU of a gateway's
+600-650 µs for a tiny request; on these 2-core machines a request's added latency is mostly the CPU spent on its way.
 
 What takes the fast path: ``POST`` to a hot route (``/api/chat``, ``/api/generate``, ``/v1/chat/completions``,
 ``/v1/completions``, as the app routes them) over HTTP/1.1, its whole body already read, framed by Content-Length
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from email.utils import formatdate
 from typing import Any, cast
 
@@ -25,7 +25,7 @@ import structlog
 from aiohttp import web
 from multidict import CIMultiDict
 
-from gateway.server import ANSWER, CONFIG, ON_PREPARE
+from gateway.server import ANSWER, CONFIG, ON_PREPARE, Handler
 
 log = structlog.get_logger()
 
@@ -33,8 +33,6 @@ HOT_PATHS = ("/api/chat", "/api/generate", "/v1/chat/completions", "/v1/completi
 KEEPALIVE_S = 75.0  # an idle kept-alive connection is closed after this long (aiohttp's default)
 MAX_HEAD = 64 * 1024
 REFUSED_HEADERS = frozenset({"expect", "transfer-encoding", "upgrade"})
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def hot_routes(app: web.Application) -> dict[bytes, Handler]:
