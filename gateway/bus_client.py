@@ -139,7 +139,10 @@ class WorkerLink:
     def _flush(self) -> None:
         self._scheduled = False
         out, self._out = self._out, []
-        if not out or self.reader.closed:
+        if not out:
+            return
+        if self.reader.closed:  # the link broke: these requests go to the model's next worker (gateway/server.py)
+            self._fail(out, 502, "worker_gone", f"model {self.name!r}: the link to its worker broke")
             return
         try:
             self.sock.send_multipart([job for _, job in out], NOBLOCK, copy=False)
@@ -154,19 +157,23 @@ class WorkerLink:
                 self._scheduled = True
                 self._loop.call_later(JOB_RETRY_S, self._flush)
             return
-        except zmq.ZMQError as exc:  # closed under us (the worker went away): its channels are failed elsewhere
+        except zmq.ZMQError as exc:  # closed under us: as a broken link
             log.info("job_send_failed", worker=self.name, error=str(exc))
+            self._fail(out, 502, "worker_gone", f"model {self.name!r}: the link to its worker broke")
             return
         self.reader.kick()  # (a send may swallow the signal of an arriving message)
 
     def _refuse_waiting(self) -> None:
         waiting, self._out = self._out, []
         self._full_since = 0.0
-        for rid, _ in waiting:
+        self._fail(waiting, 503, "unavailable", f"model {self.name!r} is not taking requests (its queue is full)")
+
+    def _fail(self, jobs: list[tuple[str, bytes]], status: int, code: str, message: str) -> None:
+        """The requests of ``jobs`` (never sent) get ``Fail``; a ``worker_*`` code sends them to the next worker."""
+        for rid, _ in jobs:
             ch = self.channels.get(rid)
             if ch is not None:
-                ch.push(Fail(request_id=rid, status=503, code="unavailable",
-                             message=f"model {self.name!r} is not taking requests (its queue is full)"))
+                ch.push(Fail(request_id=rid, status=status, code=code, message=message))
 
     def _on_frames(self, frames: list[zmq.Frame]) -> None:
         for frame in frames:
@@ -186,12 +193,9 @@ class WorkerLink:
             ch.push(Fail(request_id=ch.request_id, status=status, code=code, message=message))
 
     def close(self) -> None:
-        for rid, _ in self._out:  # never sent: their requests go to the model's next worker (gateway/server.py)
-            ch = self.channels.get(rid)
-            if ch is not None:
-                ch.push(Fail(request_id=rid, status=502, code="worker_replaced",
-                             message=f"model {self.name!r}: its worker was replaced before the job was sent"))
-        self._out = []
+        unsent, self._out = self._out, []  # their requests go to the model's next worker (gateway/server.py)
+        self._fail(unsent, 502, "worker_replaced", f"model {self.name!r}: its worker was replaced before the job "
+                   "was sent")
         self.reader.close()
         self._owner.close(0)
 

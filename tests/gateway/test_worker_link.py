@@ -120,3 +120,19 @@ def test_jobs_never_sent_when_the_link_closes_go_to_the_next_worker() -> None:
         ctx.term()
 
     asyncio.run(main())
+
+
+def test_jobs_on_a_broken_link_go_to_the_next_worker() -> None:
+    async def main() -> None:
+        ctx = zmq.asyncio.Context()
+        link = WorkerLink(ctx, "m", f"ipc://{tempfile.mkdtemp()}/w.sock")
+        ch = link.channels["a"] = Channel("a", "m", link)
+        link.reader.close()  # (what the reader does when the socket breaks under it)
+        link.send("a", job("a"))
+        items = await asyncio.wait_for(ch.batch(5), 3)
+        assert isinstance(items[0], Fail) and items[0].code == "worker_gone"  # retried by open_relay
+        ch.close()
+        link.close()
+        ctx.term()
+
+    asyncio.run(main())
