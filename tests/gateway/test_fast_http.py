@@ -9,13 +9,17 @@ a client gone mid-stream lets go of its job; ``Connection: close`` is honoured."
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 from aiohttp import web
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from bus.protocol import GatewayLaunch
 from gateway import fast_http, ollama_app, openai_app
@@ -29,7 +33,8 @@ CHAT = {"model": "smollm2", "messages": [{"role": "user", "content": "hi"}]}
 class Served:
     def __init__(self, app: web.Application, port: int, fast: tuple[Any, set[fast_http.FastHTTP]]) -> None:
         self.app, self.port, self.fast = app, port, fast
-        self.handed_over = 0
+        self.handed: list[int] = []
+        self.logged: list[dict[str, Any]] = []
 
     async def exchange(self, raw: bytes, until_close: bool = False, answers: int = 1) -> bytes:
         """Send ``raw`` on a new connection; read ``answers`` whole answers (or until the server closes)."""
@@ -103,7 +108,7 @@ async def served(tmp_path: Path) -> AsyncIterator[Any]:
         assert fast is not None
         made.append((runner, fast))
         s = Served(app, fast[0].sockets[0].getsockname()[1], fast)
-        s.handed = handed  # type: ignore[attr-defined]
+        s.handed = handed
         return s
 
     yield make
@@ -112,6 +117,22 @@ async def served(tmp_path: Path) -> AsyncIterator[Any]:
         for c in list(conns):
             c.close()
         await runner.cleanup()
+
+
+@pytest.fixture
+async def served_once(served: Any, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Served]:
+    """One Ollama gateway for every example of a test; valid requests get a scripted answer; log events kept."""
+    s = await served("ollama")
+    for module in (ollama_app, openai_app):
+        monkeypatch.setattr(module, "open_job", scripted(batches_of(STREAM), []))
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(lambda _loop, context: s.logged.append({"event": "loop_error", **context}))
+    try:
+        with structlog.testing.capture_logs() as logged:
+            s.logged = logged
+            yield s
+    finally:
+        loop.set_exception_handler(None)
 
 
 def post(path: str, doc: Any, extra: str = "", version: str = "1.1") -> bytes:
@@ -264,3 +285,46 @@ async def test_requests_sent_far_ahead_of_their_turn_pause_reading(served: Any) 
     conn.data_received(b"x" * (fast_http.MAX_HEAD + 1))
     assert conn.transport.paused == 1  # type: ignore[union-attr]
     conn.task.cancel()  # type: ignore[union-attr]
+
+
+_methods = st.sampled_from(["POST", "GET", "post", "PUT", "HEAD", "OPTIONS"])
+_paths = st.sampled_from(["/api/chat", "/api/generate", "/v1/chat/completions", "/v1/completions", "/api/chat?x=1",
+                          "/api/chat/", "/nope", "*", "http://x/api/chat"])
+_versions = st.sampled_from(["HTTP/1.1", "HTTP/1.0", "HTTP/2", "HTTP/1.1 extra", "", "http/1.1"])
+_header = st.one_of(
+    st.tuples(st.sampled_from(["Content-Type", "Expect", "Transfer-Encoding", "Connection", "Origin", "Upgrade",
+                               "Authorization", "X-Odd", " Content-Length", "Content-Length "]),
+              st.sampled_from(["application/json", "100-continue", "chunked", "close", "keep-alive", "http://ui",
+                               "websocket", "Bearer x", "", " spaced "])),
+    st.tuples(st.just("Content-Length"), st.sampled_from(["0", "5", "-1", "abc", "99999999999", " 3", "1e3"])),
+    st.tuples(st.text(st.characters(min_codepoint=33, max_codepoint=126), min_size=1, max_size=8),
+              st.text(st.characters(min_codepoint=32, max_codepoint=255), max_size=12)),
+)
+_bodies = st.one_of(st.just(b'{"model":"smollm2","messages":[{"role":"user","content":"hi"}]}'),
+                    st.just(b'{"model":"smollm2","messages":[{"role":"user","content":"hi"}],"stream":false}'),
+                    st.just(b"{}"), st.just(b"[1,2]"), st.binary(max_size=40))
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(method=_methods, path=_paths, version=_versions, headers=st.lists(_header, max_size=5), body=_bodies,
+       with_length=st.booleans(), then_more=st.booleans())
+async def test_any_request_is_answered_or_refused_and_the_server_goes_on(
+        served_once: Served, method: str, path: str, version: str, headers: list[tuple[str, str]], body: bytes,
+        with_length: bool, then_more: bool) -> None:
+    """Whatever the request line, headers and body: an answer, a close, or (a body shorter than its length) a
+    wait for the rest; never an error of the fast path itself, and the next client is answered."""
+    s = served_once
+    head = f"{method} {path} {version}\r\nHost: x\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers)
+    if with_length:
+        head += f"Content-Length: {len(body)}\r\n"
+    raw = head.encode("latin-1") + b"\r\n" + body
+    if then_more:
+        raw += post("/api/chat", {"messages": []})
+    reader, writer = await asyncio.open_connection("127.0.0.1", s.port)
+    writer.write(raw)
+    with contextlib.suppress(TimeoutError, ConnectionError):
+        await asyncio.wait_for(reader.read(65536), 0.5)
+    writer.close()
+    answer = await s.exchange(post("/api/chat", {"messages": []}))
+    assert answer.startswith(b"HTTP/1.1 400 ")
+    assert not [e for e in s.logged if e.get("event") in ("fast_path_failed", "loop_error")]
