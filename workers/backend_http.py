@@ -19,7 +19,10 @@ from collections.abc import Callable
 from itertools import repeat
 
 MAX_HEAD = 64 * 1024
-GATHER_S = 0.0005  # reads of one flowing answer closer than this: the next one waits this long (see _Conn._pace)
+# Reads of one flowing answer closer than this: the next one waits this long (see _Conn._pace). uvloop's timers count
+# whole milliseconds and round 0.5 ms down: there the wait is one loop turn (1 ms was measured: half the worker's CPU
+# per token at 1 stream, but no more tokens/s, and fewer at 16 streams; BENCHMARKS.md).
+GATHER_S = 0.0005
 
 OnHead = Callable[[int, str], bool]  # (status, content type) -> keep going?
 OnData = Callable[[bytes], bool]  # a read's body bytes -> keep going?

@@ -4,8 +4,9 @@ Hot path (issue 7, measured in BENCHMARKS.md): llama-server is spoken to through
 reads are handed over as they come (everything llama-server produced since the last read, never one message per
 token); the answer's items leave through the Outbox (bus/pump.py): one frame per gateway per loop tick, so a small
 answer's head, body and end cross the bus as one message. Once a stream flows (its first token went out), reads
-closer than 0.5 ms apart wait that long and data waits up to 1 ms for company: a fast stream moves in fewer, larger
-messages; a real model's tokens (tens of ms apart) and every first token are never held back.
+closer than 0.5 ms apart wait that long (a loop turn under uvloop) and data waits up to 1 ms for company: a fast
+stream moves in fewer, larger messages; a real model's tokens (tens of ms apart) and every first token are never
+held back.
 """
 
 from __future__ import annotations
