@@ -293,6 +293,24 @@ class FastHTTP(asyncio.Protocol):
             self.transport.close()
 
 
+SHUTDOWN_S = 60.0  # answers under way at a stop get this long to finish (aiohttp's own shutdown timeout)
+
+
+async def shutdown(server: asyncio.Server, connections: set[FastHTTP], timeout: float = SHUTDOWN_S) -> None:
+    """Stop listening; close idle connections now and the others once their answer under way is out (a stream in
+    flight finishes, as aiohttp lets its handlers finish), within ``timeout``."""
+    server.close()
+    for conn in list(connections):
+        conn.closing = True  # no next request on it
+        if conn.task is None:
+            conn.close()
+    under_way = [conn.task for conn in connections if conn.task is not None]
+    if under_way:
+        await asyncio.wait(under_way, timeout=timeout)
+    for conn in list(connections):
+        conn.close()
+
+
 async def start_server(app: web.Application, aiohttp_protocol: Callable[[], asyncio.Protocol], host: str,
                        port: int) -> tuple[asyncio.Server, set[FastHTTP]] | None:
     """Listen with the fast path in front of aiohttp (None: the app has no hot routes; aiohttp listens alone)."""

@@ -39,12 +39,16 @@ async def serve(app: web.Application, launch: GatewayLaunch) -> int:
     log.info("gateway_listening", protocol=launch.protocol, host=launch.host, port=launch.port)
     await stop.wait()
     parent.cancel()
+
+    async def aiohttp_shutdown() -> None:
+        with contextlib.suppress(Exception):
+            await runner.shutdown()
+
+    stops = [aiohttp_shutdown()]
     if fast is not None:
-        server, connections = fast
-        server.close()
-        for conn in list(connections):
-            conn.close()
-    with contextlib.suppress(Exception):
-        await runner.shutdown()
+        from gateway.fast_http import shutdown
+
+        stops.append(shutdown(*fast))
+    await asyncio.gather(*stops)  # answers under way finish, on either path
     await runner.cleanup()
     return 0

@@ -240,7 +240,7 @@ async def test_a_client_gone_mid_stream_lets_go_of_its_job(served: Any, monkeypa
     s = await served("openai")
     model = json.loads(STREAM.split(b"\n\n")[0][6:])["model"]
     closed: list[str] = []
-    real = scripted([batches_of(STREAM[:CUT])[0]], [])  # the head and some data, never the end
+    real = scripted([batches_of(STREAM[:CUT], STREAM[CUT:])[0]], [])  # the head and some data, never the end
 
     async def open_job(request: Any, *args: Any, **kwargs: Any) -> Any:
         relay = await real(request, *args, **kwargs)
@@ -328,3 +328,34 @@ async def test_any_request_is_answered_or_refused_and_the_server_goes_on(
     answer = await s.exchange(post("/api/chat", {"messages": []}))
     assert answer.startswith(b"HTTP/1.1 400 ")
     assert not [e for e in s.logged if e.get("event") in ("fast_path_failed", "loop_error")]
+
+
+async def test_a_stop_lets_the_answer_under_way_finish_and_closes_idle_connections(
+        served: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    s = await served("openai")
+    model = json.loads(STREAM.split(b"\n\n")[0][6:])["model"]
+    head_and_half, rest = batches_of(STREAM[:CUT], STREAM[CUT:])  # the second half and the end: held back
+    channels: list[Any] = []
+    first = scripted([head_and_half], [])
+
+    async def open_job(request: Any, *args: Any, **kwargs: Any) -> Any:
+        relay = await first(request, *args, **kwargs)
+        channels.append(relay.ch)
+        return relay
+
+    monkeypatch.setattr(openai_app, "open_job", open_job)
+    idle_reader, idle_writer = await asyncio.open_connection("127.0.0.1", s.port)
+    reader, writer = await asyncio.open_connection("127.0.0.1", s.port)
+    writer.write(post("/v1/chat/completions", {**CHAT, "model": model, "stream": True}))
+    await asyncio.wait_for(reader.readuntil(b"data: "), 10)  # streaming
+    stopping = asyncio.create_task(fast_http.shutdown(*s.fast, timeout=10))
+    assert await asyncio.wait_for(idle_reader.read(), 5) == b""  # an idle connection: closed at once
+    await asyncio.sleep(0.1)
+    assert not stopping.done()  # the stream under way holds the stop
+    for item in rest:
+        channels[0].push(item)
+    answer = await asyncio.wait_for(reader.read(), 10)  # the rest of it, then the close
+    assert answer.endswith(b"0\r\n\r\n") and b"[DONE]" in answer
+    await asyncio.wait_for(stopping, 5)
+    writer.close()
+    idle_writer.close()
