@@ -112,18 +112,9 @@ async def _generate(request: web.Request, kind: Literal["chat", "generate"]) -> 
         resp = await open_stream(request, {"Content-Type": NDJSON})
         parser = SSEParser()
         conv = tr.OllamaStream(model, kind, t0, relay.load_ns)
-        last = b""  # the answer's last lines leave with its end
-        try:
-            async for chunk in relay.chunks():
-                lines = conv.feed_sse(parser, chunk)
-                if relay.finished:
-                    last = lines
-                elif lines:
-                    await resp.write(lines)
-            last += _ndjson([conv.finish()])
-        except ApiError as err:  # mid-stream: Ollama's clients read an {"error"} line
-            last += _ndjson([ollama_error_body(err)])
-        await resp.write_eof(last)
+        await relay.stream_to(resp, lambda chunk: conv.feed_sse(parser, chunk),
+                              lambda err: _ndjson([ollama_error_body(err)]),  # Ollama's clients read an {"error"} line
+                              lambda: _ndjson([conv.finish()]))
         return resp
     finally:
         await relay.close()

@@ -108,18 +108,11 @@ async def relay_openai(request: web.Request, model: str, path: str, body: dict[s
             return web.Response(body=raw, content_type="application/json")
         resp = await open_stream(request, {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         parser = SSEParser() if rename or transform is not None else None
-        last = b""  # the answer's last bytes leave with its end
-        try:
-            async for chunk in relay.chunks():
-                if parser is not None:
-                    chunk = _renamed(parser, chunk, model, transform)
-                if relay.finished:
-                    last = chunk
-                elif chunk:
-                    await resp.write(chunk)
-        except ApiError as err:
-            last += b"data: " + _enc.encode(openai_error_body(err)) + b"\n\n"
-        await resp.write_eof(last)
+
+        def convert(chunk: bytes) -> bytes:
+            return chunk if parser is None else _renamed(parser, chunk, model, transform)
+
+        await relay.stream_to(resp, convert, lambda err: b"data: " + _enc.encode(openai_error_body(err)) + b"\n\n")
         return resp
     finally:
         await relay.close()

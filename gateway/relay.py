@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import cast
 
 import msgspec
@@ -67,10 +67,22 @@ class Relay:
                 self.ch.finished = True
                 self._fail = _fail_error(item)
 
-    @property
-    def finished(self) -> bool:
-        """The answer ended cleanly and all of it was handed out: what ``chunks`` yielded last was its end."""
-        return self._ended and self._fail is None and not self._pending
+    async def stream_to(self, resp: web.StreamResponse, convert: Callable[[bytes], bytes],
+                        on_error: Callable[[ApiError], bytes], final: Callable[[], bytes] = bytes) -> None:
+        """Write the answer to ``resp``, each piece ``convert``-ed; its last bytes (and ``final()``) leave with the end
+        of the body, in one write; an error in the middle ends it with ``on_error(err)``."""
+        last = b""
+        try:
+            async for chunk in self.chunks():
+                out = convert(chunk)
+                if self._ended and self._fail is None:  # the answer's end came with this piece
+                    last = out
+                elif out:
+                    await resp.write(out)
+            last += final()
+        except ApiError as err:
+            last += on_error(err)
+        await resp.write_eof(last)
 
     @property
     def worker(self) -> str:

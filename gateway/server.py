@@ -269,8 +269,6 @@ def make_app(launch: GatewayLaunch, shape: ErrorShape,
     return app
 
 
-
-
 def model_files(config: Config, kinds: tuple[str, ...] = ("llama",)) -> dict[str, tuple[Path, float, int]]:
     """name -> (path, mtime, size) of every configured model of ``kinds`` (missing files: mtime 0, size 0)."""
     out: dict[str, tuple[Path, float, int]] = {}

@@ -37,12 +37,10 @@ class SSEParser:
             return []
         buf = self._buf + bytes(data) if self._buf else bytes(data)
         if not self._started:
-            if len(buf) < len(_BOM) and _BOM.startswith(buf):
-                self._buf = buf  # could still be the start of a BOM
+            started = self._start(buf)
+            if started is None:
                 return []
-            self._started = True
-            if buf.startswith(_BOM):
-                buf = buf[len(_BOM) :]
+            buf = started
         if not self._has_data and b"\r" not in buf:
             fast = self._simple_events(buf)
             if fast is not None:
@@ -73,18 +71,24 @@ class SSEParser:
             return None
         buf = self._buf + data if self._buf else data
         if not self._started:  # (a stream's first bytes: most of a short answer, often)
-            if len(buf) < len(_BOM) and _BOM.startswith(buf):
-                self._buf = buf  # could still be the start of a BOM
+            started = self._start(buf)
+            if started is None:
                 return b""
-            self._started = True
-            if buf.startswith(_BOM):
-                buf = buf[len(_BOM) :]
+            buf = started
         cut = buf.rfind(b"\n\n")
         if cut < 0:
             self._buf = buf
             return b""
         self._buf = buf[cut + 2 :]
         return buf[: cut + 2]
+
+    def _start(self, buf: bytes) -> bytes | None:
+        """A stream's first bytes without a leading BOM; None (kept for later) while they could still be one."""
+        if len(buf) < len(_BOM) and _BOM.startswith(buf):
+            self._buf = buf
+            return None
+        self._started = True
+        return buf[len(_BOM) :] if buf.startswith(_BOM) else buf
 
     def events_of(self, whole: bytes) -> list[bytes]:
         """The payloads of a buffer ``whole_events`` returned (``done`` is set on ``[DONE]``, as ``feed`` does)."""
