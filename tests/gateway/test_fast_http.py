@@ -21,10 +21,9 @@ from aiohttp import web
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bus.protocol import GatewayLaunch
 from gateway import fast_http, ollama_app, openai_app
 from gateway.server import BUS
-from tests.gateway.test_security import KEY, _config
+from tests.gateway.test_security import KEY, build_app
 from tests.gateway.test_stream_writes import CUT, STREAM, batches_of, scripted
 
 CHAT = {"model": "smollm2", "messages": [{"role": "user", "content": "hi"}]}
@@ -88,12 +87,7 @@ async def served(tmp_path: Path) -> AsyncIterator[Any]:
     made: list[tuple[web.AppRunner, Any]] = []
 
     async def make(protocol: str = "ollama", **app_config: Any) -> Served:
-        cfg = _config(tmp_path, **app_config)
-        run = tmp_path / "run"
-        run.mkdir(exist_ok=True)
-        launch = GatewayLaunch(protocol=protocol, host="127.0.0.1", port=0, run_dir=str(run), logs_dir=str(tmp_path),
-                               supervisor_pid=0, config_dir=str(cfg), load_timeout_s=1.0)
-        app = (ollama_app.build if protocol == "ollama" else openai_app.build)(launch)
+        app = build_app(tmp_path, protocol, **app_config)
         runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
         await runner.setup()
         assert runner.server is not None

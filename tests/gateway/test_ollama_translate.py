@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -769,21 +770,9 @@ def test_feed_raw_is_feed(cuts: list[int], fixture: str, kind: Any, special: boo
     """The hot path (typed decoding, templated lines) answers exactly what the dict path answers, for the recorded
     streams cut anywhere, and for the chunks it hands over to the dict path (thinking, tool calls, other choices)."""
     chunks = golden_chunks(fixture) + (SPECIAL_CHUNKS if special else [])
-    raw = b"".join(b"data: " + msgspec.json.encode(c) + b"\n\n" for c in chunks) + b"data: [DONE]\n\n"
-    by_dict = OllamaStream("m", kind, started_ns=START, clock=clock_at(START + 5))
-    expected = b"".join(msgspec.json.encode(o) + b"\n" for c in chunks for o in by_dict.feed(c))
-    fast = OllamaStream("m", kind, started_ns=START, clock=clock_at(START + 5))
-    parser = SSEParser()
+    raw, _ = _events(chunks)
     points = sorted({c % (len(raw) + 1) for c in cuts} | {len(raw)})
-    got, last = b"", 0
-    for p in points:
-        got += fast.feed_raw(parser.feed(raw[last:p]))
-        last = p
-    assert parser.done
-    assert _without_time(got) == _without_time(expected)
-    final, final_dict = fast.finish(), by_dict.finish()
-    final.pop("created_at"), final_dict.pop("created_at")
-    assert final == final_dict
+    _assert_answers_like_the_dict_path(chunks, kind, raw, points, lambda s, parser, b: s.feed_raw(parser.feed(b)))
 
 
 def test_feed_raw_odd_payloads_in_a_batch() -> None:
@@ -830,6 +819,25 @@ def _events(chunks: list[dict[str, Any]]) -> tuple[bytes, list[int]]:
     return b"".join(events), ends
 
 
+def _assert_answers_like_the_dict_path(chunks: list[dict[str, Any]], kind: Any, raw: bytes, points: list[int],
+                                       feed: Callable[[OllamaStream, SSEParser, bytes], bytes]) -> None:
+    """``raw`` (the events of ``chunks``) fed through ``feed`` in pieces ending at ``points`` gives the lines, and
+    the final object, that the dict path gives for ``chunks``."""
+    by_dict = OllamaStream("m", kind, started_ns=START, clock=clock_at(START + 5))
+    expected = b"".join(msgspec.json.encode(o) + b"\n" for c in chunks for o in by_dict.feed(c))
+    fast = OllamaStream("m", kind, started_ns=START, clock=clock_at(START + 5))
+    parser = SSEParser()
+    got, last = b"", 0
+    for p in points:
+        got += feed(fast, parser, raw[last:p])
+        last = p
+    assert parser.done
+    assert _without_time(got) == _without_time(expected)
+    final, final_dict = fast.finish(), by_dict.finish()
+    final.pop("created_at"), final_dict.pop("created_at")
+    assert final == final_dict
+
+
 @settings(max_examples=60, deadline=None)
 @given(cuts=st.lists(st.integers(min_value=0, max_value=100_000), max_size=10),
        at_events=st.lists(st.integers(min_value=0, max_value=200), max_size=12),
@@ -841,20 +849,8 @@ def test_feed_sse_is_feed(cuts: list[int], at_events: list[int], fixture: str, k
     it must refuse (quotes, a trailing backslash, timings, another request's fields, thinking, tool calls)."""
     chunks = golden_chunks(fixture) + {"none": [], "special": SPECIAL_CHUNKS, "layout": LAYOUT_CHUNKS}[extra]
     raw, ends = _events(chunks)
-    by_dict = OllamaStream("m", kind, started_ns=START, clock=clock_at(START + 5))
-    expected = b"".join(msgspec.json.encode(o) + b"\n" for c in chunks for o in by_dict.feed(c))
-    fast = OllamaStream("m", kind, started_ns=START, clock=clock_at(START + 5))
-    parser = SSEParser()
     points = sorted({c % (len(raw) + 1) for c in cuts} | {ends[i % len(ends)] for i in at_events} | {len(raw)})
-    got, last = b"", 0
-    for p in points:
-        got += fast.feed_sse(parser, raw[last:p])
-        last = p
-    assert parser.done
-    assert _without_time(got) == _without_time(expected)
-    final, final_dict = fast.finish(), by_dict.finish()
-    final.pop("created_at"), final_dict.pop("created_at")
-    assert final == final_dict
+    _assert_answers_like_the_dict_path(chunks, kind, raw, points, lambda s, parser, b: s.feed_sse(parser, b))
 
 
 def _count_decoded(monkeypatch: pytest.MonkeyPatch) -> list[int]:

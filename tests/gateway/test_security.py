@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from bus.protocol import GatewayLaunch
@@ -39,18 +40,23 @@ def _config(tmp_path: Path, **app: Any) -> Path:
 Factory = Callable[..., Any]
 
 
+def build_app(tmp_path: Path, protocol: str = "ollama", **app: Any) -> web.Application:
+    """The real gateway app of ``protocol`` on a private config (``app``: key paths of app_config.json), no
+    supervisor behind it."""
+    cfg = _config(tmp_path, **app)
+    run = tmp_path / "run"
+    run.mkdir(exist_ok=True)
+    launch = GatewayLaunch(protocol=protocol, host="127.0.0.1", port=0, run_dir=str(run), logs_dir=str(tmp_path),
+                           supervisor_pid=0, config_dir=str(cfg), load_timeout_s=1.0)
+    return (ollama_app.build if protocol == "ollama" else openai_app.build)(launch)
+
+
 @pytest.fixture
 async def gateway(tmp_path: Path) -> AsyncIterator[Factory]:
     clients: list[TestClient] = []
 
     async def make(protocol: str = "ollama", **app: Any) -> TestClient:
-        cfg = _config(tmp_path, **app)
-        run = tmp_path / "run"
-        run.mkdir(exist_ok=True)
-        launch = GatewayLaunch(protocol=protocol, host="127.0.0.1", port=0, run_dir=str(run), logs_dir=str(tmp_path),
-                               supervisor_pid=0, config_dir=str(cfg), load_timeout_s=1.0)
-        build = ollama_app.build if protocol == "ollama" else openai_app.build
-        client = TestClient(TestServer(build(launch)))
+        client = TestClient(TestServer(build_app(tmp_path, protocol, **app)))
         await client.start_server()
         clients.append(client)
         return client
