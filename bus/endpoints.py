@@ -13,6 +13,7 @@ CONTROL_SOCK = "control.sock"  # supervisor ROUTER: commands and replies
 METRICS_IN_SOCK = "metrics-in.sock"  # supervisor XSUB: publishers connect here
 METRICS_SOCK = "metrics.sock"  # supervisor XPUB: the public metrics bus, subscribers connect here
 SUPERVISOR_PID = "supervisor.pid"
+UNIX_PATH_MAX = 104  # sun_path is 108 bytes on Linux, 104 on macOS (with its terminating NUL)
 
 
 def default_run_dir() -> Path:
@@ -70,6 +71,15 @@ def worker(run_dir: Path | str, name: str) -> str:
     """A worker's job ROUTER. Hashed: model names never become paths."""
     digest = hashlib.sha1(name.encode()).hexdigest()[:16]
     return _ipc(run_dir, f"w-{digest}.sock")
+
+
+def llama_socket(run_dir: Path | str, name: str) -> str | None:
+    """The unix socket a worker's llama-server listens on beside its TCP port (None: the path would be too long
+    for a unix socket address, the worker then speaks TCP). Not a bus address: HTTP between a worker and its
+    own llama-server, cheaper than TCP over loopback (no ACKs, fewer wakeups)."""
+    digest = hashlib.sha1(name.encode()).hexdigest()[:16]
+    path = str(Path(run_dir) / f"l-{digest}.sock")
+    return path if len(path.encode()) < UNIX_PATH_MAX else None
 
 
 # --------------------------------------------------------------------------- topics

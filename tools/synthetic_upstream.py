@@ -2,7 +2,7 @@
 
 A benchmark tool only (it isolates the proxy's own cost); never used to prove a feature.
 
-Started with llama-server's own argv (``-m FILE --host 127.0.0.1 --port 0 --alias NAME -t N -c N -np N ...``):
+Started with llama-server's own argv (``-m FILE --host 127.0.0.1[,PATH.sock] --port 0 --alias NAME -t N ...``):
 unknown flags are ignored. With ``--port 0`` it prints ``main: server is listening on http://HOST:PORT`` on
 stderr, as llama-server does (the worker parses that line).
 
@@ -247,15 +247,17 @@ class Upstream:
 
 async def serve(args: argparse.Namespace) -> None:
     upstream = Upstream(args)
-    server = await asyncio.start_server(upstream.handle, args.host, args.port, limit=MAX_HEADER, backlog=1024)
-    port = server.sockets[0].getsockname()[1]
-    print(
-        f"main: server is listening on http://{args.host}:{port} - starting the main loop",
-        file=sys.stderr,
-        flush=True,
-    )
-    async with server:
-        await server.serve_forever()
+    servers = []
+    for host in args.host.split(","):  # as llama-server: addresses, and unix socket paths ending in .sock
+        if host.endswith(".sock"):
+            server = await asyncio.start_unix_server(upstream.handle, host, limit=MAX_HEADER, backlog=1024)
+            where = f"unix://{host}"
+        else:
+            server = await asyncio.start_server(upstream.handle, host, args.port, limit=MAX_HEADER, backlog=1024)
+            where = f"http://{host}:{server.sockets[0].getsockname()[1]}"
+        servers.append(server)
+        print(f"main: server is listening on {where} - starting the main loop", file=sys.stderr, flush=True)
+    await asyncio.gather(*(server.serve_forever() for server in servers))
 
 
 def main(argv: list[str] | None = None) -> int:

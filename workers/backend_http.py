@@ -299,10 +299,13 @@ def _whole_chunks(buf: bytes) -> tuple[bytes, int] | None:
 
 
 class BackendPool:
-    """Keep-alive connections to one host:port, reused last-in first-out."""
+    """Keep-alive connections to one host:port (or to the unix socket ``unix_path``, the Host header still naming
+    host:port), reused last-in first-out."""
 
-    def __init__(self, host: str, port: int, connect_timeout: float = 10.0, gather_s: float = GATHER_S) -> None:
+    def __init__(self, host: str, port: int, connect_timeout: float = 10.0, gather_s: float = GATHER_S,
+                 unix_path: str | None = None) -> None:
         self.host, self.port = host, port
+        self.unix_path = unix_path
         self.gather_s = gather_s
         self.connect_timeout = connect_timeout
         self.loop = asyncio.get_running_loop()
@@ -312,9 +315,13 @@ class BackendPool:
     async def _connect(self) -> _Conn:
         try:
             async with asyncio.timeout(self.connect_timeout):
-                _, proto = await self.loop.create_connection(lambda: _Conn(self), self.host, self.port)
+                if self.unix_path:
+                    _, proto = await self.loop.create_unix_connection(lambda: _Conn(self), self.unix_path)
+                else:
+                    _, proto = await self.loop.create_connection(lambda: _Conn(self), self.host, self.port)
         except (OSError, TimeoutError) as exc:
-            raise BackendHTTPError(f"cannot connect to {self.host}:{self.port}: {exc}") from None
+            where = self.unix_path or f"{self.host}:{self.port}"
+            raise BackendHTTPError(f"cannot connect to {where}: {exc}") from None
         return proto
 
     def _release(self, conn: _Conn) -> None:

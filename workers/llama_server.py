@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import re
 import signal
 import sys
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import structlog
 
+from bus import endpoints
 from bus.protocol import WorkerLaunch
 from supervisor.child import kill_with_parent_preexec
 from workers.backend_http import BackendHTTPError, BackendPool
@@ -25,12 +27,13 @@ class BackendError(Exception):
     pass
 
 
-def build_argv(launch: WorkerLaunch) -> list[str]:
+def build_argv(launch: WorkerLaunch, socket_path: str | None = None) -> list[str]:
+    """llama-server's argv: on 127.0.0.1 at a free port, and on ``socket_path`` (a unix socket) if given."""
     p = launch.params
     return [
         launch.llama_server,
         "-m", launch.model_path,
-        "--host", "127.0.0.1",
+        "--host", f"127.0.0.1,{socket_path}" if socket_path else "127.0.0.1",
         "--port", "0",
         "--alias", launch.alias or launch.name,
         "-t", str(p.threads),
@@ -47,6 +50,10 @@ class LlamaServer:
         self.proc: asyncio.subprocess.Process | None = None
         self.port = 0
         self.base_url = ""
+        # Where the worker speaks to it: a unix socket beside the TCP port (llama-server listens on both; the
+        # worker's requests skip loopback TCP's ACKs and wakeups), or None: TCP only (a path too long, or a
+        # llama-server too old to listen on unix sockets).
+        self.socket_path = endpoints.llama_socket(launch.run_dir, launch.name) if launch.run_dir else None
         self._port_found: asyncio.Future[int] | None = None
         self._pump: asyncio.Task[None] | None = None
         self._tail: list[str] = []
@@ -58,11 +65,36 @@ class LlamaServer:
     def last_output(self) -> str:
         return " | ".join(self._tail[-5:])
 
+    def pool(self, connect_timeout: float = 10.0) -> BackendPool:
+        """Keep-alive connections to this llama-server (over its unix socket when it has one)."""
+        return BackendPool("127.0.0.1", self.port, connect_timeout=connect_timeout, unix_path=self.socket_path)
+
     async def start(self, timeout: float) -> None:
         if not self.launch.llama_server:
             raise BackendError("no llama-server binary found: run `make setup`, or set LLAMA_SERVER or "
                                "llama_server_path in app_config.json")
-        argv = build_argv(self.launch)
+        started = time.monotonic()
+        try:
+            await self._start(timeout)
+        except BackendError:
+            if not self._refused_socket():
+                raise
+            # A llama-server that does not take "127.0.0.1,PATH.sock" for --host (before unix socket support):
+            # the same again on TCP only.
+            log.warning("llama_server_no_unix_socket", output=self.last_output())
+            self.socket_path = None
+            await self._start(max(1.0, timeout - (time.monotonic() - started)))
+
+    def _refused_socket(self) -> bool:
+        """Did llama-server exit before listening, unable to listen on its unix socket?"""
+        said = " ".join(self._tail)
+        return bool(self.socket_path) and self.port == 0 and "couldn't bind" in said and str(self.socket_path) in said
+
+    async def _start(self, timeout: float) -> None:
+        if self.socket_path:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.socket_path)  # a previous llama-server's (it would refuse to listen there)
+        argv = build_argv(self.launch, self.socket_path)
         log.info("llama_server_start", argv=argv)
         loop = asyncio.get_running_loop()
         self._port_found = loop.create_future()
@@ -97,7 +129,7 @@ class LlamaServer:
             exited.cancel()
 
     async def _wait_healthy(self, deadline: float, exited: asyncio.Future[int]) -> None:
-        pool = BackendPool("127.0.0.1", self.port, connect_timeout=2)
+        pool = self.pool(connect_timeout=2)
         status = 0
 
         def on_head(code: int, _content_type: str) -> bool:
@@ -159,3 +191,6 @@ class LlamaServer:
         if self._pump:
             with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
                 await asyncio.wait_for(self._pump, 1.0)
+        if self.socket_path:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.socket_path)

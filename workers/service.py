@@ -85,7 +85,7 @@ class LlamaWorker(WorkerBus):
                 log.error("backend_start_failed", error=str(exc))
                 await self.hello(WorkerState.FATAL, str(exc))
                 return 3
-            self.pool = BackendPool("127.0.0.1", self.backend.port)
+            self.pool = self.backend.pool()
             await self.hello(WorkerState.READY)
             log.info("worker_ready", port=self.backend.port, backend_pid=self.backend.pid)
             code = await self._serve()

@@ -44,3 +44,12 @@ def test_prepare_run_dir_refuses_a_file(tmp_path) -> None:
     (tmp_path / "run").write_text("x")
     with pytest.raises(endpoints.RunDirError, match="not a directory"):
         endpoints.prepare_run_dir(tmp_path / "run")
+
+
+def test_llama_socket_is_hashed_and_short_enough_or_none(tmp_path) -> None:
+    path = endpoints.llama_socket(tmp_path, "../../etc/passwd")
+    assert path is not None and path.startswith(f"{tmp_path}/l-") and path.endswith(".sock")
+    assert "passwd" not in path
+    assert endpoints.llama_socket(tmp_path, "a") != endpoints.llama_socket(tmp_path, "b")
+    deep = tmp_path / ("d" * (endpoints.UNIX_PATH_MAX - len(str(tmp_path))))
+    assert endpoints.llama_socket(deep, "a") is None  # too long for a unix socket: the worker speaks TCP

@@ -30,8 +30,9 @@ class Backend:
 
 
 @contextlib.asynccontextmanager
-async def serve(script: Script) -> AsyncIterator[Backend]:
-    """A scripted server and a BackendPool to it, both closed at the end."""
+async def serve(script: Script, unix_path: str | None = None) -> AsyncIterator[Backend]:
+    """A scripted server (on ``unix_path`` if given, else on a TCP port) and a BackendPool to it, both closed at
+    the end."""
     connections: list[int] = []
 
     async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
@@ -41,9 +42,13 @@ async def serve(script: Script) -> AsyncIterator[Backend]:
         finally:
             w.close()
 
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    b = Backend(server, port, connections, BackendPool("127.0.0.1", port))
+    if unix_path:
+        server = await asyncio.start_unix_server(handle, unix_path)
+        port = 0
+    else:
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+    b = Backend(server, port, connections, BackendPool("127.0.0.1", port, unix_path=unix_path))
     try:
         yield b
     finally:
@@ -98,7 +103,11 @@ def test_chunked_answer_split_anywhere(cuts: list[int]) -> None:
     asyncio.run(main())
 
 
-def test_content_length_keep_alive_reuses_one_connection() -> None:
+@pytest.mark.parametrize("unix", [False, True], ids=["tcp", "unix_socket"])
+def test_content_length_keep_alive_reuses_one_connection(unix: bool, tmp_path) -> None:
+    """Over TCP, and over the unix socket a worker's llama-server listens on beside its port."""
+    unix_path = str(tmp_path / "b.sock") if unix else None
+
     async def main() -> None:
         async def script(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
             for i in range(3):
@@ -110,7 +119,7 @@ def test_content_length_keep_alive_reuses_one_connection() -> None:
                 await w.drain()
             await r.read()
 
-        async with serve(script) as b:
+        async with serve(script, unix_path) as b:
             for i in range(3):
                 heads, data = await fetch(b.pool, b'{"n":%d}' % i)
                 assert heads == [(200, "application/json")] and data == b'{"answer":%d}' % i
