@@ -111,14 +111,17 @@ def test_bench_quick_reports_every_figure(tmp_path: Path) -> None:
     r = doc["results"]["synthetic"]
     for c in ("1", "16", "64"):
         fig = r["streaming"][c]
-        for path in ("direct", "ollama", "openai"):
+        for path in ("direct", "direct-unix", "ollama", "openai"):  # (direct-unix: the worker's unix socket)
             assert fig["tokens_per_s"][path]["n"] == 1 and fig["tokens_per_s"][path]["median"] > 0
+        assert fig["reference_ratio"]["n"] == 1 and "direct-unix" not in fig["ratio"]  # a reference, no target
         for g in ("ollama", "openai"):
             assert fig["ratio"][g]["n"] == 1
             assert {"gateway", "worker", "upstream"} <= set(fig["cpu_us_per_token"][g])
     for key in ("ttft", "latency", "latency_back_to_back"):
         for p in ("p50_ms", "p99_ms", "added_p50_ms", "added_p99_ms"):
             assert set(r[key][p]) >= {"ollama", "openai"}
+    assert r["latency_back_to_back"]["p50_ms"]["direct-unix"]["median"] > 0
+    assert "direct-unix" not in r["latency"]["p50_ms"]  # (the targets' interleaving stays as it was)
     assert (
         set(r["rps"]["ratio"]) == {"ollama", "openai"} and r["rps"]["requests_per_s"]["direct"]["median"] > 0
     )
@@ -141,6 +144,8 @@ def test_bench_quick_reports_every_figure(tmp_path: Path) -> None:
         "CPU µs per token",
         "Idle RSS",
         "Machine:",
+        "unix (reference)",
     ):
         assert needle in md, needle
+    assert "reference: tokens/s over llama-server's unix socket" in out.stdout
     assert "PASS" in out.stdout or "MISS" in out.stdout

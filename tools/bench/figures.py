@@ -7,16 +7,21 @@ import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import psutil
 
+from bus import endpoints
 from tools.bench import load
 from tools.bench.instance import Instance, Upstream, start_instance
 from workers.llama_server import LISTENING
 
 GATEWAYS = ("ollama", "openai")
+# llama-server over the unix socket the worker speaks to it on: a reference beside direct (its TCP port, as a client
+# reaches it), not a target; it shows how much of a ratio is the transport rather than the proxy.
+REFERENCE = "direct-unix"
 OUR_PROCESSES = ("supervisor", "gateway-ollama", "gateway-openai", "dashboard", "worker")
 
 
@@ -66,7 +71,9 @@ class Bench:
     def __init__(self, inst: Instance, s: aiohttp.ClientSession, p: Params) -> None:
         self.inst, self.s, self.p = inst, s, p
         self.name = inst.upstream.kind
-        self.t: dict[str, load.Target] = {}
+        self.t: dict[str, load.Target] = {}  # direct and the gateways
+        self.ref: dict[str, load.Target] = {}  # the reference (REFERENCE), where there is one
+        self.unix_session: aiohttp.ClientSession | None = None
 
     def connect(self) -> None:
         pids = self.inst.refresh_pids()
@@ -83,12 +90,39 @@ class Bench:
             "upstream": pids["upstream"],
             "client": psutil.Process().pid,
         }
+        path = endpoints.llama_socket(self.inst.run_dir, self.inst.upstream.model)
+        if path and Path(path).is_socket():
+            self.unix_session = self.unix_session or load.session(path)
+            self.ref = {REFERENCE: load.Target(REFERENCE, "http://localhost/v1/chat/completions",
+                                               self.inst.upstream.model, session=self.unix_session)}
+
+    async def run(self) -> dict[str, Any]:
+        """Every figure, in order."""
+        await self.warm()
+        p = self.p
+        result: dict[str, Any] = {
+            "upstream": asdict(self.inst.upstream),
+            "params": {**asdict(p), "tokens": {str(k): v for k, v in p.tokens.items()}},
+        }
+        result["idle_rss"] = self.idle_rss()
+        result["latency"] = await self.latency(stream=False)
+        result["latency_back_to_back"] = await self.latency(stream=False, back_to_back=True)
+        result["ttft"] = await self.latency(stream=True)
+        result["streaming"] = await self.streaming()
+        result["rps"] = await self.rps()
+        result["cold_start"] = await self.cold_start()
+        result["rss_after_load"] = self.idle_rss()
+        return result
+
+    async def close(self) -> None:
+        if self.unix_session is not None:
+            await self.unix_session.close()
 
     async def warm(self) -> None:
         gw = load.Target("openai", self.inst.url("openai") + "/v1/chat/completions", self.inst.upstream.model)
         await load.request_once(self.s, gw, gw.body(1, False))  # loads the model
         self.connect()
-        for t in self.t.values():
+        for t in (*self.t.values(), *self.ref.values()):
             for _ in range(3):
                 await load.request_once(self.s, t, t.body(2, False))
                 await load.stream_once(self.s, t, t.body(8, True))
@@ -121,18 +155,19 @@ class Bench:
     async def streaming(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for c in self.p.concurrency:
-            tps: dict[str, list[float]] = {n: [] for n in self.t}
-            cpu: dict[str, dict[str, list[float]]] = {n: {} for n in self.t}
+            every = {**self.t, **self.ref}
+            tps: dict[str, list[float]] = {n: [] for n in every}
+            cpu: dict[str, dict[str, list[float]]] = {n: {} for n in every}
             errors = 0
             for r in range(self.p.runs):
-                for name, t in self.t.items():
+                for name, t in every.items():
                     before = cpu_seconds(self.cpu_pids)
                     res = await load.stream_throughput(self.s, t, c, self.p.tokens[c], self.p.duration)
                     after = cpu_seconds(self.cpu_pids)
                     errors += res.errors
                     tps[name].append(res.tokens_per_s)
                     for role in ("gateway-" + name, "worker", "upstream", "client"):
-                        if name == "direct" and role == "worker":
+                        if name in ("direct", REFERENCE) and role == "worker":
                             continue
                         if role in before and role in after and res.tokens:
                             cpu[name].setdefault(role.split("-")[0], []).append(
@@ -147,6 +182,7 @@ class Bench:
                 "tokens_per_s": {n: summary(v) for n, v in tps.items()},
                 "tokens_per_s_runs": tps,
                 "ratio": {g: ratios(tps[g], tps["direct"]) for g in GATEWAYS},
+                **({"reference_ratio": ratios(tps[REFERENCE], tps["direct"])} if REFERENCE in tps else {}),
                 "cpu_us_per_token": {
                     n: {role: summary(v) for role, v in roles.items()} for n, roles in cpu.items()
                 },
@@ -157,11 +193,13 @@ class Bench:
     async def latency(self, stream: bool, back_to_back: bool = False) -> dict[str, Any]:
         """Non-streaming tiny request latency (stream=False) or warm TTFT (stream=True), ms: the targets
         interleaved request by request, or (``back_to_back``, non-streaming) in blocks of requests to one target."""
-        p50: dict[str, list[float]] = {n: [] for n in self.t}
-        p99: dict[str, list[float]] = {n: [] for n in self.t}
+        # (interleaved: the reference stays out, one more target between two requests of a path would change it)
+        every = {**self.t, **self.ref} if back_to_back else self.t
+        p50: dict[str, list[float]] = {n: [] for n in every}
+        p99: dict[str, list[float]] = {n: [] for n in every}
         tokens = self.p.ttft_tokens if stream else 1
         for r in range(self.p.runs):
-            targets = list(self.t.values())
+            targets = list(every.values())
             lat = (await load.latencies_back_to_back(self.s, targets, self.p.samples) if back_to_back else
                    await load.latencies(self.s, targets, self.p.samples, tokens, stream))
             for n, v in lat.items():
@@ -170,7 +208,7 @@ class Bench:
             what = "TTFT" if stream else "latency back to back" if back_to_back else "latency"
             say(
                 f"[{self.name}] {what} run {r + 1}/{self.p.runs} p50/p99 ms: "
-                + ", ".join(f"{n} {p50[n][-1]:.2f}/{p99[n][-1]:.2f}" for n in self.t)
+                + ", ".join(f"{n} {p50[n][-1]:.2f}/{p99[n][-1]:.2f}" for n in every)
             )
         return {
             "samples_per_run": self.p.samples,
@@ -186,10 +224,11 @@ class Bench:
         }
 
     async def rps(self) -> dict[str, Any]:
-        vals: dict[str, list[float]] = {n: [] for n in self.t}
+        every = {**self.t, **self.ref}
+        vals: dict[str, list[float]] = {n: [] for n in every}
         errors = 0
         for r in range(self.p.runs):
-            for name, t in self.t.items():
+            for name, t in every.items():
                 rate, _done, err = await load.requests_per_s(
                     self.s, t, self.p.rps_concurrency, self.p.rps_duration
                 )
@@ -292,22 +331,13 @@ async def run_upstream(upstream: Upstream, p: Params) -> dict[str, Any]:
     try:
         async with load.session() as s:
             b = Bench(inst, s, p)
-            await b.warm()
-            result: dict[str, Any] = {
-                "upstream": asdict(upstream),
-                "params": {**asdict(p), "tokens": {str(k): v for k, v in p.tokens.items()}},
-            }
-            result["idle_rss"] = b.idle_rss()
-            result["latency"] = await b.latency(stream=False)
-            result["latency_back_to_back"] = await b.latency(stream=False, back_to_back=True)
-            result["ttft"] = await b.latency(stream=True)
-            result["streaming"] = await b.streaming()
-            result["rps"] = await b.rps()
-            result["cold_start"] = await b.cold_start()
-            result["rss_after_load"] = b.idle_rss()
-            return result
+            try:
+                return await b.run()
+            finally:
+                await b.close()
     except BaseException:
         say(inst.logs()[-4000:])
         raise
     finally:
         inst.stop()
+

@@ -1,7 +1,8 @@
 """The load client: aiohttp on one event loop, bounded and time-limited loops, loopback only.
 
-Three targets speak to the same backend process: ``direct`` (llama-server's /v1/chat/completions SSE),
-``ollama`` (the gateway's /api/chat NDJSON) and ``openai`` (the gateway's /v1/chat/completions SSE).
+The targets speak to the same backend process: ``direct`` (llama-server's /v1/chat/completions SSE on its TCP
+port), ``ollama`` (the gateway's /api/chat NDJSON) and ``openai`` (the gateway's /v1/chat/completions SSE); and,
+as a reference, ``direct-unix`` (llama-server over the unix socket the worker speaks to it on).
 Tokens are counted in the client: one per streamed line carrying a non-empty ``"content":"..."``.
 """
 
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import aiohttp
 import msgspec
@@ -18,7 +19,6 @@ TOKEN = b'"content":"'
 EMPTY = b'"content":""'
 JSON = {"Content-Type": "application/json"}
 PROMPT = [{"role": "user", "content": "Count from one to one thousand in words, one number per line."}]
-TARGETS = ("direct", "ollama", "openai")
 
 
 class LoadError(Exception):
@@ -30,6 +30,7 @@ class Target:
     name: str
     url: str
     model: str
+    session: aiohttp.ClientSession | None = field(default=None, compare=False)  # its own (e.g. over a unix socket)
 
     def body(self, tokens: int, stream: bool) -> bytes:
         if self.name == "ollama":
@@ -59,10 +60,10 @@ def targets(direct_port: int, ollama_port: int, openai_port: int, model: str) ->
     }
 
 
-def session() -> aiohttp.ClientSession:
-    return aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=0, limit_per_host=0), timeout=aiohttp.ClientTimeout(total=600)
-    )
+def session(unix_path: str | None = None) -> aiohttp.ClientSession:
+    connector = (aiohttp.UnixConnector(path=unix_path, limit=0, limit_per_host=0) if unix_path
+                 else aiohttp.TCPConnector(limit=0, limit_per_host=0))
+    return aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=600))
 
 
 @dataclass
@@ -89,7 +90,7 @@ async def _stream_once(s: aiohttp.ClientSession, t: Target, body: bytes) -> Stre
     ttft = float("nan")
     tokens = 0
     rest = b""
-    async with s.post(t.url, data=body, headers=JSON) as resp:
+    async with (t.session or s).post(t.url, data=body, headers=JSON) as resp:
         if resp.status != 200:
             raise LoadError(f"{t.name}: HTTP {resp.status}: {(await resp.read())[:300]!r}")
         async for data in resp.content.iter_any():
@@ -114,7 +115,7 @@ async def request_once(s: aiohttp.ClientSession, t: Target, body: bytes) -> floa
 
 async def _request_once(s: aiohttp.ClientSession, t: Target, body: bytes) -> float:
     t0 = time.perf_counter()
-    async with s.post(t.url, data=body, headers=JSON) as resp:
+    async with (t.session or s).post(t.url, data=body, headers=JSON) as resp:
         raw = await resp.read()
         if resp.status != 200:
             raise LoadError(f"{t.name}: HTTP {resp.status}: {raw[:300]!r}")

@@ -11,6 +11,7 @@ from typing import Any
 
 import psutil
 
+from tools.bench.figures import REFERENCE
 from tools.bench.instance import ROOT
 
 
@@ -159,18 +160,20 @@ def _upstream_table(name: str, r: dict[str, Any]) -> list[str]:
         )
     lines += [
         "",
-        "Direct = the very llama-server process the worker runs, on its own port. Each cell: median "
-        f"(min–max) over {r['params']['runs']} runs; ratios are per run (gateway run / direct run of the "
-        "same round).",
+        "Direct = the very llama-server process the worker runs, on its own TCP port (as a client reaches it). "
+        "Unix = the same over the unix socket the worker speaks to it on: a reference, not a target (what of a "
+        f"ratio is the transport). Each cell: median (min–max) over {r['params']['runs']} runs; ratios are per "
+        "run (gateway run / direct run of the same round).",
         "",
-        "| Figure | direct | Ollama /api/chat | OpenAI /v1/chat/completions | Ollama / direct | OpenAI / direct |",
-        "|---|---|---|---|---|---|",
+        "| Figure | direct | unix (reference) | Ollama /api/chat | OpenAI /v1/chat/completions | Ollama / direct "
+        "| OpenAI / direct |",
+        "|---|---|---|---|---|---|---|",
     ]
     for c, fig in r["streaming"].items():
         tps = fig["tokens_per_s"]
         lines.append(
             f"| streaming tokens/s, {c} stream(s) × {fig['tokens_per_stream']} tokens | {_s(tps['direct'])} | "
-            f"{_s(tps['ollama'])} | {_s(tps['openai'])} | {_s(fig['ratio']['ollama'])} | "
+            f"{_s(tps.get(REFERENCE, {}))} | {_s(tps['ollama'])} | {_s(tps['openai'])} | {_s(fig['ratio']['ollama'])} | "
             f"{_s(fig['ratio']['openai'])} |"
         )
     for key, label in (("ttft", "TTFT, warm"), ("latency", "tiny non-streaming request latency"),
@@ -183,19 +186,20 @@ def _upstream_table(name: str, r: dict[str, Any]) -> list[str]:
             added = fig[f"added_{p}_ms"]
             lines.append(
                 f"| {label} {p} ms ({fig['samples_per_run']}/run) | {_s(vals['direct'])} | "
-                f"{_s(vals['ollama'])} | {_s(vals['openai'])} | +{_s(added['ollama'])} ms | "
+                f"{_s(vals.get(REFERENCE, {}))} | {_s(vals['ollama'])} | {_s(vals['openai'])} | +{_s(added['ollama'])} ms | "
                 f"+{_s(added['openai'])} ms |"
             )
     rps = r["rps"]
     lines.append(
         f"| requests/s, concurrency {rps['concurrency']} | {_s(rps['requests_per_s']['direct'])} | "
-        f"{_s(rps['requests_per_s']['ollama'])} | {_s(rps['requests_per_s']['openai'])} | "
+        f"{_s(rps['requests_per_s'].get(REFERENCE, {}))} | {_s(rps['requests_per_s']['ollama'])} | "
+        f"{_s(rps['requests_per_s']['openai'])} | "
         f"{_s(rps['ratio']['ollama'])} | {_s(rps['ratio']['openai'])} |"
     )
     cold = r["cold_start"]
     lines.append(
         f"| cold start: request → first token ms ({cold['runs']} runs; direct: spawn → first token, "
-        f"spawn → healthy {_s(cold['direct_load_ms'], 0)}) | {_s(cold['direct_first_token_ms'], 0)} | "
+        f"spawn → healthy {_s(cold['direct_load_ms'], 0)}) | {_s(cold['direct_first_token_ms'], 0)} | – | "
         f"{_s(cold['first_token_ms']['ollama'], 0)} | {_s(cold['first_token_ms']['openai'], 0)} | "
         f"{_s(cold['ratio_to_direct_first_token']['ollama'])} | "
         f"{_s(cold['ratio_to_direct_first_token']['openai'])} |"
@@ -208,8 +212,10 @@ def _upstream_table(name: str, r: dict[str, Any]) -> list[str]:
         "|---|---|---|---|---|---|",
     ]
     for c, fig in r["streaming"].items():
-        for path in ("direct", "ollama", "openai"):
-            cpu = fig["cpu_us_per_token"].get(path, {})
+        for path in ("direct", REFERENCE, "ollama", "openai"):
+            if path not in fig["cpu_us_per_token"]:
+                continue
+            cpu = fig["cpu_us_per_token"][path]
             cells = [
                 _f(cpu[k]["median"], 1) if k in cpu else "–"
                 for k in ("gateway", "worker", "upstream", "client")
@@ -307,6 +313,9 @@ def console(doc: dict[str, Any]) -> str:
                     continue
                 a = r[key][f"added_{p}_ms"]
                 lines.append(f"  {label} {p} added ms    ollama {_s(a['ollama'])}   openai {_s(a['openai'])}")
+        if all("reference_ratio" in fig for fig in r["streaming"].values()):
+            lines.append("  reference: tokens/s over llama-server's unix socket / over its TCP port: " + ", ".join(
+                f"{c} streams {_s(fig['reference_ratio'])}" for c, fig in r["streaming"].items()))
         rr = r["rps"]["ratio"]
         lines.append(
             f"  requests/s c={r['rps']['concurrency']}   ollama {_s(rr['ollama'])}   openai {_s(rr['openai'])}"
