@@ -19,7 +19,6 @@ import asyncio
 import errno
 from collections import deque
 from collections.abc import Callable
-from typing import cast
 
 import structlog
 import zmq
@@ -30,7 +29,35 @@ from bus.protocol import StreamItem
 log = structlog.get_logger()
 
 # plain ints: pyzmq's flag enums cost a Python-level __and__/__call__ per use (measured ~15% of a drain)
-EVENTS, POLLIN, NOBLOCK = int(zmq.EVENTS), int(zmq.POLLIN), int(zmq.NOBLOCK)
+EVENTS, POLLIN, NOBLOCK, SNDMORE = int(zmq.EVENTS), int(zmq.POLLIN), int(zmq.NOBLOCK), int(zmq.SNDMORE)
+# pyzmq's compiled send/recv, without its Python layer (send_multipart/recv_multipart build flag enums and ask
+# RCVMORE per frame): ~6 us less per message sent and received, measured.
+_send = zmq.backend.Socket.send
+_recv = zmq.backend.Socket.recv
+_get = zmq.backend.Socket.get
+
+
+def send_frames(sock: zmq.Socket, frames: list[bytes]) -> None:
+    """Send ``frames`` (copied) as one message without blocking: zmq.Again when the queue is full (then nothing
+    was sent: zmq takes the frames of a message all or none)."""
+    last = len(frames) - 1
+    for i, frame in enumerate(frames):
+        _send(sock, frame, NOBLOCK | SNDMORE if i < last else NOBLOCK, True, False)
+
+
+def recv_frames(sock: zmq.Socket) -> list[zmq.Frame]:
+    """The next message's frames, without blocking (zmq.Again when there is none)."""
+    frame = _recv(sock, NOBLOCK, False)
+    frames = [frame]
+    while frame.more:
+        frame = _recv(sock, NOBLOCK, False)
+        frames.append(frame)
+    return frames
+
+
+def readable(sock: zmq.Socket) -> bool:
+    """Is a message waiting on ``sock``?"""
+    return bool(_get(sock, EVENTS) & POLLIN)  # type: ignore[operator]  # (an int for EVENTS)
 
 DRAIN_CAP = 512  # messages per reader callback before the loop gets a turn
 RETRY_S = 0.002  # a gateway's queue is full (HWM): try again this much later
@@ -57,7 +84,7 @@ class Reader:
 
     def kick(self) -> None:
         """Drain soon if a message is waiting (call after a send on the same socket)."""
-        if not self._scheduled and not self.closed and cast(int, self.sock.getsockopt(EVENTS)) & POLLIN:
+        if not self._scheduled and not self.closed and readable(self.sock):
             self._scheduled = True
             self.loop.call_soon(self._drain)
 
@@ -71,9 +98,9 @@ class Reader:
         sock = self.sock
         for _ in range(DRAIN_CAP):
             try:
-                if not cast(int, sock.getsockopt(EVENTS)) & POLLIN:  # (cheaper than raising zmq.Again)
+                if not readable(sock):  # (cheaper than raising zmq.Again)
                     return
-                frames = sock.recv_multipart(NOBLOCK, copy=False)
+                frames = recv_frames(sock)
             except zmq.Again:
                 return
             except zmq.ZMQError as exc:  # closed under us
@@ -146,7 +173,7 @@ class Outbox:
 
     def _send(self, ident: bytes, frame: bytes) -> bool:
         try:
-            self.sock.send_multipart([ident, frame], NOBLOCK)  # (copying small frames beats zmq's gc thread)
+            send_frames(self.sock, [ident, frame])  # (copying small frames beats zmq's gc thread)
             return True
         except zmq.Again:
             self.blocked.setdefault(ident, deque()).appendleft(frame)

@@ -37,7 +37,7 @@ from bus.protocol import (
     WorkerState,
     WorkerStateEvent,
 )
-from bus.pump import NOBLOCK, Reader, sync_view
+from bus.pump import Reader, send_frames, sync_view
 from gateway.errors import ApiError
 
 log = structlog.get_logger()
@@ -145,7 +145,7 @@ class WorkerLink:
             self._fail(out, 502, "worker_gone", f"model {self.name!r}: the link to its worker broke")
             return
         try:
-            self.sock.send_multipart([job for _, job in out], NOBLOCK, copy=False)
+            send_frames(self.sock, [job for _, job in out])
             self._full_since = 0.0
         except zmq.Again:  # the worker's queue is full: these jobs wait (a while), ahead of any newer ones
             self._out[:0] = out

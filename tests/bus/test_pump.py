@@ -6,13 +6,15 @@ from __future__ import annotations
 
 import asyncio
 import tempfile
+import time
 
+import pytest
 import zmq
 import zmq.asyncio
 
 from bus.codec import STREAM
 from bus.protocol import Data, End
-from bus.pump import Outbox, Reader
+from bus.pump import Outbox, Reader, readable, recv_frames, send_frames
 
 
 def test_outbox_batches_per_tick_keeps_order_past_the_hwm_and_reports_gone() -> None:
@@ -70,3 +72,47 @@ def test_outbox_batches_per_tick_keeps_order_past_the_hwm_and_reports_gone() -> 
             ctx.term()
 
     asyncio.run(main())
+
+
+def test_send_frames_and_recv_frames_keep_a_message_whole_and_refuse_a_full_queue() -> None:
+    ctx = zmq.Context()
+    a, b = ctx.socket(zmq.PAIR), ctx.socket(zmq.PAIR)
+    a.sndhwm = b.rcvhwm = 1
+    a.linger = b.linger = 0
+    path = f"ipc://{tempfile.mkdtemp()}/p.sock"
+    b.bind(path)
+    a.connect(path)
+    try:
+        with pytest.raises(zmq.Again):
+            recv_frames(b)  # nothing waiting: never blocks
+        assert not readable(b)
+        send_frames(a, [b"one", b"", b"three" * 1000])
+        for _ in range(200):
+            if readable(b):
+                break
+            time.sleep(0.005)
+        assert [f.bytes for f in recv_frames(b)] == [b"one", b"", b"three" * 1000]
+        # nobody reads: the queues fill and a send is refused (zmq.Again), never blocks; (the first send may wait
+        # for the queue's credit from the read above)
+        sent = 0
+        deadline = time.monotonic() + 5
+        while True:
+            try:
+                send_frames(a, [b"x", b"y"])
+                sent += 1
+            except zmq.Again:
+                if sent or time.monotonic() > deadline:
+                    break
+                time.sleep(0.005)
+        assert 0 < sent < 10_000
+        got: list[list[bytes]] = []
+        while len(got) < sent and time.monotonic() < deadline:
+            try:
+                got.append([f.bytes for f in recv_frames(b)])
+            except zmq.Again:
+                time.sleep(0.005)
+        assert got == [[b"x", b"y"]] * sent  # every accepted message arrives whole
+    finally:
+        a.close(0)
+        b.close(0)
+        ctx.term()

@@ -14,6 +14,7 @@ import zmq.asyncio
 
 from bus.codec import JOBS
 from bus.protocol import Cancel, Fail, HttpJob, Job
+from gateway import bus_client
 from gateway.bus_client import Channel, WorkerLink
 from workers.bus_side import WorkerBus
 
@@ -62,7 +63,8 @@ def test_jobs_of_one_tick_leave_as_one_message_and_the_worker_takes_them_all() -
 
 
 class _FullFor:
-    """A socket whose queue is full for the first ``n`` sends."""
+    """A socket whose queue is full for the first ``n`` sends (gateway.bus_client's send_frames is pointed at
+    its send_multipart)."""
 
     def __init__(self, n: int) -> None:
         self.n = n
@@ -75,7 +77,9 @@ class _FullFor:
         self.sent.append(list(frames))
 
 
-def test_jobs_wait_for_a_full_queue_in_order_then_get_a_503() -> None:
+def test_jobs_wait_for_a_full_queue_in_order_then_get_a_503(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(bus_client, "send_frames", lambda sock, frames: sock.send_multipart(frames))
+
     async def main() -> None:
         ctx = zmq.asyncio.Context()
         link = WorkerLink(ctx, "m", f"ipc://{tempfile.mkdtemp()}/nobody.sock", full_timeout=0.2)
