@@ -9,7 +9,6 @@ Events go out on a non-blocking PUB (dropped, never awaited, when nobody reads).
 from __future__ import annotations
 
 import collections
-import re
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -21,12 +20,24 @@ from bus import endpoints
 from bus.codec import encode_event
 from bus.protocol import RequestEvent
 
-_PREDICTED = re.compile(rb'"predicted_n":\s*(\d+)')
-_COMPLETION = re.compile(rb'"completion_tokens":\s*(\d+)')
+_PREDICTED = b'"predicted_n":'  # llama-server's timings: the tokens it generated
+_COMPLETION = b'"completion_tokens":'  # OpenAI's usage: the same
 _CONTENT = b'"content":"'  # one per generated piece in chat (and llama-server /completion) streams
 _TEXT = b'"text":"'  # the same in /v1/completions streams
 _TAIL_KEEP = 2048  # the end of a response kept for its timings/usage (amortised: trimmed past _TAIL_MAX)
 _TAIL_MAX = 8192
+
+
+def _last_count(tail: bytearray, key: bytes) -> int | None:
+    """The number after the last ``key`` in ``tail`` (a search from the end in C, not a regex over the tail)."""
+    at = tail.rfind(key)
+    if at < 0:
+        return None
+    digits = tail[at + len(key) : at + len(key) + 24].lstrip(b" ")
+    end = 0
+    while end < len(digits) and 48 <= digits[end] <= 57:
+        end += 1
+    return int(digits[:end]) if end else None
 
 
 @dataclass
@@ -133,12 +144,15 @@ class WorkerStats(RequestFigures):
         return bool(st.first)
 
     def finished(self, rid: str, status: int, outcome: str) -> None:
-        self._leave_queue(rid)
         st = self.live.pop(rid, None)
-        if st is None:
+        if st is None:  # (finished already)
             return
-        exact = _PREDICTED.search(st.tail) or _COMPLETION.search(st.tail)
-        tokens = int(exact.group(1)) if exact else st.counted
+        if not st.started:  # it never left the queue
+            self._leave_queue(rid)
+        exact = _last_count(st.tail, _PREDICTED)
+        if exact is None:
+            exact = _last_count(st.tail, _COMPLETION)
+        tokens = st.counted if exact is None else exact
         self.tokens_total += max(0, tokens - st.counted)  # a counter: the exact figure only adds
         now = time.monotonic()
         self._emit(rid, "finished", path=st.path, stream=st.stream, queued_s=(st.started or now) - st.arrived,

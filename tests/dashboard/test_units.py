@@ -48,6 +48,20 @@ def test_non_stream_tokens_from_usage() -> None:
     assert stats.tokens_total == want > 0
 
 
+@pytest.mark.parametrize(("tail", "want"), [
+    (b'"timings":{"predicted_n":7,"predicted_ms":1}', 7),
+    (b'"predicted_n": 12}', 12),
+    (b'{"predicted_n":3} ... {"predicted_n":41}', 41),  # the last: the answer's own timings
+    (b'"predicted_n":}', None),
+    (b'"predicted_n":4', 4),  # cut right after the digits
+    (b"no timings", None),
+])
+def test_the_exact_token_count_is_the_number_after_the_last_key(tail: bytes, want: int | None) -> None:
+    from workers.metrics import _PREDICTED, _last_count
+
+    assert _last_count(bytearray(tail), _PREDICTED) == want
+
+
 def test_rates_and_unknown_requests_are_harmless() -> None:
     stats = WorkerStats("m")
     stats.data("nope", b"data: x")
