@@ -67,8 +67,9 @@ def params(args: argparse.Namespace, kind: str) -> Params:
         if args.tokens:
             p.tokens = {c: args.tokens for c in p.concurrency}
     else:  # the real model: 45-90 tokens/s with -t 1 on these machines; loops long enough for several streams a run
+        # (no reference: at these rates the transport is noise, and 5 runs of each target steady the medians more)
         p = Params(
-            runs=3,
+            runs=5,
             tokens={1: 32, 16: 16, 64: 8},
             duration=5.0,
             samples=30,
@@ -76,6 +77,7 @@ def params(args: argparse.Namespace, kind: str) -> Params:
             rps_duration=2.0,
             cold_runs=3,
             idle_wait=3.0,
+            reference=False,
         )
         if args.quick:
             p = Params(
@@ -87,6 +89,7 @@ def params(args: argparse.Namespace, kind: str) -> Params:
                 rps_duration=1.0,
                 cold_runs=1,
                 idle_wait=1.0,
+                reference=False,
             )
     for name in ("runs", "duration", "samples", "rps_duration", "cold_runs", "idle_wait"):
         value = getattr(args, name)

@@ -39,6 +39,7 @@ class Params:
     rps_duration: float = 2.0
     cold_runs: int = 3
     idle_wait: float = 3.0
+    reference: bool = True  # measure REFERENCE too (where the worker has a unix socket)
 
 
 def say(msg: str) -> None:
@@ -91,7 +92,7 @@ class Bench:
             "client": psutil.Process().pid,
         }
         path = endpoints.llama_socket(self.inst.run_dir, self.inst.upstream.model)
-        if path and Path(path).is_socket():
+        if self.p.reference and path and Path(path).is_socket():
             self.unix_session = self.unix_session or load.session(path)
             self.ref = {REFERENCE: load.Target(REFERENCE, "http://localhost/v1/chat/completions",
                                                self.inst.upstream.model, session=self.unix_session)}
