@@ -51,9 +51,11 @@ class LlamaServer:
         self.port = 0
         self.base_url = ""
         # Where the worker speaks to it: a unix socket beside the TCP port (llama-server listens on both; the
-        # worker's requests skip loopback TCP's ACKs and wakeups), or None: TCP only (a path too long, or a
-        # llama-server too old to listen on unix sockets).
-        self.socket_path = endpoints.llama_socket(launch.run_dir, launch.name) if launch.run_dir else None
+        # worker's requests skip loopback TCP's ACKs and wakeups), or None: TCP only (a path too long, a
+        # llama-server too old to listen on unix sockets, or a --host of the model's own extra_args, which wins).
+        own_host = any(a == "--host" or a.startswith("--host=") for a in launch.params.extra_args)
+        self.socket_path = (endpoints.llama_socket(launch.run_dir, launch.name)
+                            if launch.run_dir and not own_host else None)
         self._port_found: asyncio.Future[int] | None = None
         self._pump: asyncio.Task[None] | None = None
         self._tail: list[str] = []

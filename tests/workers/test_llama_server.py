@@ -26,7 +26,7 @@ def run_dir() -> Iterator[Path]:
         yield Path(d)
 
 
-def launch(run_dir: Path, llama_server: str | None = None) -> WorkerLaunch:
+def launch(run_dir: Path, llama_server: str | None = None, extra_args: list[str] | None = None) -> WorkerLaunch:
     from config import runtime
     from config.loader import load_config
 
@@ -36,7 +36,7 @@ def launch(run_dir: Path, llama_server: str | None = None) -> WorkerLaunch:
     binary = llama_server or str(runtime.find_llama_server(cfg.app.llama_server_path))
     return WorkerLaunch(name="smol", kind="llama", model_path=str(cfg.model_path(model)), run_dir=str(run_dir),
                         logs_dir=str(run_dir), supervisor_pid=os.getpid(), llama_server=binary,
-                        params=ModelParams(ctx_size=512, threads=1, parallel=1))
+                        params=ModelParams(ctx_size=512, threads=1, parallel=1, extra_args=extra_args or []))
 
 
 async def health(pool: BackendPool) -> tuple[int, socket.AddressFamily]:
@@ -102,5 +102,18 @@ def test_a_llama_server_that_fails_otherwise_is_not_started_again(run_dir: Path)
         with pytest.raises(BackendError, match="no such model"):
             await server.start(30)
         assert (run_dir / "starts").read_text().count("started") == 1
+
+    asyncio.run(main())
+
+
+def test_a_host_of_the_models_own_extra_args_wins_the_worker_speaks_tcp(run_dir: Path) -> None:
+    async def main() -> None:
+        server = LlamaServer(launch(run_dir, extra_args=["--host", "127.0.0.1"]), run_dir / "llama-server.log")
+        try:
+            await server.start(60)
+            assert server.socket_path is None
+            assert await health(server.pool()) == (200, socket.AF_INET)
+        finally:
+            await server.stop()
 
     asyncio.run(main())
