@@ -12,6 +12,7 @@ import openai
 import psutil
 import pytest
 
+from bus import endpoints
 from tests.conftest import ROOT, System, alive, start_system, stop_system, wait_for
 
 pytestmark = pytest.mark.e2e
@@ -32,12 +33,20 @@ def ready_pid(system: System, other_than: int = 0) -> int:
     return wait_for(check, 120, f"{MODEL} READY (pid != {other_than})", interval=0.2)
 
 
+def listens_on_its_unix_socket(system: System) -> bool:
+    """Does the worker's llama-server listen on the unix socket in the run dir (where the worker speaks to it)?"""
+    path = endpoints.llama_socket(system.run_dir, MODEL)
+    backend = psutil.Process(system.worker(MODEL)["backend_pid"])
+    return path is not None and any(c.laddr == path for c in backend.net_connections(kind="unix"))
+
+
 def test_worker_starts_on_demand_and_restarts_on_command(system: System) -> None:
     assert system.worker(MODEL)["state"] in ("stopped", "ready")
     ask(system)
     pid = ready_pid(system)
     backend = system.worker(MODEL)["backend_pid"]
     assert backend and psutil.Process(backend).name().startswith("llama-server")
+    assert listens_on_its_unix_socket(system)
     out = system.cli("restart", MODEL)
     assert out.returncode == 0, out.stderr
     new_pid = ready_pid(system, other_than=pid)
@@ -54,6 +63,7 @@ def test_killed_worker_is_restarted_and_serves_again(system: System) -> None:
     new_pid = ready_pid(system, other_than=w["pid"])
     assert system.worker(MODEL)["restarts"] >= 1
     assert new_pid and ask(system) is not None
+    assert listens_on_its_unix_socket(system)  # (the dead llama-server's socket file was taken over)
 
 
 def test_killed_llama_server_is_noticed_and_restarted(system: System) -> None:
