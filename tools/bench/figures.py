@@ -97,6 +97,11 @@ class Bench:
             self.ref = {REFERENCE: load.Target(REFERENCE, "http://localhost/v1/chat/completions",
                                                self.inst.upstream.model, session=self.unix_session)}
 
+    @property
+    def every(self) -> dict[str, load.Target]:
+        """Direct, the gateways, and the reference where there is one."""
+        return {**self.t, **self.ref}
+
     async def run(self) -> dict[str, Any]:
         """Every figure, in order."""
         await self.warm()
@@ -123,7 +128,7 @@ class Bench:
         gw = load.Target("openai", self.inst.url("openai") + "/v1/chat/completions", self.inst.upstream.model)
         await load.request_once(self.s, gw, gw.body(1, False))  # loads the model
         self.connect()
-        for t in (*self.t.values(), *self.ref.values()):
+        for t in self.every.values():
             for _ in range(3):
                 await load.request_once(self.s, t, t.body(2, False))
                 await load.stream_once(self.s, t, t.body(8, True))
@@ -156,7 +161,7 @@ class Bench:
     async def streaming(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for c in self.p.concurrency:
-            every = {**self.t, **self.ref}
+            every = self.every
             tps: dict[str, list[float]] = {n: [] for n in every}
             cpu: dict[str, dict[str, list[float]]] = {n: {} for n in every}
             errors = 0
@@ -195,7 +200,7 @@ class Bench:
         """Non-streaming tiny request latency (stream=False) or warm TTFT (stream=True), ms: the targets
         interleaved request by request, or (``back_to_back``, non-streaming) in blocks of requests to one target."""
         # (interleaved: the reference stays out, one more target between two requests of a path would change it)
-        every = {**self.t, **self.ref} if back_to_back else self.t
+        every = self.every if back_to_back else self.t
         p50: dict[str, list[float]] = {n: [] for n in every}
         p99: dict[str, list[float]] = {n: [] for n in every}
         tokens = self.p.ttft_tokens if stream else 1
@@ -225,7 +230,7 @@ class Bench:
         }
 
     async def rps(self) -> dict[str, Any]:
-        every = {**self.t, **self.ref}
+        every = self.every
         vals: dict[str, list[float]] = {n: [] for n in every}
         errors = 0
         for r in range(self.p.runs):
@@ -341,4 +346,3 @@ async def run_upstream(upstream: Upstream, p: Params) -> dict[str, Any]:
         raise
     finally:
         inst.stop()
-
