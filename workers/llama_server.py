@@ -90,7 +90,7 @@ class LlamaServer:
     def _refused_socket(self) -> bool:
         """Did llama-server exit before listening, unable to listen on its unix socket?"""
         said = " ".join(self._tail)
-        return bool(self.socket_path) and self.port == 0 and "couldn't bind" in said and str(self.socket_path) in said
+        return self.socket_path is not None and self.port == 0 and "couldn't bind" in said and self.socket_path in said
 
     async def _start(self, timeout: float) -> None:
         if self.socket_path:

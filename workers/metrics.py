@@ -12,7 +12,7 @@ import collections
 import statistics
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import zmq
 
@@ -34,10 +34,18 @@ def _last_count(tail: bytearray, key: bytes) -> int | None:
     if at < 0:
         return None
     digits = tail[at + len(key) : at + len(key) + 24].lstrip(b" ")
-    end = 0
-    while end < len(digits) and 48 <= digits[end] <= 57:
-        end += 1
+    end = len(digits) - len(digits.lstrip(b"0123456789"))
     return int(digits[:end]) if end else None
+
+
+class Times(Protocol):
+    """What a worker keeps of a request's course (each kind of worker its own record)."""
+
+    path: str
+    stream: bool
+    arrived: float
+    started: float
+    first: float
 
 
 @dataclass
@@ -80,6 +88,12 @@ class RequestFigures:
 
     def ttft_p50(self) -> float:
         return statistics.median(self.ttfts) if self.ttfts else 0.0
+
+    def _emit_finished(self, rid: str, st: Times, tokens: int, status: int, outcome: str) -> None:
+        now = time.monotonic()
+        self._emit(rid, "finished", path=st.path, stream=st.stream, queued_s=(st.started or now) - st.arrived,
+                   ttft_s=(st.first - st.arrived) if st.first else 0.0, tokens=tokens, duration_s=now - st.arrived,
+                   status=status, outcome=outcome)
 
     def _emit(self, rid: str, phase: str, **fields: Any) -> None:
         """Publish a RequestEvent, built only while somebody subscribes to this model's request events."""
@@ -154,7 +168,4 @@ class WorkerStats(RequestFigures):
             exact = _last_count(st.tail, _COMPLETION)
         tokens = st.counted if exact is None else exact
         self.tokens_total += max(0, tokens - st.counted)  # a counter: the exact figure only adds
-        now = time.monotonic()
-        self._emit(rid, "finished", path=st.path, stream=st.stream, queued_s=(st.started or now) - st.arrived,
-                   ttft_s=(st.first - st.arrived) if st.first else 0.0, tokens=tokens, duration_s=now - st.arrived,
-                   status=status, outcome=outcome)
+        self._emit_finished(rid, st, tokens, status, outcome)

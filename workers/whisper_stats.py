@@ -53,7 +53,4 @@ class WhisperStats(RequestFigures):
         if st is None:
             return
         self.tokens_total += tokens
-        now = time.monotonic()
-        self._emit(rid, "finished", path=st.path, stream=st.stream, queued_s=(st.started or now) - st.arrived,
-                   ttft_s=(st.first - st.arrived) if st.first else 0.0, tokens=tokens, duration_s=now - st.arrived,
-                   status=status, outcome=outcome)
+        self._emit_finished(rid, st, tokens, status, outcome)

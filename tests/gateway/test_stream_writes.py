@@ -63,6 +63,11 @@ def scripted(batches: list[list[StreamItem]], writes: list[int]) -> Any:
     return open_job
 
 
+# the answer in one read of the worker (one write to the client), or in two (two writes)
+IN_ONE_OR_TWO_READS = pytest.mark.parametrize("pieces,expected_writes",
+                                              [((STREAM,), 1), ((STREAM[:CUT], STREAM[CUT:]), 2)])
+
+
 def batches_of(*pieces: bytes) -> list[list[StreamItem]]:
     out: list[list[StreamItem]] = [[Head(request_id="r1", status=200, content_type="text/event-stream")]]
     for i, piece in enumerate(pieces):
@@ -75,7 +80,7 @@ def batches_of(*pieces: bytes) -> list[list[StreamItem]]:
     return out
 
 
-@pytest.mark.parametrize("pieces,expected_writes", [((STREAM,), 1), ((STREAM[:CUT], STREAM[CUT:]), 2)])
+@IN_ONE_OR_TWO_READS
 async def test_ollama_stream_writes(gateway: Factory, monkeypatch: pytest.MonkeyPatch,  # noqa: F811
                                     pieces: tuple[bytes, ...], expected_writes: int) -> None:
     writes: list[int] = []
@@ -91,7 +96,7 @@ async def test_ollama_stream_writes(gateway: Factory, monkeypatch: pytest.Monkey
     assert len(writes) == expected_writes
 
 
-@pytest.mark.parametrize("pieces,expected_writes", [((STREAM,), 1), ((STREAM[:CUT], STREAM[CUT:]), 2)])
+@IN_ONE_OR_TWO_READS
 async def test_openai_stream_writes(gateway: Factory, monkeypatch: pytest.MonkeyPatch,  # noqa: F811
                                     pieces: tuple[bytes, ...], expected_writes: int) -> None:
     writes: list[int] = []
