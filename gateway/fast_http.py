@@ -5,8 +5,9 @@ request, router, middleware partials, header multidicts, signals, its writer) wa
 600-650 µs for a tiny request; on these 2-core machines a request's added latency is mostly the CPU spent on its way.
 
 What takes the fast path: ``POST`` to a hot route (``/api/chat``, ``/api/generate``, ``/v1/chat/completions``,
-``/v1/completions``, as the app routes them) over HTTP/1.1, its whole body already read, framed by Content-Length
-and within ``limits.max_body_bytes``, no ``Expect`` / ``Transfer-Encoding`` / ``Upgrade``. Such a request runs the
+``/v1/completions``, as the app routes them) over HTTP/1.1, framed by Content-Length and within
+``limits.max_body_bytes``, no ``Expect`` / ``Transfer-Encoding`` / ``Upgrade``, its body read whole (one that
+follows its head, as httpx and http.client send it, is awaited if small: ``BODY_WAIT_MAX``, ``BODY_WAIT_S``). Such a request runs the
 app's own route handler and checks (``ANSWER``: counted, API key, errors in the protocol's shape; ``ON_PREPARE``:
 CORS, open streams), with a small stand-in for aiohttp's request (``FastRequest``) and a streamed answer of its own
 (``FastStream``, chunked). At the first request that is anything else, the connection is handed to aiohttp for
@@ -31,6 +32,8 @@ log = structlog.get_logger()
 
 HOT_PATHS = ("/api/chat", "/api/generate", "/v1/chat/completions", "/v1/completions")
 KEEPALIVE_S = 75.0  # an idle kept-alive connection is closed after this long (aiohttp's default)
+BODY_WAIT_MAX = 256 * 1024  # a body up to this size that follows its head is awaited here (larger: aiohttp reads it)
+BODY_WAIT_S = 1.0  # ... for this long; a body still incomplete then is read by aiohttp (as a slow client's)
 MAX_HEAD = 64 * 1024
 REFUSED_HEADERS = frozenset({"expect", "transfer-encoding", "upgrade"})
 
@@ -155,6 +158,7 @@ class FastHTTP(asyncio.Protocol):
         self._reading_paused = False
         self._drained: asyncio.Future[None] | None = None
         self._idle: asyncio.TimerHandle | None = None
+        self._body_wait: asyncio.TimerHandle | None = None  # the head is here, its body not all yet
 
     # ------------------------------------------------------------------ asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -167,6 +171,8 @@ class FastHTTP(asyncio.Protocol):
         self.transport = None
         if self._idle is not None:
             self._idle.cancel()
+        if self._body_wait is not None:
+            self._body_wait.cancel()
         if self.task is not None:
             self.task.cancel()  # the client went away: the route lets go of its job (as aiohttp's cancellation)
         self._wake_writer()
@@ -223,8 +229,19 @@ class FastHTTP(asyncio.Protocol):
                 self.closing = True
             headers.add(name, value)
         start = end + 4
-        if length < 0 or length > self.app[CONFIG].app.limits.max_body_bytes or len(buf) < start + length:
-            return self._hand_over()  # (no length, too large, or not all here: aiohttp reads it, with its timeout)
+        if length < 0 or length > self.app[CONFIG].app.limits.max_body_bytes:
+            return self._hand_over()  # (no length, or too large: aiohttp answers it)
+        if len(buf) < start + length:
+            # Clients such as httpx (openai, ollama) and http.client write the head and the body apart: a small
+            # body is awaited here (a while); a large one is read by aiohttp, as is a body still missing by then.
+            if length > BODY_WAIT_MAX:
+                return self._hand_over()
+            if self._body_wait is None:
+                self._body_wait = self.loop.call_later(BODY_WAIT_S, self._hand_over)
+            return
+        if self._body_wait is not None:
+            self._body_wait.cancel()
+            self._body_wait = None
         body, self.buf = buf[start : start + length], buf[start + length :]
         request = FastRequest(self, parts[0], parts[1], headers, body)
         self.task = self.loop.create_task(self._answer(request, handler))
@@ -279,6 +296,9 @@ class FastHTTP(asyncio.Protocol):
         if self._idle is not None:
             self._idle.cancel()
             self._idle = None
+        if self._body_wait is not None:
+            self._body_wait.cancel()
+            self._body_wait = None
         if transport is None:
             return
         protocol = self.aiohttp_protocol()

@@ -2,7 +2,7 @@
 
 A plain POST to a hot route is answered without aiohttp's web layer, with the same checks (API keys, CORS, error
 shapes, request limits) and bytes; anything else hands the connection to aiohttp, which answers that request and
-every later one as before (other routes, HEAD, ``Expect: 100-continue``, chunked or partly sent bodies, HTTP/1.0,
+every later one as before (other routes, HEAD, ``Expect: 100-continue``, chunked bodies, HTTP/1.0,
 query strings, malformed headers, oversize bodies). Requests sent back to back (pipelined) are answered in order;
 a client gone mid-stream lets go of its job; ``Connection: close`` is honoured."""
 
@@ -215,18 +215,43 @@ async def test_anything_else_is_answered_by_aiohttp_then_and_after(served: Any, 
     assert s.handed == [1]  # type: ignore[attr-defined]
 
 
-async def test_a_body_sent_in_pieces_is_read_by_aiohttp(served: Any) -> None:
+async def send_in_two(s: Served, raw: bytes, cut: int, pause: float) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", s.port)
+    try:
+        writer.write(raw[:cut])
+        await writer.drain()
+        await asyncio.sleep(pause)
+        writer.write(raw[cut:])
+        return await asyncio.wait_for(read_answers(reader, 1), 10)
+    finally:
+        writer.close()
+
+
+@pytest.mark.parametrize("where", ["after the head", "in the body"])
+async def test_a_small_body_following_its_head_is_awaited_on_the_fast_path(served: Any, where: str) -> None:
+    """httpx (the openai and ollama clients) and http.client write a request's head and body apart."""
     s = await served("ollama")
     raw = post("/api/chat", {"messages": []})
-    reader, writer = await asyncio.open_connection("127.0.0.1", s.port)
-    writer.write(raw[:-5])
-    await writer.drain()
-    await asyncio.sleep(0.05)
-    writer.write(raw[-5:])
-    answer = await asyncio.wait_for(read_answers(reader, 1), 10)
-    writer.close()
+    cut = raw.index(b"\r\n\r\n") + 4 if where == "after the head" else len(raw) - 5
+    answer = await send_in_two(s, raw, cut, 0.05)
+    assert answer.startswith(b"HTTP/1.1 400 ") and "model is required" in json.loads(body_of(answer))["error"]
+    assert s.handed == []  # type: ignore[attr-defined]
+
+
+async def test_a_body_too_slow_or_too_large_to_wait_for_is_read_by_aiohttp(served: Any,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(fast_http, "BODY_WAIT_S", 0.05)
+    s = await served("ollama")
+    raw = post("/api/chat", {"messages": []})
+    answer = await send_in_two(s, raw, len(raw) - 5, 0.3)  # the rest comes after BODY_WAIT_S
     assert answer.startswith(b"HTTP/1.1 400 ") and "model is required" in json.loads(body_of(answer))["error"]
     assert s.handed == [1]  # type: ignore[attr-defined]
+
+    monkeypatch.setattr(fast_http, "BODY_WAIT_S", 10.0)
+    monkeypatch.setattr(fast_http, "BODY_WAIT_MAX", 8)  # a body larger than that is not awaited here
+    answer = await send_in_two(s, raw, len(raw) - 5, 0.05)
+    assert answer.startswith(b"HTTP/1.1 400 ") and "model is required" in json.loads(body_of(answer))["error"]
+    assert s.handed == [1, 1]  # type: ignore[attr-defined]
 
 
 # --------------------------------------------------------------------------- a client gone
