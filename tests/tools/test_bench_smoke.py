@@ -111,9 +111,12 @@ def test_bench_quick_reports_every_figure(tmp_path: Path) -> None:
     r = doc["results"]["synthetic"]
     for c in ("1", "16", "64"):
         fig = r["streaming"][c]
-        for path in ("direct", "direct-unix", "ollama", "openai"):  # (direct-unix: the worker's unix socket)
+        # (direct-unix: the worker's unix socket; one-hop-proxy: a plain aiohttp proxy in front of direct)
+        for path in ("direct", "direct-unix", "one-hop-proxy", "ollama", "openai"):
             assert fig["tokens_per_s"][path]["n"] == 1 and fig["tokens_per_s"][path]["median"] > 0
         assert fig["reference_ratio"]["n"] == 1 and "direct-unix" not in fig["ratio"]  # a reference, no target
+        assert fig["one_hop_ratio"]["n"] == 1 and "one-hop-proxy" not in fig["ratio"]
+        assert "gateway" in fig["cpu_us_per_token"]["one-hop-proxy"]  # (the proxy's own CPU)
         for g in ("ollama", "openai"):
             assert fig["ratio"][g]["n"] == 1
             assert {"gateway", "worker", "upstream"} <= set(fig["cpu_us_per_token"][g])
@@ -121,10 +124,11 @@ def test_bench_quick_reports_every_figure(tmp_path: Path) -> None:
         for p in ("p50_ms", "p99_ms", "added_p50_ms", "added_p99_ms"):
             assert set(r[key][p]) >= {"ollama", "openai"}
     assert r["latency_back_to_back"]["p50_ms"]["direct-unix"]["median"] > 0
-    assert "direct-unix" not in r["latency"]["p50_ms"]  # (the targets' interleaving stays as it was)
-    assert (
-        set(r["rps"]["ratio"]) == {"ollama", "openai"} and r["rps"]["requests_per_s"]["direct"]["median"] > 0
-    )
+    assert r["latency_back_to_back"]["added_p50_ms"]["one-hop-proxy"]["n"] == 1
+    for ref in ("direct-unix", "one-hop-proxy"):
+        assert ref not in r["latency"]["p50_ms"]  # (the targets' interleaving stays as it was)
+    assert set(r["rps"]["ratio"]) == {"ollama", "openai", "direct-unix", "one-hop-proxy"}
+    assert r["rps"]["requests_per_s"]["direct"]["median"] > 0
     for role in ("supervisor", "gateway-ollama", "gateway-openai", "dashboard", "worker"):
         assert r["idle_rss"]["rss_mb"][role] > 0, role
     assert r["idle_rss"]["total_ours_rss_mb"] > 0
@@ -132,6 +136,7 @@ def test_bench_quick_reports_every_figure(tmp_path: Path) -> None:
     assert cold["direct_load_ms"]["n"] == 1 and cold["direct_first_token_ms"]["median"] > 0
     assert all(cold["first_token_ms"][g]["median"] > 0 for g in ("ollama", "openai"))
     names = {t["target"] for t in doc["targets"]}
+    assert not any("unix" in n or "one-hop" in n for n in names)  # references, no targets
     assert any("tokens/s" in n for n in names) and any("added latency" in n for n in names)
     assert any("requests/s" in n for n in names) and any("idle RSS" in n for n in names)
     for needle in (
@@ -145,7 +150,9 @@ def test_bench_quick_reports_every_figure(tmp_path: Path) -> None:
         "Idle RSS",
         "Machine:",
         "unix (reference)",
+        "one-hop (reference)",
     ):
         assert needle in md, needle
     assert "reference: tokens/s over llama-server's unix socket" in out.stdout
+    assert "reference: a plain one-hop aiohttp proxy adds" in out.stdout
     assert "PASS" in out.stdout or "MISS" in out.stdout

@@ -11,7 +11,7 @@ from typing import Any
 
 import psutil
 
-from tools.bench.figures import REFERENCE
+from tools.bench.figures import ONE_HOP, REFERENCE
 from tools.bench.instance import ROOT
 
 
@@ -96,11 +96,11 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
                 2.0,
                 "ms",
             )
-        for g, r in syn["rps"]["ratio"].items():
+        for g in ("ollama", "openai"):
             add(
                 "synthetic",
                 f"requests/s {g}/direct at concurrency {syn['rps']['concurrency']}",
-                r["median"],
+                syn["rps"]["ratio"][g]["median"],
                 ">=",
                 0.30,
                 "x",
@@ -162,18 +162,20 @@ def _upstream_table(name: str, r: dict[str, Any]) -> list[str]:
         "",
         "Direct = the very llama-server process the worker runs, on its own TCP port (as a client reaches it). "
         "Unix = the same over the unix socket the worker speaks to it on: a reference, not a target (what of a "
-        f"ratio is the transport). Each cell: median (min–max) over {r['params']['runs']} runs; ratios are per "
-        "run (gateway run / direct run of the same round).",
+        "ratio is the transport). One-hop = a plain aiohttp reverse proxy (`tools/one_hop_proxy.py`) in front of "
+        "direct: a reference, the design guide's calibration (it measured ~0.33 ms added p50 for such a proxy, "
+        f"~0.66 ms for this two-hop design done well). Each cell: median (min–max) over {r['params']['runs']} runs; "
+        "ratios are per run (gateway run / direct run of the same round).",
         "",
-        "| Figure | direct | unix (reference) | Ollama /api/chat | OpenAI /v1/chat/completions | Ollama / direct "
-        "| OpenAI / direct |",
-        "|---|---|---|---|---|---|---|",
+        "| Figure | direct | unix (reference) | one-hop (reference) | Ollama /api/chat | OpenAI /v1/chat/completions "
+        "| Ollama / direct | OpenAI / direct |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for c, fig in r["streaming"].items():
         tps = fig["tokens_per_s"]
         lines.append(
             f"| streaming tokens/s, {c} stream(s) × {fig['tokens_per_stream']} tokens | {_s(tps['direct'])} | "
-            f"{_s(tps.get(REFERENCE, {}))} | {_s(tps['ollama'])} | {_s(tps['openai'])} | {_s(fig['ratio']['ollama'])} | "
+            f"{_s(tps.get(REFERENCE, {}))} | {_s(tps.get(ONE_HOP, {}))} | {_s(tps['ollama'])} | {_s(tps['openai'])} | {_s(fig['ratio']['ollama'])} | "
             f"{_s(fig['ratio']['openai'])} |"
         )
     for key, label in (("ttft", "TTFT, warm"), ("latency", "tiny non-streaming request latency"),
@@ -186,20 +188,21 @@ def _upstream_table(name: str, r: dict[str, Any]) -> list[str]:
             added = fig[f"added_{p}_ms"]
             lines.append(
                 f"| {label} {p} ms ({fig['samples_per_run']}/run) | {_s(vals['direct'])} | "
-                f"{_s(vals.get(REFERENCE, {}))} | {_s(vals['ollama'])} | {_s(vals['openai'])} | +{_s(added['ollama'])} ms | "
+                f"{_s(vals.get(REFERENCE, {}))} | {_s(vals.get(ONE_HOP, {}))} | {_s(vals['ollama'])} | {_s(vals['openai'])} | +{_s(added['ollama'])} ms | "
                 f"+{_s(added['openai'])} ms |"
             )
     rps = r["rps"]
     lines.append(
         f"| requests/s, concurrency {rps['concurrency']} | {_s(rps['requests_per_s']['direct'])} | "
-        f"{_s(rps['requests_per_s'].get(REFERENCE, {}))} | {_s(rps['requests_per_s']['ollama'])} | "
+        f"{_s(rps['requests_per_s'].get(REFERENCE, {}))} | {_s(rps['requests_per_s'].get(ONE_HOP, {}))} | "
+        f"{_s(rps['requests_per_s']['ollama'])} | "
         f"{_s(rps['requests_per_s']['openai'])} | "
         f"{_s(rps['ratio']['ollama'])} | {_s(rps['ratio']['openai'])} |"
     )
     cold = r["cold_start"]
     lines.append(
         f"| cold start: request → first token ms ({cold['runs']} runs; direct: spawn → first token, "
-        f"spawn → healthy {_s(cold['direct_load_ms'], 0)}) | {_s(cold['direct_first_token_ms'], 0)} | – | "
+        f"spawn → healthy {_s(cold['direct_load_ms'], 0)}) | {_s(cold['direct_first_token_ms'], 0)} | – | – | "
         f"{_s(cold['first_token_ms']['ollama'], 0)} | {_s(cold['first_token_ms']['openai'], 0)} | "
         f"{_s(cold['ratio_to_direct_first_token']['ollama'])} | "
         f"{_s(cold['ratio_to_direct_first_token']['openai'])} |"
@@ -212,7 +215,7 @@ def _upstream_table(name: str, r: dict[str, Any]) -> list[str]:
         "|---|---|---|---|---|---|",
     ]
     for c, fig in r["streaming"].items():
-        for path in ("direct", REFERENCE, "ollama", "openai"):
+        for path in ("direct", REFERENCE, ONE_HOP, "ollama", "openai"):
             if path not in fig["cpu_us_per_token"]:
                 continue
             cpu = fig["cpu_us_per_token"][path]
@@ -313,6 +316,12 @@ def console(doc: dict[str, Any]) -> str:
                     continue
                 a = r[key][f"added_{p}_ms"]
                 lines.append(f"  {label} {p} added ms    ollama {_s(a['ollama'])}   openai {_s(a['openai'])}")
+        b2b = r.get("latency_back_to_back", {}).get("added_p50_ms", {})
+        if ONE_HOP in b2b:
+            lines.append(f"  reference: a plain one-hop aiohttp proxy adds {_s(b2b[ONE_HOP])} ms p50 back to back "
+                         "(the design guide: ~0.33 ms); tokens/s one-hop / direct: " + ", ".join(
+                             f"{c} streams {_s(fig['one_hop_ratio'])}" for c, fig in r["streaming"].items()
+                             if "one_hop_ratio" in fig))
         if all("reference_ratio" in fig for fig in r["streaming"].values()):
             lines.append("  reference: tokens/s over llama-server's unix socket / over its TCP port: " + ", ".join(
                 f"{c} streams {_s(fig['reference_ratio'])}" for c, fig in r["streaming"].items()))
