@@ -129,6 +129,9 @@ def test_bench_quick_reports_every_figure(tmp_path: Path) -> None:
         assert ref not in r["latency"]["p50_ms"]  # (the targets' interleaving stays as it was)
     assert set(r["rps"]["ratio"]) == {"ollama", "openai", "direct-unix", "one-hop-proxy"}
     assert r["rps"]["requests_per_s"]["direct"]["median"] > 0
+    floor = r["bus_floor"]  # (a round trip through pyzmq and over a unix socket, measured in the same run)
+    assert all(floor["rtt_p50_us"][k]["n"] == 1 and floor["rtt_p50_us"][k]["median"] > 0 for k in ("zmq", "unix"))
+    assert floor["zmq_minus_unix_us"]["n"] == 1
     for role in ("supervisor", "gateway-ollama", "gateway-openai", "dashboard", "worker"):
         assert r["idle_rss"]["rss_mb"][role] > 0, role
     assert r["idle_rss"]["total_ours_rss_mb"] > 0
@@ -151,8 +154,10 @@ def test_bench_quick_reports_every_figure(tmp_path: Path) -> None:
         "Machine:",
         "unix (reference)",
         "one-hop (reference)",
+        "Bus floor",
     ):
         assert needle in md, needle
     assert "reference: tokens/s over llama-server's unix socket" in out.stdout
     assert "reference: a plain one-hop aiohttp proxy adds" in out.stdout
+    assert "bus floor: round trip p50" in out.stdout
     assert "PASS" in out.stdout or "MISS" in out.stdout

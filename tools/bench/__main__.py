@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tools.bench import report
+from tools.bench import floor, report
 from tools.bench.figures import Params, run_upstream, say
 from tools.bench.instance import ROOT, real_upstream, synthetic_upstream
 
@@ -102,7 +102,9 @@ async def _run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     results: dict[str, Any] = {}
     skipped: dict[str, str] = {}
     if args.upstream in ("both", "synthetic"):
-        results["synthetic"] = await run_upstream(synthetic_upstream(tmp), params(args, "synthetic"))
+        p = params(args, "synthetic")
+        results["synthetic"] = await run_upstream(synthetic_upstream(tmp), p)
+        results["synthetic"]["bus_floor"] = floor.measure(p.runs, p.samples)
     if args.upstream in ("both", "real"):
         real = real_upstream()
         if real is None:

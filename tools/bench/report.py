@@ -207,6 +207,18 @@ def _upstream_table(name: str, r: dict[str, Any]) -> list[str]:
         f"{_s(cold['ratio_to_direct_first_token']['ollama'])} | "
         f"{_s(cold['ratio_to_direct_first_token']['openai'])} |"
     )
+    floor = r.get("bus_floor")
+    if floor:
+        rtt = floor["rtt_p50_us"]
+        lines += [
+            "",
+            f"Bus floor (`tools/bench/floor.py`): one round trip between two processes, {floor['pause_ms']:g} ms "
+            f"apart, p50 over {floor['samples_per_run']} a run: through pyzmq (DEALER → ROUTER over ipc, as a "
+            f"gateway and a worker) {_s(rtt['zmq'], 0)} µs, over a plain unix socket {_s(rtt['unix'], 0)} µs. "
+            "A request crosses the bus once each way: "
+            f"{_s(floor['zmq_minus_unix_us'], 0)} µs of a gateway's added latency are ZeroMQ's transport itself "
+            "(libzmq's I/O threads: three thread wakeups a hop where a socket has one), whatever our code does.",
+        ]
     lines += [
         "",
         "CPU µs per token (psutil user+system time of each process / tokens streamed), median over runs:",
@@ -325,6 +337,11 @@ def console(doc: dict[str, Any]) -> str:
         if all("reference_ratio" in fig for fig in r["streaming"].values()):
             lines.append("  reference: tokens/s over llama-server's unix socket / over its TCP port: " + ", ".join(
                 f"{c} streams {_s(fig['reference_ratio'])}" for c, fig in r["streaming"].items()))
+        if "bus_floor" in r:
+            fl = r["bus_floor"]
+            lines.append(f"  bus floor: round trip p50 µs through pyzmq {_s(fl['rtt_p50_us']['zmq'], 0)}, over a unix "
+                         f"socket {_s(fl['rtt_p50_us']['unix'], 0)}: zmq adds {_s(fl['zmq_minus_unix_us'], 0)} µs "
+                         "a request")
         rr = r["rps"]["ratio"]
         lines.append(
             f"  requests/s c={r['rps']['concurrency']}   ollama {_s(rr['ollama'])}   openai {_s(rr['openai'])}"
