@@ -67,9 +67,10 @@ def params(args: argparse.Namespace, kind: str) -> Params:
         if args.tokens:
             p.tokens = {c: args.tokens for c in p.concurrency}
     else:  # the real model: 45-90 tokens/s with -t 1 on these machines; loops long enough for several streams a run
-        # (no reference: at these rates the transport is noise, and 5 runs of each target steady the medians more)
+        # (no reference: at these rates the transport is noise, and 6 runs of each target, three in each order,
+        # steady the medians more: a round moves ±15%)
         p = Params(
-            runs=5,
+            runs=6,
             tokens={1: 32, 16: 16, 64: 8},
             duration=5.0,
             samples=30,

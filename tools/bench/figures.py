@@ -73,6 +73,13 @@ def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
     return out
 
 
+def in_turn(targets: dict[str, load.Target], run: int) -> list[tuple[str, load.Target]]:
+    """The targets in order on even runs, in reverse on odd ones: whatever a run's order favours (the machine
+    settling, a backend's state left by the target before) favours every target alike over the runs."""
+    items = list(targets.items())
+    return items if run % 2 == 0 else items[::-1]
+
+
 class Bench:
     def __init__(self, inst: Instance, s: aiohttp.ClientSession, p: Params) -> None:
         self.inst, self.s, self.p = inst, s, p
@@ -196,7 +203,7 @@ class Bench:
             cpu: dict[str, dict[str, list[float]]] = {n: {} for n in every}
             errors = 0
             for r in range(self.p.runs):
-                for name, t in every.items():
+                for name, t in in_turn(every, r):
                     before = cpu_seconds(self.cpu_pids)
                     res = await load.stream_throughput(self.s, t, c, self.p.tokens[c], self.p.duration)
                     after = cpu_seconds(self.cpu_pids)
@@ -265,7 +272,7 @@ class Bench:
         vals: dict[str, list[float]] = {n: [] for n in every}
         errors = 0
         for r in range(self.p.runs):
-            for name, t in every.items():
+            for name, t in in_turn(every, r):
                 rate, _done, err = await load.requests_per_s(
                     self.s, t, self.p.rps_concurrency, self.p.rps_duration
                 )
