@@ -204,13 +204,17 @@ SHARED_LINGER_S = 0.25  # a shared lease outlives its last request this long (ba
 
 
 class _SharedLease:
-    __slots__ = ("model", "we", "users", "timer", "valid")
+    """One timer checks the linger (not a timer per release, cancelled by the next request: a timer handle
+    made and cancelled per request on the hot path)."""
+
+    __slots__ = ("model", "we", "users", "timer", "valid", "idle_since")
 
     def __init__(self, model: str, we: WorkerEndpoint) -> None:
         self.model, self.we = model, we
         self.users = 1
         self.timer: asyncio.TimerHandle | None = None
         self.valid = True
+        self.idle_since = 0.0  # loop time its last user let go
 
     def cancel_timer(self) -> None:
         if self.timer is not None:
@@ -275,7 +279,6 @@ class GatewayBus:
             shared = self._shared.get(model)
             if shared is not None and shared.valid:
                 shared.users += 1
-                shared.cancel_timer()
                 return shared.we
         we = await self._acquire_remote(model, keep_alive)
         if keep_alive is None and (model not in self._shared or not self._shared[model].valid):
@@ -311,12 +314,21 @@ class GatewayBus:
             return
         if not shared.valid:
             self._drop(shared)
-        else:
-            shared.timer = asyncio.get_running_loop().call_later(SHARED_LINGER_S, self._linger_over, shared)
+            return
+        loop = asyncio.get_running_loop()
+        shared.idle_since = loop.time()
+        if shared.timer is None:
+            shared.timer = loop.call_later(SHARED_LINGER_S, self._linger_over, shared)
 
     def _linger_over(self, shared: _SharedLease) -> None:
         shared.timer = None
-        if shared.users == 0:
+        if shared.users > 0:  # in use: its next release arms the check again
+            return
+        loop = asyncio.get_running_loop()
+        left = shared.idle_since + SHARED_LINGER_S - loop.time()
+        if left > 0.001:  # used meanwhile: it lingers from its last release
+            shared.timer = loop.call_later(left, self._linger_over, shared)
+        else:
             self._drop(shared)
 
     def _drop(self, shared: _SharedLease) -> None:

@@ -101,6 +101,9 @@ class Relay:
             self._absorb(await self.ch.batch(self.timeout))
 
     async def body(self) -> bytes:
+        if self._ended and self._fail is None:  # (a small answer came whole, with its head: no generator)
+            data, self._pending = b"".join(self._pending), []
+            return data
         return b"".join([c async for c in self.chunks()])
 
     async def close(self) -> None:

@@ -49,6 +49,23 @@ async def test_back_to_back_and_concurrent_requests_share_one_lease(monkeypatch:
     assert rec.remote == 2
 
 
+async def test_a_lease_in_steady_use_lingers_from_its_last_release(monkeypatch: Any) -> None:
+    bus, rec = make_bus(monkeypatch)  # (linger 0.05 s)
+    for _ in range(8):  # a request every 0.02 s for 0.16 s: past the first release's linger, never idle that long
+        we = await bus.acquire("m")
+        bus.release(we.request_id)
+        await asyncio.sleep(0.02)
+    assert rec.remote == 1 and rec.released == []
+    await asyncio.sleep(0.08)
+    assert rec.released == ["lease-1"]
+    held = await bus.acquire("m")  # a new lease, held past the linger: it stays while in use
+    await asyncio.sleep(0.1)
+    assert rec.remote == 2 and rec.released == ["lease-1"]
+    bus.release(held.request_id)
+    await asyncio.sleep(0.08)
+    assert rec.released == ["lease-1", "lease-2"]
+
+
 async def test_explicit_keep_alive_and_a_gone_worker_ask_the_supervisor(monkeypatch: Any) -> None:
     bus, rec = make_bus(monkeypatch)
     shared = await bus.acquire("m")
