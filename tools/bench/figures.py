@@ -73,6 +73,26 @@ def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
     return out
 
 
+@dataclass
+class _Tally:
+    """What one target's streams of a run came to."""
+
+    tokens: int = 0
+    wall: float = 0.0  # seconds
+    cpu: dict[str, float] = field(default_factory=dict)  # CPU seconds used meanwhile, by process role
+
+    def add(self, tokens: int, wall: float, cpu: dict[str, float]) -> None:
+        self.tokens += tokens
+        self.wall += wall
+        for role, seconds in cpu.items():
+            self.cpu[role] = self.cpu.get(role, 0.0) + seconds
+
+
+def used(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """CPU seconds used between two ``cpu_seconds`` readings, by role (of the processes in both)."""
+    return {role: after[role] - before[role] for role in after if role in before}
+
+
 def in_turn(targets: dict[str, load.Target], run: int) -> list[tuple[str, load.Target]]:
     """The targets in order on even runs, in reverse on odd ones: whatever a run's order favours (the machine
     settling, a backend's state left by the target before) favours every target alike over the runs."""
@@ -196,6 +216,9 @@ class Bench:
         }
 
     async def streaming(self) -> dict[str, Any]:
+        """Tokens/s of every target at each concurrency. One stream at a time goes to the targets in turn, stream by
+        stream (d, o, a, a, o, d, ...: the machine's drift within a run, seconds long, hits them alike); more
+        concurrent streams go to one target at a time, for ``duration`` each."""
         out: dict[str, Any] = {}
         for c in self.p.concurrency:
             every = self.every
@@ -203,19 +226,24 @@ class Bench:
             cpu: dict[str, dict[str, list[float]]] = {n: {} for n in every}
             errors = 0
             for r in range(self.p.runs):
-                for name, t in in_turn(every, r):
-                    before = cpu_seconds(self.cpu_pids)
-                    res = await load.stream_throughput(self.s, t, c, self.p.tokens[c], self.p.duration)
-                    after = cpu_seconds(self.cpu_pids)
-                    errors += res.errors
-                    tps[name].append(res.tokens_per_s)
+                if c == 1:
+                    tallies, failed = await self.one_stream_in_turn(every, r)
+                    errors += failed
+                else:
+                    tallies = {}
+                    for name, t in in_turn(every, r):
+                        before = cpu_seconds(self.cpu_pids)
+                        res = await load.stream_throughput(self.s, t, c, self.p.tokens[c], self.p.duration)
+                        tallies[name] = _Tally(res.tokens, res.wall, used(before, cpu_seconds(self.cpu_pids)))
+                        errors += res.errors
+                for name, tally in tallies.items():
+                    tps[name].append(tally.tokens / tally.wall if tally.wall > 0 else 0.0)
                     for role in ("gateway-" + name, "worker", "upstream", "client"):
                         if name in ("direct", REFERENCE, ONE_HOP) and role == "worker":
                             continue
-                        if role in before and role in after and res.tokens:
+                        if role in tally.cpu and tally.tokens:
                             cpu[name].setdefault(role.split("-")[0], []).append(
-                                (after[role] - before[role]) / res.tokens * 1e6
-                            )
+                                tally.cpu[role] / tally.tokens * 1e6)
                 say(
                     f"[{self.name}] tokens/s c={c} run {r + 1}/{self.p.runs}: "
                     + ", ".join(f"{n} {v[-1]:.0f}" for n, v in tps.items())
@@ -233,6 +261,29 @@ class Bench:
                 "errors": errors,
             }
         return out
+
+    async def one_stream_in_turn(self, every: dict[str, load.Target], run: int) -> tuple[dict[str, _Tally], int]:
+        """One stream at a time, the targets in turn, for ``duration`` per target in all (each at least once): per
+        target its tokens, the time its streams took and the CPU seconds its processes used meanwhile; and the
+        number of streams that failed (more than 20: raised, as ``load.stream_throughput`` does)."""
+        bodies = {n: t.body(self.p.tokens[1], True) for n, t in every.items()}
+        tallies = {n: _Tally() for n in every}
+        deadline = time.perf_counter() + self.p.duration * len(every)
+        turn, failed = run, 0
+        while True:
+            for name, t in in_turn(every, turn):
+                before = cpu_seconds(self.cpu_pids)
+                try:
+                    res = await load.stream_once(self.s, t, bodies[name])
+                except (load.LoadError, aiohttp.ClientError):
+                    failed += 1
+                    if failed > 20:
+                        raise
+                    continue
+                tallies[name].add(res.tokens, res.elapsed, used(before, cpu_seconds(self.cpu_pids)))
+            turn += 1
+            if time.perf_counter() >= deadline:
+                return tallies, failed
 
     async def latency(self, stream: bool, back_to_back: bool = False) -> dict[str, Any]:
         """Non-streaming tiny request latency (stream=False) or warm TTFT (stream=True), ms: the targets
