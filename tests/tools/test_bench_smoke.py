@@ -114,6 +114,7 @@ def test_bench_quick_reports_every_figure(tmp_path: Path) -> None:
         # (direct-unix: the worker's unix socket; one-hop-proxy: a plain aiohttp proxy in front of direct)
         for path in ("direct", "direct-unix", "one-hop-proxy", "ollama", "openai"):
             assert fig["tokens_per_s"][path]["n"] == 1 and fig["tokens_per_s"][path]["median"] > 0
+        assert fig["tokens_per_stream_got"] == fig["tokens_per_stream"] == 8  # every stream carried what it asked
         assert fig["reference_ratio"]["n"] == 1 and "direct-unix" not in fig["ratio"]  # a reference, no target
         assert fig["one_hop_ratio"]["n"] == 1 and "one-hop-proxy" not in fig["ratio"]
         assert "gateway" in fig["cpu_us_per_token"]["one-hop-proxy"]  # (the proxy's own CPU)

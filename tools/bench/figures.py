@@ -80,10 +80,12 @@ class _Tally:
     tokens: int = 0
     wall: float = 0.0  # seconds
     cpu: dict[str, float] = field(default_factory=dict)  # CPU seconds used meanwhile, by process role
+    streams: int = 0
 
-    def add(self, tokens: int, wall: float, cpu: dict[str, float]) -> None:
+    def add(self, tokens: int, wall: float, cpu: dict[str, float], streams: int = 1) -> None:
         self.tokens += tokens
         self.wall += wall
+        self.streams += streams
         for role, seconds in cpu.items():
             self.cpu[role] = self.cpu.get(role, 0.0) + seconds
 
@@ -224,6 +226,7 @@ class Bench:
             every = self.every
             tps: dict[str, list[float]] = {n: [] for n in every}
             cpu: dict[str, dict[str, list[float]]] = {n: {} for n in every}
+            got = [0, 0]  # tokens and streams of every target and run (a stream ending early shows here)
             errors = 0
             for r in range(self.p.runs):
                 if c == 1:
@@ -234,10 +237,13 @@ class Bench:
                     for name, t in in_turn(every, r):
                         before = cpu_seconds(self.cpu_pids)
                         res = await load.stream_throughput(self.s, t, c, self.p.tokens[c], self.p.duration)
-                        tallies[name] = _Tally(res.tokens, res.wall, used(before, cpu_seconds(self.cpu_pids)))
+                        tallies[name] = _Tally(res.tokens, res.wall, used(before, cpu_seconds(self.cpu_pids)),
+                                               res.streams)
                         errors += res.errors
                 for name, tally in tallies.items():
                     tps[name].append(tally.tokens / tally.wall if tally.wall > 0 else 0.0)
+                    got[0] += tally.tokens
+                    got[1] += tally.streams
                     for role in ("gateway-" + name, "worker", "upstream", "client"):
                         if name in ("direct", REFERENCE, ONE_HOP) and role == "worker":
                             continue
@@ -250,6 +256,7 @@ class Bench:
                 )
             out[str(c)] = {
                 "tokens_per_stream": self.p.tokens[c],
+                "tokens_per_stream_got": got[0] / got[1] if got[1] else 0.0,
                 "tokens_per_s": {n: summary(v) for n, v in tps.items()},
                 "tokens_per_s_runs": tps,
                 "ratio": {g: ratios(tps[g], tps["direct"]) for g in GATEWAYS},

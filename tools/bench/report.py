@@ -145,6 +145,12 @@ def _s(stat: dict[str, float], digits: int = 2) -> str:
     return f"{_f(stat['median'], digits)} ({_f(stat['min'], digits)}–{_f(stat['max'], digits)})"
 
 
+def _got(fig: dict[str, Any]) -> str:
+    """`` (streams carried N on average)`` when the streams ended before the tokens asked for."""
+    got = fig.get("tokens_per_stream_got")
+    return f" (streams carried {got:.1f} on average)" if got and got < 0.95 * fig["tokens_per_stream"] else ""
+
+
 def _upstream_table(name: str, r: dict[str, Any]) -> list[str]:
     up = r["upstream"]
     lines = [f"### Upstream: {name}", ""]
@@ -174,7 +180,7 @@ def _upstream_table(name: str, r: dict[str, Any]) -> list[str]:
     for c, fig in r["streaming"].items():
         tps = fig["tokens_per_s"]
         lines.append(
-            f"| streaming tokens/s, {c} stream(s) × {fig['tokens_per_stream']} tokens | {_s(tps['direct'])} | "
+            f"| streaming tokens/s, {c} stream(s) × {fig['tokens_per_stream']} tokens{_got(fig)} | {_s(tps['direct'])} | "
             f"{_s(tps.get(REFERENCE, {}))} | {_s(tps.get(ONE_HOP, {}))} | {_s(tps['ollama'])} | {_s(tps['openai'])} | {_s(fig['ratio']['ollama'])} | "
             f"{_s(fig['ratio']['openai'])} |"
         )
@@ -320,7 +326,7 @@ def console(doc: dict[str, Any]) -> str:
         for c, fig in r["streaming"].items():
             lines.append(
                 f"  tokens/s {c:>2} streams   ollama {_s(fig['ratio']['ollama'])}   "
-                f"openai {_s(fig['ratio']['openai'])}"
+                f"openai {_s(fig['ratio']['openai'])}{_got(fig)}"
             )
         for key, label in (("ttft", "TTFT"), ("latency", "latency"), ("latency_back_to_back", "latency b2b")):
             for p in ("p50", "p99"):
