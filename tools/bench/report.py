@@ -180,9 +180,9 @@ def _upstream_table(name: str, r: dict[str, Any]) -> list[str]:
     for c, fig in r["streaming"].items():
         tps = fig["tokens_per_s"]
         lines.append(
-            f"| streaming tokens/s, {c} stream(s) × {fig['tokens_per_stream']} tokens{_got(fig)} | {_s(tps['direct'])} | "
-            f"{_s(tps.get(REFERENCE, {}))} | {_s(tps.get(ONE_HOP, {}))} | {_s(tps['ollama'])} | {_s(tps['openai'])} | {_s(fig['ratio']['ollama'])} | "
-            f"{_s(fig['ratio']['openai'])} |"
+            f"| streaming tokens/s, {c} stream(s) × {fig['tokens_per_stream']} tokens{_got(fig)} | "
+            f"{_s(tps['direct'])} | {_s(tps.get(REFERENCE, {}))} | {_s(tps.get(ONE_HOP, {}))} | {_s(tps['ollama'])} | "
+            f"{_s(tps['openai'])} | {_s(fig['ratio']['ollama'])} | {_s(fig['ratio']['openai'])} |"
         )
     for key, label in (("ttft", "TTFT, warm"), ("latency", "tiny non-streaming request latency"),
                        ("latency_back_to_back", "tiny request latency, back to back (not a target)")):
@@ -194,8 +194,8 @@ def _upstream_table(name: str, r: dict[str, Any]) -> list[str]:
             added = fig[f"added_{p}_ms"]
             lines.append(
                 f"| {label} {p} ms ({fig['samples_per_run']}/run) | {_s(vals['direct'])} | "
-                f"{_s(vals.get(REFERENCE, {}))} | {_s(vals.get(ONE_HOP, {}))} | {_s(vals['ollama'])} | {_s(vals['openai'])} | +{_s(added['ollama'])} ms | "
-                f"+{_s(added['openai'])} ms |"
+                f"{_s(vals.get(REFERENCE, {}))} | {_s(vals.get(ONE_HOP, {}))} | {_s(vals['ollama'])} | "
+                f"{_s(vals['openai'])} | +{_s(added['ollama'])} ms | +{_s(added['openai'])} ms |"
             )
     rps = r["rps"]
     lines.append(
