@@ -67,18 +67,21 @@ def metrics(run_dir: Path | str) -> str:
     return _ipc(run_dir, METRICS_SOCK)
 
 
+def _hashed(name: str) -> str:
+    """A model name as a short file name part: model names never become paths."""
+    return hashlib.sha1(name.encode()).hexdigest()[:16]
+
+
 def worker(run_dir: Path | str, name: str) -> str:
-    """A worker's job ROUTER. Hashed: model names never become paths."""
-    digest = hashlib.sha1(name.encode()).hexdigest()[:16]
-    return _ipc(run_dir, f"w-{digest}.sock")
+    """A worker's job ROUTER."""
+    return _ipc(run_dir, f"w-{_hashed(name)}.sock")
 
 
 def llama_socket(run_dir: Path | str, name: str) -> str | None:
     """The unix socket a worker's llama-server listens on beside its TCP port (None: the path would be too long
     for a unix socket address, the worker then speaks TCP). Not a bus address: HTTP between a worker and its
     own llama-server, cheaper than TCP over loopback (no ACKs, fewer wakeups)."""
-    digest = hashlib.sha1(name.encode()).hexdigest()[:16]
-    path = str(Path(run_dir) / f"l-{digest}.sock")
+    path = str(Path(run_dir) / f"l-{_hashed(name)}.sock")
     return path if len(path.encode()) < UNIX_PATH_MAX else None
 
 

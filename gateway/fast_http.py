@@ -140,6 +140,10 @@ class FastStream:
             await self.request.conn.send([*self._framed(data), b"0\r\n\r\n"])
 
 
+# A request head the fast path takes: its route's handler, path, headers, where its body starts, and its length.
+_Head = tuple[Handler, str, CIMultiDict[str], int, int]
+
+
 class FastHTTP(asyncio.Protocol):
     """One client connection (see the module's docstring); ``aiohttp_protocol()`` makes aiohttp's own."""
 
@@ -159,7 +163,8 @@ class FastHTTP(asyncio.Protocol):
         self._reading_paused = False
         self._drained: asyncio.Future[None] | None = None
         self._idle: asyncio.TimerHandle | None = None
-        self._body_wait: asyncio.TimerHandle | None = None  # the head is here, its body not all yet
+        self._waiting: _Head | None = None  # a request's head, parsed, its body not all here yet
+        self._body_wait: asyncio.TimerHandle | None = None  # ... and how long it is awaited
 
     # ------------------------------------------------------------------ asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -170,10 +175,7 @@ class FastHTTP(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.connections.discard(self)
         self.transport = None
-        if self._idle is not None:
-            self._idle.cancel()
-        if self._body_wait is not None:
-            self._body_wait.cancel()
+        self._stop_timers()
         if self.task is not None:
             self.task.cancel()  # the client went away: the route lets go of its job (as aiohttp's cancellation)
         self._wake_writer()
@@ -200,52 +202,62 @@ class FastHTTP(asyncio.Protocol):
     # ------------------------------------------------------------------ requests
     def _next(self) -> None:
         """Answer the next whole request in the buffer here, or hand the connection to aiohttp."""
+        head = self._waiting or self._head()
+        if head is None:
+            return
+        handler, path, headers, start, length = head
+        if len(self.buf) < start + length:
+            # Clients such as httpx (openai, ollama) and http.client write the head and the body apart: a small
+            # body is awaited here (a while, its head kept parsed); a large one is read by aiohttp, as is a body
+            # still missing by then.
+            if length > BODY_WAIT_MAX:
+                return self._hand_over()
+            if self._waiting is None:
+                self._waiting = head
+                self._body_wait = self.loop.call_later(BODY_WAIT_S, self._hand_over)
+            return
+        if self._waiting is not None:
+            self._stop_timers()
+        body, self.buf = self.buf[start : start + length], self.buf[start + length :]
+        request = FastRequest(self, "POST", path, headers, body)
+        self.task = self.loop.create_task(self._answer(request, handler))
+
+    def _head(self) -> _Head | None:
+        """The next request's head if the fast path takes it; None: not all here yet, or handed to aiohttp."""
         buf = self.buf
         end = buf.find(b"\r\n\r\n")
         if end < 0:
             if len(buf) > MAX_HEAD:
                 self._hand_over()
-            return
-        if self._idle is not None:
-            self._idle.cancel()
-            self._idle = None
+            return None
+        self._stop_timers()
         lines = buf[:end].decode("latin-1").split("\r\n")
         parts = lines[0].split(" ")
         handler = self.routes.get(parts[1].encode("latin-1")) if len(parts) == 3 else None
         if handler is None or parts[0] != "POST" or parts[2] != "HTTP/1.1":
-            return self._hand_over()
+            self._hand_over()
+            return None
         headers: CIMultiDict[str] = CIMultiDict()
         length = -1
         for line in lines[1:]:
             name, sep, value = line.partition(":")
             name = name.lower()
             if not sep or not name or name != name.strip() or name in REFUSED_HEADERS:
-                return self._hand_over()  # (a malformed or an unusual request: aiohttp answers it)
+                self._hand_over()  # (a malformed or an unusual request: aiohttp answers it)
+                return None
             value = value.strip()
             if name == "content-length":
                 if length >= 0 or not value.isdigit():
-                    return self._hand_over()
+                    self._hand_over()
+                    return None
                 length = int(value)
             elif name == "connection" and value.lower() == "close":
                 self.closing = True
             headers.add(name, value)
-        start = end + 4
         if length < 0 or length > self.app[CONFIG].app.limits.max_body_bytes:
-            return self._hand_over()  # (no length, or too large: aiohttp answers it)
-        if len(buf) < start + length:
-            # Clients such as httpx (openai, ollama) and http.client write the head and the body apart: a small
-            # body is awaited here (a while); a large one is read by aiohttp, as is a body still missing by then.
-            if length > BODY_WAIT_MAX:
-                return self._hand_over()
-            if self._body_wait is None:
-                self._body_wait = self.loop.call_later(BODY_WAIT_S, self._hand_over)
-            return
-        if self._body_wait is not None:
-            self._body_wait.cancel()
-            self._body_wait = None
-        body, self.buf = buf[start : start + length], buf[start + length :]
-        request = FastRequest(self, parts[0], parts[1], headers, body)
-        self.task = self.loop.create_task(self._answer(request, handler))
+            self._hand_over()  # (no length, or too large: aiohttp answers it)
+            return None
+        return handler, parts[1], headers, end + 4, length
 
     async def _answer(self, request: FastRequest, handler: Handler) -> None:
         try:
@@ -289,17 +301,22 @@ class FastHTTP(asyncio.Protocol):
             self._drained = self.loop.create_future()
             await self._drained
 
-    def _hand_over(self) -> None:
-        """aiohttp answers this connection from here on: the request not answered yet, and everything after it."""
-        transport = self.transport
-        self.handed_over = True
-        self.connections.discard(self)
+    def _stop_timers(self) -> None:
+        """No keep-alive timeout, no body awaited (a request's head arrived, the answer started, or it is over)."""
         if self._idle is not None:
             self._idle.cancel()
             self._idle = None
         if self._body_wait is not None:
             self._body_wait.cancel()
             self._body_wait = None
+        self._waiting = None
+
+    def _hand_over(self) -> None:
+        """aiohttp answers this connection from here on: the request not answered yet, and everything after it."""
+        transport = self.transport
+        self.handed_over = True
+        self.connections.discard(self)
+        self._stop_timers()
         if transport is None:
             return
         protocol = self.aiohttp_protocol()

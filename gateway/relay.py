@@ -75,7 +75,7 @@ class Relay:
         try:
             async for chunk in self.chunks():
                 out = convert(chunk)
-                if self._ended and self._fail is None:  # the answer's end came with this piece
+                if self._ended_cleanly:  # the answer's end came with this piece
                     last = out
                 elif out:
                     await resp.write(out)
@@ -83,6 +83,11 @@ class Relay:
         except ApiError as err:
             last += on_error(err)
         await resp.write_eof(last)
+
+    @property
+    def _ended_cleanly(self) -> bool:
+        """All of the answer is here and it ended without a failure."""
+        return self._ended and self._fail is None
 
     @property
     def worker(self) -> str:
@@ -101,7 +106,7 @@ class Relay:
             self._absorb(await self.ch.batch(self.timeout))
 
     async def body(self) -> bytes:
-        if self._ended and self._fail is None:  # (a small answer came whole, with its head: no generator)
+        if self._ended_cleanly:  # (a small answer came whole, with its head: no generator)
             data, self._pending = b"".join(self._pending), []
             return data
         return b"".join([c async for c in self.chunks()])

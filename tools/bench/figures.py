@@ -297,6 +297,7 @@ class Bench:
         interleaved request by request, or (``back_to_back``, non-streaming) in blocks of requests to one target."""
         # (interleaved: the reference stays out, one more target between two requests of a path would change it)
         every = self.every if back_to_back else self.t
+        others = [n for n in every if n != "direct"]
         p50: dict[str, list[float]] = {n: [] for n in every}
         p99: dict[str, list[float]] = {n: [] for n in every}
         tokens = self.p.ttft_tokens if stream else 1
@@ -316,13 +317,10 @@ class Bench:
             "samples_per_run": self.p.samples,
             "p50_ms": {n: summary(v) for n, v in p50.items()},
             "p99_ms": {n: summary(v) for n, v in p99.items()},
-            "added_p50_ms": {  # (the gateways', and the references' where measured)
-                g: summary([a - b for a, b in zip(p50[g], p50["direct"], strict=True)]) for g in every if g != "direct"
-            },
-            "added_p99_ms": {
-                g: summary([a - b for a, b in zip(p99[g], p99["direct"], strict=True)]) for g in every if g != "direct"
-            },
-            "ratio_p50": {g: ratios(p50[g], p50["direct"]) for g in every if g != "direct"},
+            # (the gateways', and the references' where measured)
+            "added_p50_ms": {g: summary([a - b for a, b in zip(p50[g], p50["direct"], strict=True)]) for g in others},
+            "added_p99_ms": {g: summary([a - b for a, b in zip(p99[g], p99["direct"], strict=True)]) for g in others},
+            "ratio_p50": {g: ratios(p50[g], p50["direct"]) for g in others},
         }
 
     async def rps(self) -> dict[str, Any]:
