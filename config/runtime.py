@@ -6,7 +6,6 @@ Standard library only: the setup imports it before anything else is installed.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import platform
 import shutil
@@ -39,6 +38,8 @@ def cpu_key() -> str:
                 break
     except OSError:
         flags = platform.processor()
+    import hashlib  # (here: its import loads OpenSSL, which the supervisor otherwise never needs)
+
     digest = hashlib.sha1(flags.encode()).hexdigest()[:10]
     return f"{platform.system().lower()}-{platform.machine().lower()}-{digest}"
 

@@ -7,10 +7,8 @@ but a state-changing request from a page of another origin is always refused (no
 
 from __future__ import annotations
 
-import hmac
 import ipaddress
 import os
-import secrets
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
@@ -42,6 +40,8 @@ def dashboard_token(host: str, configured: str | None, *, generate: bool = True)
         return env
     if is_loopback(host) or not generate:
         return None
+    import secrets  # (here, not at the top: with hmac it loads OpenSSL, ~3.4 MB the supervisor never needs)
+
     return secrets.token_urlsafe(18)
 
 
@@ -53,6 +53,8 @@ def presented(request: web.Request) -> str:
 
 
 def check(request: web.Request, token: str | None) -> bool:
+    import hmac  # (the dashboard's process has it loaded already: aiohttp imports it)
+
     return token is None or hmac.compare_digest(presented(request).encode(), token.encode())
 
 

@@ -9,7 +9,7 @@ llama-server's ``timings``. A request without ``model`` goes to the configured `
 
 from __future__ import annotations
 
-from importlib import metadata
+import functools
 from typing import Any
 
 from aiohttp import web
@@ -27,14 +27,17 @@ _STOP_REASONS = {"stop": "eosFound", "length": "maxPredictedTokensReached", "too
                  "function_call": "toolCalls", "content_filter": "userStopped"}
 
 
-def _version() -> str:
+@functools.cache
+def runtime() -> dict[str, Any]:
+    """The ``runtime`` of LM Studio's v0 answers. Made on first use: importlib.metadata and the scan of the
+    installed distributions cost an idle gateway ~1 MB otherwise."""
+    from importlib import metadata
+
     try:
-        return metadata.version("llama-runner")
+        version = metadata.version("llama-runner")
     except metadata.PackageNotFoundError:
-        return "0"
-
-
-RUNTIME = {"name": "llama.cpp-llama-server", "version": _version(), "supported_formats": ["gguf"]}
+        version = "0"
+    return {"name": "llama.cpp-llama-server", "version": version, "supported_formats": ["gguf"]}
 
 
 def model_object(e: ModelEntry, loaded: bool) -> dict[str, Any]:
@@ -91,7 +94,7 @@ class V0Extras:
         if isinstance(timings, dict):
             doc["stats"] = stats(timings, self.finish_reason)
             doc["model_info"] = self.model_info
-            doc["runtime"] = RUNTIME
+            doc["runtime"] = runtime()
         return doc
 
 

@@ -22,7 +22,12 @@ asyncio.run(main())
 print("ok")
 """
 
-SUPERVISOR = ("import supervisor.cli, supervisor.main, dashboard.auth; assert 'aiohttp' not in sys.modules",
+# ...nor OpenSSL: hashlib, hmac and secrets load it (~3.4 MB resident) and the supervisor needs none of them
+SUPERVISOR = ("import supervisor.cli, supervisor.main, dashboard.auth, bus.endpoints\n"
+              "assert 'aiohttp' not in sys.modules\n"
+              "assert dashboard.auth.dashboard_token('127.0.0.1', None) is None\n"
+              "assert bus.endpoints.worker('/tmp', 'a') != bus.endpoints.worker('/tmp', 'b')\n"
+              "assert '_hashlib' not in sys.modules, 'OpenSSL loaded'",
               "structlog.get_logger().info('x'); await asyncio.sleep(0)")
 DASHBOARD = ("import aiohttp.web, dashboard.app",
              "app = aiohttp.web.Application(); r = aiohttp.web.AppRunner(app); await r.setup(); "
