@@ -141,6 +141,10 @@ def embedding_args(mode: str, pooling: str | None, p: ModelParameters) -> list[s
     return args
 
 
+# llama-server's flags that load a multimodal projector (then a chat model takes image and audio parts)
+MMPROJ_FLAGS = frozenset({"--mmproj", "-mm", "--mmproj-url", "-mmu", "-hf", "--hf-repo"})
+
+
 class ModelConfig(_Cfg):
     model_path: Annotated[str, msgspec.Meta(min_length=1)]
     type: Literal["llama", "whisper"] = "llama"
@@ -165,6 +169,11 @@ class ModelConfig(_Cfg):
     @property
     def serves_embeddings(self) -> bool:
         return self.type == "llama" and self.mode != "chat"
+
+    @property
+    def serves_media(self) -> bool:
+        """Does its llama-server take images or audio (a multimodal projector among its extra_args)?"""
+        return self.serves_chat and any(a.split("=", 1)[0] in MMPROJ_FLAGS for a in self.parameters.extra_args)
 
 
 class ModelsConfig(_Cfg):

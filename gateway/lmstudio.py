@@ -126,6 +126,8 @@ async def _completion(request: web.Request, chat: bool) -> web.StreamResponse:
     breq = tr.chat_to_backend(req) if chat else tr.completions_to_backend(req)
     name = req["model"]
     catalog.require_capability(config, name, "chat")
+    if breq.media:
+        catalog.require_media(config, name, breq.media)
     e = await catalog.entry(config, name)
     return await openai_app.relay_openai(request, name, breq.path, breq.body, breq.stream, V0Extras(e))
 

@@ -58,6 +58,7 @@ class BackendRequest:
     path: str
     body: dict[str, Any]
     stream: bool
+    media: str = ""  # the kind of a media content part it carries ("image_url"...): the model must take it
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from aiohttp import web
 from bus.protocol import GatewayLaunch
 from gateway import audio, embed_routes
 from gateway import openai_translate as tr
-from gateway.catalog import require_capability
+from gateway.catalog import require_capability, require_media
 from gateway.errors import ApiError, openai_error_body
 from gateway.relay import open_stream
 from gateway.server import CONFIG, LAUNCH, json_response, make_app, model_files, open_job, read_json
@@ -67,7 +67,10 @@ def with_default_model(request: web.Request, req: dict[str, Any]) -> dict[str, A
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     req = with_default_model(request, await read_json(request))
     breq = tr.chat_to_backend(req)
-    return await relay_openai(request, request_model(request, req), breq.path, breq.body, breq.stream)
+    model = request_model(request, req)
+    if breq.media:
+        require_media(request.app[CONFIG], model, breq.media)
+    return await relay_openai(request, model, breq.path, breq.body, breq.stream)
 
 
 async def completions(request: web.Request) -> web.StreamResponse:

@@ -20,13 +20,15 @@ _ABSENT = object()
 
 
 def chat_to_backend(req: Any) -> BackendRequest:
-    """Validate an OpenAI chat completion request; ``max_completion_tokens`` becomes ``max_tokens``."""
+    """Validate an OpenAI chat completion request; ``max_completion_tokens`` becomes ``max_tokens``. Media
+    content parts are named in ``media`` (the caller checks that the model takes them)."""
     body = _common(req)
     messages = body.get("messages", _ABSENT)
     if messages is _ABSENT or messages is None:
         raise _missing("messages")
     if not isinstance(messages, list) or not messages:
         raise _bad("messages", "must be a non-empty list of messages")
+    media = ""
     for i, msg in enumerate(messages):
         if not isinstance(msg, dict):
             raise _bad(f"messages[{i}]", "must be an object with a role")
@@ -34,18 +36,41 @@ def chat_to_backend(req: Any) -> BackendRequest:
         if not isinstance(role, str) or not role:
             raise _bad(f"messages[{i}].role", "must be a non-empty string")
         content = msg.get("content")
-        if content is not None and not isinstance(content, str | list):
+        if isinstance(content, list):
+            media = _check_parts(content, f"messages[{i}].content") or media
+        elif content is not None and not isinstance(content, str):
             raise _bad(f"messages[{i}].content", "must be a string or a list of content parts")
     max_completion = body.pop("max_completion_tokens", None)
-    if max_completion is not None:
+    if max_completion is not None:  # (OpenAI's current name: it wins over the deprecated max_tokens, as in llama.cpp)
         _check_int(max_completion, "max_completion_tokens")
-        if body.get("max_tokens") is None:
-            body["max_tokens"] = max_completion
+        body["max_tokens"] = max_completion
     for field in ("tools", "functions"):
         _check(body, field, list, "a list")
     _check(body, "response_format", dict, "an object")
     _check(body, "tool_choice", str | dict, "a string or an object")
-    return BackendRequest(CHAT_PATH, body, bool(body.get("stream")))
+    return BackendRequest(CHAT_PATH, body, bool(body.get("stream")), media)
+
+
+# Content parts that are not text: only a model with a multimodal projector takes them (catalog.py checks).
+MEDIA_PARTS = frozenset({"image_url", "input_audio", "file"})
+
+
+def _check_parts(parts: list[Any], field: str) -> str:
+    """Check a message's content parts; returns the type of its first media part ("" when all are text)."""
+    media = ""
+    for j, part in enumerate(parts):
+        where = f"{field}[{j}]"
+        kind = part.get("type") if isinstance(part, dict) else None
+        if not isinstance(kind, str):
+            raise _bad(where, "must be a content part object with a type")
+        if kind == "text":
+            if not isinstance(part.get("text"), str):
+                raise _bad(f"{where}.text", "must be a string")
+        elif kind in MEDIA_PARTS:
+            media = media or kind
+        else:
+            raise _bad(f"{where}.type", f"unknown content part type {kind!r} (text, {', '.join(sorted(MEDIA_PARTS))})")
+    return media
 
 
 def completions_to_backend(req: Any) -> BackendRequest:

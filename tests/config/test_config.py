@@ -73,3 +73,14 @@ def test_resolve_model_names_aliases_and_latest(tmp_path: Path) -> None:
     assert cfg.resolve_model("") == "m"
     assert cfg.resolve_model("other") is None
     assert cfg.model_path(cfg.models.models["m"]) == cfg.models_root / "m.gguf"
+
+
+def test_a_model_takes_media_parts_only_with_a_projector(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, {}, {"default_model": "m", "models": {
+        "m": {"model_path": "m.gguf"},
+        "v": {"model_path": "v.gguf", "parameters": {"extra_args": ["--mmproj", "p.gguf"]}},
+        "w": {"model_path": "w.gguf", "parameters": {"extra_args": ["--mmproj=p.gguf"]}},
+        "e": {"model_path": "e.gguf", "mode": "embedding", "parameters": {"extra_args": ["-mm", "p.gguf"]}},
+    }}))
+    media = {name: m.serves_media for name, m in cfg.models.models.items()}
+    assert media == {"m": False, "v": True, "w": True, "e": False}

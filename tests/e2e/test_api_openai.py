@@ -128,6 +128,23 @@ def test_invalid_requests_are_400_in_openai_shape(system: System, body: dict, pa
     assert err["type"] == "invalid_request_error" and err["param"] == param and "(llama-runner)" in err["message"]
 
 
+def test_image_and_audio_parts_are_400_for_a_text_model(system: System) -> None:
+    # llama-server answers 500 (which the openai client retries twice); the gateway refuses them first
+    image = {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}
+    with pytest.raises(openai.BadRequestError) as err:
+        client(system).chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": [{"type": "text", "text": "what is it?"}, image]}])
+    assert "does not take image_url content parts" in str(err.value)
+    audio = {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}}
+    for url in (system.openai_url + "/chat/completions", base(system) + "/api/v0/chat/completions",
+                system.ollama_url + "/v1/chat/completions"):
+        status, doc, _ = http("POST", url, {"model": MODEL, "messages": [{"role": "user", "content": [audio]}]})
+        assert status == 400 and doc["error"]["param"] == "messages", (url, doc)
+    status, doc, _ = http("POST", system.openai_url + "/chat/completions",
+                          {"model": MODEL, "messages": [{"role": "user", "content": [{"type": "text"}]}]})
+    assert status == 400 and doc["error"]["param"] == "messages[0].content[0].text"
+
+
 def test_default_model_answers_a_request_without_model(system: System) -> None:
     status, doc, _ = http("POST", system.openai_url + "/chat/completions", {"messages": MSG, "max_tokens": 2})
     assert status == 200 and doc["choices"][0]["message"]["role"] == "assistant"

@@ -55,10 +55,36 @@ def test_chat_content_parts_and_tool_messages_pass() -> None:
 def test_max_completion_tokens_becomes_max_tokens() -> None:
     out = chat_to_backend({"model": "m", "messages": [{"role": "user"}], "max_completion_tokens": 7})
     assert out.body["max_tokens"] == 7 and "max_completion_tokens" not in out.body
+    # both sent: the current name wins over the deprecated one (as llama-server itself reads them)
     both = chat_to_backend(
-        {"model": "m", "messages": [{"role": "user"}], "max_completion_tokens": 7, "max_tokens": 3}
+        {"model": "m", "messages": [{"role": "user"}], "max_completion_tokens": 7, "max_tokens": 40}
     )
-    assert both.body["max_tokens"] == 3
+    assert both.body["max_tokens"] == 7
+
+
+def test_media_content_parts_are_named_for_the_model_check() -> None:
+    image = {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}
+    audio = {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}}
+    text = {"type": "text", "text": "what is this?"}
+    assert chat_to_backend({"model": "m", "messages": [{"role": "user", "content": [text]}]}).media == ""
+    assert chat_to_backend({"model": "m", "messages": [{"role": "user", "content": [text, image]}]}).media == "image_url"
+    assert chat_to_backend({"model": "m", "messages": [{"role": "user", "content": [audio]}]}).media == "input_audio"
+
+
+@pytest.mark.parametrize(
+    ("part", "param"),
+    [
+        ({"type": "text"}, "messages[0].content[0].text"),
+        ({"type": "text", "text": 3}, "messages[0].content[0].text"),
+        ({"text": "no type"}, "messages[0].content[0]"),
+        ("just a string", "messages[0].content[0]"),
+        ({"type": "video", "video": {}}, "messages[0].content[0].type"),
+    ],
+)
+def test_bad_content_parts_get_400(part: Any, param: str) -> None:
+    with pytest.raises(ApiError) as e:
+        chat_to_backend({"model": "m", "messages": [{"role": "user", "content": [part]}]})
+    assert e.value.status == 400 and e.value.param == param
 
 
 @pytest.mark.parametrize(
