@@ -6,8 +6,9 @@ request, router, middleware partials, header multidicts, signals, its writer) wa
 
 What takes the fast path: ``POST`` to a hot route (``/api/chat``, ``/api/generate``, ``/v1/chat/completions``,
 ``/v1/completions``, as the app routes them) over HTTP/1.1, framed by Content-Length and within
-``limits.max_body_bytes``, no ``Expect`` / ``Transfer-Encoding`` / ``Upgrade``, its body read whole (one that
-follows its head, as httpx and http.client send it, is awaited if small: ``BODY_WAIT_MAX``, ``BODY_WAIT_S``).
+``limits.max_body_bytes``, no ``Expect`` / ``Transfer-Encoding`` / ``Upgrade`` / ``Content-Encoding``, its body
+read whole (one that follows its head, as httpx and http.client send it, is awaited if small: ``BODY_WAIT_MAX``,
+``BODY_WAIT_S``).
 Such a request runs the app's own route handler and checks (``ANSWER``: counted, API key, errors in the protocol's
 shape; ``ON_PREPARE``: CORS, open streams), with a small stand-in for aiohttp's request (``FastRequest``) and a
 streamed answer of its own (``FastStream``, chunked). At the first request that is anything else, the connection
@@ -36,7 +37,7 @@ KEEPALIVE_S = 75.0  # an idle kept-alive connection is closed after this long (a
 BODY_WAIT_MAX = 256 * 1024  # a body up to this size that follows its head is awaited here (larger: aiohttp reads it)
 BODY_WAIT_S = 1.0  # ... for this long; a body still incomplete then is read by aiohttp (as a slow client's)
 MAX_HEAD = 64 * 1024
-REFUSED_HEADERS = frozenset({"expect", "transfer-encoding", "upgrade"})
+REFUSED_HEADERS = frozenset({"content-encoding", "expect", "transfer-encoding", "upgrade"})  # (aiohttp's to read)
 
 
 def hot_routes(app: web.Application) -> dict[bytes, Handler]:
@@ -227,7 +228,7 @@ class FastHTTP(asyncio.Protocol):
         buf = self.buf
         end = buf.find(b"\r\n\r\n")
         if end < 0:
-            if len(buf) > MAX_HEAD:
+            if len(buf) > MAX_HEAD or b"\n\n" in buf:  # (too long, or lines ended by a bare LF: aiohttp's 400)
                 self._hand_over()
             return None
         self._stop_timers()
@@ -247,7 +248,7 @@ class FastHTTP(asyncio.Protocol):
                 return None
             value = value.strip()
             if name == "content-length":
-                if length >= 0 or not value.isdigit():
+                if length >= 0 or not (value.isascii() and value.isdigit()):  # ("²".isdigit() is True)
                     self._hand_over()
                     return None
                 length = int(value)

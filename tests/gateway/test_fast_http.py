@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gzip
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -203,6 +204,11 @@ async def test_pipelined_requests_are_answered_in_order_and_connection_close_is_
     (post("/api/chat", {"messages": []}, version="1.0"), 400, False),  # (aiohttp closes an HTTP/1.0 exchange)
     (post("/api/chat", {"messages": []}, "Bad Header\r\n"), 400, False),  # (and a malformed one)
     (post("/api/chat", {"messages": []}).replace(b"Content-Length: 16", b"Content-Length: 99999999"), 413, False),
+    # a length in digits that are not ASCII ("²".isdigit() is True): aiohttp's 400, not a dropped connection
+    (post("/api/chat", {"messages": []}).replace(b"Content-Length: 16", "Content-Length: ²".encode("latin-1")),
+     400, False),
+    # lines ended by a bare LF: aiohttp's 400 at once, not a wait for a CRLF head until the keep-alive timeout
+    (post("/api/chat", {"messages": []}).replace(b"\r\n", b"\n"), 400, False),
 ])
 async def test_anything_else_is_answered_by_aiohttp_then_and_after(served: Any, raw: bytes, status: int,
                                                                    then: bool) -> None:
@@ -212,6 +218,17 @@ async def test_anything_else_is_answered_by_aiohttp_then_and_after(served: Any, 
     assert answer.startswith(b"HTTP/1.1 %d " % status) or answer.startswith(b"HTTP/1.0 %d " % status), answer[:200]
     if then:
         assert answer.count(b"HTTP/1.") == 2 and b'"version"' in answer  # the next request too, by aiohttp
+    assert s.handed == [1]  # type: ignore[attr-defined]
+
+
+async def test_a_compressed_body_is_read_by_aiohttp(served: Any) -> None:
+    """aiohttp decodes a Content-Encoding; the fast path reads bodies as they come, so it hands such a one over."""
+    s = await served("ollama")
+    body = gzip.compress(json.dumps({"messages": []}).encode())
+    raw = (b"POST /api/chat HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Encoding: gzip\r\n"
+           b"Content-Length: %d\r\n\r\n" % len(body)) + body
+    answer = await s.exchange(raw)
+    assert answer.startswith(b"HTTP/1.1 400 ") and "model is required" in json.loads(body_of(answer))["error"]
     assert s.handed == [1]  # type: ignore[attr-defined]
 
 
