@@ -68,12 +68,12 @@ def ollama_error_body(err: ApiError) -> dict[str, Any]:
 def openai_error_body(err: ApiError) -> dict[str, Any]:
     """OpenAI's shape: ``{"error": {"message", "type", "param", "code"}}``.
 
-    ``type`` is ``invalid_request_error`` for 4xx and ``server_error`` otherwise; a 404 without an
-    explicit code is an unknown model (``model_not_found``), as OpenAI reports it.
+    ``type`` is ``invalid_request_error`` for 4xx and ``server_error`` otherwise; an unknown model is
+    ``model_not_found``, as OpenAI reports it (an unknown path has no code, as in OpenAI's answer).
     """
     if 400 <= err.status < 500:
         kind = "invalid_request_error"
-        code: str | None = err.code or ("model_not_found" if err.status == 404 else None)
+        code: str | None = err.code or ("model_not_found" if err.status == 404 and err.param == "model" else None)
         if code == "unknown_model":  # the supervisor's name for it
             code = "model_not_found"
     else:

@@ -95,7 +95,10 @@ async def shaped(request: web.Request, handler: Handler, shape_for: Callable[[st
             raise
         reason = {404: f"path {request.path} not found", 405: f"method {request.method} not allowed on "
                   f"{request.path}", 413: "request body too large"}.get(exc.status, exc.reason)
-        return error_response(shape_for(request.path), ApiError(exc.status, reason))
+        resp = error_response(shape_for(request.path), ApiError(exc.status, reason))
+        if "Allow" in exc.headers:  # (a 405 names the methods the path takes)
+            resp.headers["Allow"] = exc.headers["Allow"]
+        return resp
     except (ConnectionResetError, asyncio.CancelledError):
         raise
     except Exception:

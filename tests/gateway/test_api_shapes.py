@@ -39,7 +39,9 @@ async def test_error_shape_follows_the_path_prefix() -> None:
         doc = await r.json()
         assert r.status == 400 and doc["error"]["type"] == "invalid_request_error"
         r = await client.get("/v1/unknown")  # aiohttp's own 404, in OpenAI's shape under /v1
-        assert r.status == 404 and isinstance((await r.json())["error"], dict)
+        assert r.status == 404 and (await r.json())["error"]["code"] is None  # (not an unknown model)
+        r = await client.post("/v1/x")  # aiohttp's 405, with the methods the path takes
+        assert r.status == 405 and "GET" in r.headers["Allow"] and isinstance((await r.json())["error"], dict)
         r = await client.get("/v1")  # the prefix itself, as clients normalise "/v1/x/.." to it
         assert r.status == 404 and isinstance((await r.json())["error"], dict)
         r = await client.get("/api/unknown")

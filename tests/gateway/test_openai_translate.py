@@ -162,6 +162,8 @@ def test_openai_error_body() -> None:
             "code": "model_not_found",
         }
     }
+    # an unknown path is not an unknown model (OpenAI's own answer has no code)
+    assert openai_error_body(ApiError(404, "path /v1/nothing not found"))["error"]["code"] is None
     bad = openai_error_body(ApiError(400, "invalid stream: must be a boolean", param="stream"))["error"]
     assert bad["type"] == "invalid_request_error" and bad["code"] is None and bad["param"] == "stream"
     backend = openai_error_body(ApiError(500, "failed to decode", code="backend_error", source="backend"))[
