@@ -48,8 +48,12 @@ class StartWorker(_Msg, frozen=True, tag="start"):
 
 
 class StopWorker(_Msg, frozen=True, tag="stop"):
+    """Stop a worker now (an operator's stop: its requests under way fail), or with ``when_idle`` (a client's
+    unload, Ollama's ``keep_alive: 0``) once the requests under way are done."""
+
     request_id: str
     name: str
+    when_idle: bool = False
 
 
 class RestartWorker(_Msg, frozen=True, tag="restart"):

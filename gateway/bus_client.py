@@ -331,6 +331,15 @@ class GatewayBus:
         else:
             self._drop(shared)
 
+    def _drop_shared(self, model: str) -> None:
+        """Let go of ``model``'s shared lease now if no request uses it (else at its last release)."""
+        shared = self._shared.get(model)
+        if shared is not None:
+            shared.valid = False
+            del self._shared[model]
+            if shared.users == 0:
+                self._drop(shared)
+
     def _drop(self, shared: _SharedLease) -> None:
         shared.cancel_timer()
         shared.valid = False
@@ -350,7 +359,10 @@ class GatewayBus:
                     self._drop(shared)
 
     async def unload(self, model: str) -> None:
-        reply = await self.control.request(StopWorker(request_id=new_id(), name=model), 60)
+        """Ollama's ``keep_alive: 0``: the model unloads once the requests under way are done (theirs, and
+        other clients'), at once when it has none."""
+        self._drop_shared(model)  # (our own lingering lease would keep it loaded a while)
+        reply = await self.control.request(StopWorker(request_id=new_id(), name=model, when_idle=True), 60)
         if isinstance(reply, ErrorReply):
             raise ApiError(reply.status, reply.message, code=reply.code)
 

@@ -89,16 +89,16 @@ async def generate(request: web.Request) -> web.StreamResponse:
 async def _generate(request: web.Request, kind: Literal["chat", "generate"]) -> web.StreamResponse:
     req = await read_json(request)
     model = _model(req)
-    catalog.require_capability(request.app[CONFIG], model, "chat")
     t0 = started_ns()
     keep_alive = tr.parse_keep_alive(req.get("keep_alive"))
-    if tr.is_load_only(req, kind):
+    if tr.is_load_only(req, kind):  # (any model: `ollama stop` unloads an embedding model so too)
         bus = request.app[BUS]
         if keep_alive == 0:
             await bus.unload(model)
             return json_response(tr.load_response(model, kind, "unload"))
         bus.release((await bus.acquire(model, keep_alive)).request_id)
         return json_response(tr.load_response(model, kind, "load"))
+    catalog.require_capability(request.app[CONFIG], model, "chat")
     breq = tr.chat_to_backend(req) if kind == "chat" else tr.generate_to_backend(req)
     relay = await open_job(request, model, breq.path, breq.body, breq.stream, keep_alive)
     try:

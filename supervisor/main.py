@@ -439,7 +439,12 @@ class Supervisor:
             await self._worker(rid, cmd.name).start()
             return Ok(request_id=rid, message=f"starting {cmd.name}")
         if isinstance(cmd, StopWorker):
-            await asyncio.wait_for(self._worker(rid, cmd.name).stop(), self.policy.grace_s + 10)
+            mgr = self._worker(rid, cmd.name)
+            assert self.scheduler is not None
+            stopping = await self.scheduler.unload_when_idle(mgr.name) if cmd.when_idle else mgr.stop()
+            if stopping is None:
+                return Ok(request_id=rid, message=f"{cmd.name} unloads once its requests under way are done")
+            await asyncio.wait_for(stopping, self.policy.grace_s + 10)
             return Ok(request_id=rid, message=f"stopped {cmd.name}")
         if isinstance(cmd, RestartWorker):
             await self._worker(rid, cmd.name).restart()

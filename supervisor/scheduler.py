@@ -71,6 +71,13 @@ class Scheduler:
     def release(self, lease: str) -> None:
         self._inbox.put_nowait(("release", lease))
 
+    def unload_when_idle(self, name: str) -> asyncio.Future[asyncio.Future[Any] | None]:
+        """Unload ``name`` once its leases are released (Ollama's ``keep_alive: 0``: the requests under way
+        finish first). Resolves to the stop under way (now idle: stopped at once), or None (deferred)."""
+        fut: asyncio.Future[asyncio.Future[Any] | None] = asyncio.get_running_loop().create_future()
+        self._inbox.put_nowait(("unload", (name, fut)))
+        return fut
+
     def worker_changed(self, name: str) -> None:
         self._inbox.put_nowait(("changed", name))
 
@@ -198,6 +205,18 @@ class Scheduler:
             self._expires[name] = time.time() + ka
             loop = asyncio.get_running_loop()
             self._timers[name] = loop.call_later(ka, lambda: self._inbox.put_nowait(("idle", name)))
+
+    def _on_unload(self, arg: tuple[str, asyncio.Future[asyncio.Future[Any] | None]]) -> None:
+        name, fut = arg
+        mgr = self.managers[name]
+        if self._count[name] > 0:
+            log.info("unload_when_idle", worker=name, leases=self._count[name])
+            self._keep_alive[name] = 0.0  # the last release stops it (_arm_idle); a new request's keep-alive wins
+            fut.set_result(None)
+            return
+        self._cancel_timer(name)
+        self._expires.pop(name, None)
+        fut.set_result(mgr.stop())
 
     def _on_idle(self, name: str) -> None:
         self._timers.pop(name, None)

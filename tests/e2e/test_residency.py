@@ -68,6 +68,38 @@ def test_keep_alive_zero_unloads_after_the_request(two_models: System) -> None:
     wait_for(lambda: state(two_models, A) == "stopped", 15, f"{A} unloaded after keep_alive 0")
 
 
+def test_an_unload_lets_the_requests_under_way_finish(two_models: System) -> None:
+    """Ollama's keep_alive 0 (`ollama stop`) from one client never breaks another client's request: the model
+    unloads once it is done."""
+    c = ollama.Client(two_models.ollama_url, timeout=120)
+    c.generate(model=A, prompt="", keep_alive="5m")
+    parts: list[ollama.GenerateResponse] = []
+    failed: list[BaseException] = []
+
+    def long_stream() -> None:
+        try:
+            for p in c.generate(model=A, prompt="Write a long story about a fox.", stream=True,
+                                options={"num_predict": 48, "temperature": 0}):
+                parts.append(p)
+        except BaseException as exc:  # (ollama.ResponseError: the stream broke)
+            failed.append(exc)
+
+    t = threading.Thread(target=long_stream)
+    t.start()
+    wait_for(lambda: len(parts) >= 2 or failed, 60, "A streaming")
+    r = c.generate(model=A, prompt="", keep_alive=0)
+    assert r.done and r.done_reason == "unload"
+    t.join(60)
+    assert not failed and parts[-1].done and parts[-1].done_reason in ("stop", "length")
+    wait_for(lambda: state(two_models, A) == "stopped", 15, f"{A} unloaded once its stream ended")
+
+
+def test_an_embedding_model_unloads_by_generate_keep_alive_zero(two_models: System) -> None:
+    # what `ollama stop <model>` sends, whatever the model serves
+    r = ollama.Client(two_models.ollama_url).generate(model="smollm2-embed", prompt="", keep_alive=0)
+    assert r.done and r.done_reason == "unload"
+
+
 def test_loading_another_model_evicts_the_idle_one(two_models: System) -> None:
     c = ollama.Client(two_models.ollama_url)
     c.generate(model=A, prompt="Hi", options={"num_predict": 2})

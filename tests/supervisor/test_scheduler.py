@@ -122,6 +122,35 @@ async def test_keep_alive_zero_unloads_after_last_lease(world: Any) -> None:
     assert w["a"].stops == 1
 
 
+async def test_an_unload_waits_for_the_requests_under_way(world: Any) -> None:
+    """Ollama's keep_alive 0 from one client: another client's request under way finishes first."""
+    sched, w, _ = world
+    await load(sched, w["a"], "1")
+    assert await asyncio.wait_for(sched.unload_when_idle("a"), 1) is None  # deferred: a lease is held
+    await settle()
+    assert w["a"].stops == 0 and w["a"].state == S.READY
+    sched.release("1")
+    await settle()
+    assert w["a"].stops == 1  # its last request done: unloaded at once, not after its 60 s idle TTL
+    # with nothing under way it stops now
+    await load(sched, w["b"], "2")
+    sched.release("2")
+    await settle()
+    await asyncio.wait_for(sched.unload_when_idle("b"), 1)
+    assert w["b"].stops == 1
+
+
+async def test_a_request_after_an_unload_keeps_its_own_keep_alive(world: Any) -> None:
+    sched, w, _ = world
+    await load(sched, w["a"], "1")
+    await asyncio.wait_for(sched.unload_when_idle("a"), 1)
+    await load(sched, w["a"], "2")  # a new request (the model's 60 s TTL) before the first one ended
+    sched.release("1")
+    sched.release("2")
+    await settle()
+    assert w["a"].stops == 0 and sched.expires_at("a") > 0
+
+
 async def test_idle_ttl_unloads_and_negative_keeps(world: Any) -> None:
     sched, w, ttl = world
     ttl["a"] = 0.05
