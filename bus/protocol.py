@@ -145,7 +145,7 @@ class WorkerInfo(msgspec.Struct, frozen=True, kw_only=True):
     last_used: float = 0.0
     message: str = ""
     leases: int = 0
-    expires_at: float = 0.0  # when an idle worker will be unloaded (0: never / not scheduled)
+    expires_at: float = 0.0  # when an idle worker will be unloaded (-1: kept loaded; 0: not scheduled)
     model_path: str = ""
     size_bytes: int = 0
 

@@ -75,12 +75,12 @@ def show_response(e: ModelEntry, verbose: bool = False) -> dict[str, Any]:
 
 def ps_entry(e: ModelEntry, worker: WorkerInfo, ttl: float, now: float | None = None) -> dict[str, Any]:
     """One loaded model in ``/api/ps``. ``size`` is the model file's; llama-runner runs on the CPU, so
-    ``size_vram`` is 0. A worker with no unload scheduled (busy, or kept forever) expires ``ttl`` from now
-    (negative ``ttl``: never, shown as a far-future date as Ollama does)."""
+    ``size_vram`` is 0. A worker kept loaded (a request's negative keep_alive, or a negative ``ttl``) never
+    expires, shown as a far-future date as Ollama does; one with no unload scheduled expires ``ttl`` from now."""
     now = time.time() if now is None else now
     if worker.expires_at > 0:
         expires = worker.expires_at
-    elif ttl < 0:
+    elif worker.expires_at < 0 or ttl < 0:  # (kept loaded by a request's keep_alive -1, or by the config)
         expires = FOREVER
     else:
         expires = now + ttl

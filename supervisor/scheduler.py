@@ -85,11 +85,13 @@ class Scheduler:
         return self._count[name]
 
     def expires_at(self, name: str) -> float:
-        """Unix time when the model unloads if no request comes (while busy: its keep-alive from now); 0 when it
-        is not loaded or kept forever."""
+        """Unix time when the model unloads if no request comes (while busy: its keep-alive from now); -1 when
+        it is kept loaded (a negative keep-alive); 0 when nothing is scheduled (not loaded)."""
         if name in self._expires:
             return self._expires[name]
         ka = self._keep_alive.get(name, 0.0)
+        if ka < 0:
+            return FOREVER  # (kept loaded: -1)
         return time.time() + ka if self._count[name] > 0 and ka > 0 else 0.0
 
     def clamp(self, keep_alive: float | None, name: str) -> float:
@@ -117,6 +119,7 @@ class Scheduler:
         self._count[name] += 1
         self._keep_alive[name] = self.clamp(keep_alive, name)
         self._cancel_timer(name)
+        self._expires.pop(name, None)  # (busy: it expires its keep-alive after the last release, see expires_at)
         self._try(_Pending(lease, mgr, fut))
 
     def _try(self, p: _Pending) -> bool:

@@ -77,6 +77,13 @@ def test_ps_lists_loaded_models_with_expiry(system: System) -> None:
     assert m.expires_at is not None
     left = (m.expires_at - datetime.now(UTC)).total_seconds()
     assert 300 < left <= 601
+    # kept loaded (keep_alive -1): a far-future date, as Ollama shows it (not the model's idle TTL from now)
+    c.generate(model=MODEL, prompt="", keep_alive=-1)
+    try:
+        kept = {m.model: m for m in c.ps().models}[MODEL]
+        assert kept.expires_at is not None and kept.expires_at.year > 2300
+    finally:
+        c.generate(model=MODEL, prompt="", keep_alive="5m")
 
 
 def test_embed_string_and_list(system: System) -> None:

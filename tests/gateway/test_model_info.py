@@ -239,6 +239,9 @@ def test_ps_entry_expiry() -> None:
     busy = WorkerInfo(name="m", kind="llama", state=WorkerState.READY)
     assert om.ps_entry(e, busy, ttl=60, now=1_700_000_000.0)["expires_at"] == "2023-11-14T22:14:20.000000Z"
     assert om.ps_entry(e, busy, ttl=-1, now=1_700_000_000.0)["expires_at"].startswith("2318-")
+    # kept loaded by a request's keep_alive -1, whatever the model's idle TTL
+    kept = WorkerInfo(name="m", kind="llama", state=WorkerState.READY, expires_at=-1.0)
+    assert om.ps_entry(e, kept, ttl=300, now=1_700_000_000.0)["expires_at"].startswith("2318-")
 
 
 def test_unsupported_endpoints_are_501_with_a_hint() -> None:

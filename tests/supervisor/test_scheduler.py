@@ -163,7 +163,15 @@ async def test_idle_ttl_unloads_and_negative_keeps(world: Any) -> None:
     await load(sched, w["b"], "2", keep_alive=-1)
     sched.release("2")
     await asyncio.sleep(0.1)
-    assert w["b"].stops == 0 and sched.expires_at("b") == 0
+    assert w["b"].stops == 0 and sched.expires_at("b") == -1  # kept loaded (/api/ps: a far-future date)
+    # a request that asks to keep a model loaded: so while it runs too (not the expiry of its last idle time)
+    w["a"].finish_stop()
+    await load(sched, w["a"], "3", keep_alive=60)
+    sched.release("3")
+    await settle()
+    assert sched.expires_at("a") > 0
+    await load(sched, w["a"], "4", keep_alive=-1)
+    assert sched.expires_at("a") == -1
 
 
 async def test_server_cap_wins_over_client_keep_alive() -> None:
