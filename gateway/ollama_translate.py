@@ -159,7 +159,8 @@ def generate_to_backend(req: Any) -> BackendRequest:
     """Ollama ``/api/generate`` body -> ``POST /v1/completions`` (``raw``) or ``/v1/chat/completions``.
 
     Not raw: the prompt becomes a user message after the optional ``system`` message, so the model's
-    own chat template applies, as Ollama does. ``suffix``, ``template`` and ``context`` are ignored.
+    own chat template applies, as Ollama does. ``suffix``, ``template`` and ``context`` are ignored (raw mode
+    refuses the last three, as Ollama does: its prompt is the whole of what the model reads).
     """
     req = _require_object(req)
     model = _model(req)
@@ -171,6 +172,8 @@ def generate_to_backend(req: Any) -> BackendRequest:
     _refuse_images(req.get("images"), "images")
     for field in ("suffix", "template"):
         _opt_str(req, field)
+    if raw and (system or req.get("template") or req.get("context")):
+        raise ApiError(400, "raw mode does not support template, system, or context", param="raw")  # (Ollama's)
     if raw:
         body: dict[str, Any] = {"model": model, "prompt": prompt}
         stream = _common(req, body, tools=False)
@@ -208,7 +211,7 @@ def _common(req: dict[str, Any], body: dict[str, Any], *, tools: bool) -> bool:
             if not isinstance(tool_list, list) or not all(isinstance(t, dict) for t in tool_list):
                 raise _bad("tools", "must be a list of tool objects")
             if tool_list:
-                body["tools"] = tool_list
+                body["tools"] = [_tool(t, i) for i, t in enumerate(tool_list)]
     return stream
 
 
@@ -234,9 +237,22 @@ _OPTIONS: dict[str, tuple[str, str]] = {
 }
 
 
+def _tool(tool: dict[str, Any], i: int) -> dict[str, Any]:
+    """A tool as llama-server takes it: Ollama lets ``type`` default to "function"; a function needs a name."""
+    fn = tool.get("function")
+    if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+        raise _bad(f"tools[{i}].function.name", 'must be a string (a tool is {"type": "function", "function": '
+                   '{"name": ..., "parameters": {...}}})')
+    return tool if tool.get("type") is not None else {**tool, "type": "function"}
+
+
+INT32_MAX = 2**31 - 1  # llama-server's integer fields
+
+
 def map_options(options: Any) -> dict[str, Any]:
-    """Ollama ``options`` -> llama-server sampling fields. ``num_predict`` -> ``max_tokens`` (negative:
-    unlimited, omitted). ``null`` values are skipped. Numbers of the wrong type raise ApiError(400)."""
+    """Ollama ``options`` -> llama-server sampling fields. ``num_predict`` -> ``max_tokens`` (negative, 0 or
+    beyond llama-server's range: unlimited, omitted, as Ollama's runner reads it). ``null`` values are skipped.
+    Numbers of the wrong type or out of range raise ApiError(400)."""
     if options is None:
         return {}
     if not isinstance(options, dict):
@@ -244,14 +260,16 @@ def map_options(options: Any) -> dict[str, Any]:
     out: dict[str, Any] = {}
     num_predict = options.get("num_predict")
     if num_predict is not None:
-        n = _int_option("num_predict", num_predict)
-        if n >= 0:
+        n = _int_option("num_predict", num_predict, limit=False)
+        if 0 < n <= INT32_MAX:
             out["max_tokens"] = n
     for name, (target, kind) in _OPTIONS.items():
         value = options.get(name)
         if value is None:
             continue
-        if kind == _INT:
+        if name == "seed":  # (Ollama's runner takes it as an unsigned 32-bit number)
+            out[target] = _int_option(name, value, limit=False) % 2**32
+        elif kind == _INT:
             out[target] = _int_option(name, value)
         elif kind == _FLOAT:
             out[target] = _float_option(name, value)
@@ -260,15 +278,17 @@ def map_options(options: Any) -> dict[str, Any]:
     return out
 
 
-def _int_option(name: str, value: Any) -> int:
-    # Ollama reads JSON numbers as float64 and truncates them into int options.
+def _int_option(name: str, value: Any, limit: bool = True) -> int:
+    """Ollama reads JSON numbers as float64 and truncates them into int options (64 bits); ``limit``: within
+    llama-server's 32-bit integers."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise _bad(f"options.{name}", "must be an integer")
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            raise _bad(f"options.{name}", "must be a finite number")
-        return int(value)
-    return value
+    if isinstance(value, float) and not math.isfinite(value):
+        raise _bad(f"options.{name}", "must be a finite number")
+    n = int(value)
+    if not -(2**63) <= n < 2**63 or (limit and not -INT32_MAX - 1 <= n <= INT32_MAX):
+        raise _bad(f"options.{name}", "is out of range")
+    return n
 
 
 def _float_option(name: str, value: Any) -> float:

@@ -177,9 +177,33 @@ def test_options_mapping() -> None:
     assert isinstance(body["temperature"], float)
 
 
-@pytest.mark.parametrize("num_predict", [-1, -2])
+@pytest.mark.parametrize("num_predict", [-1, -2, 0, 2**31, 5e9])
 def test_unlimited_num_predict_is_omitted(num_predict: int) -> None:
+    # Ollama's runner stops at num_predict only when it is > 0; beyond llama-server's 32 bits it is no limit either
     assert "max_tokens" not in chat_to_backend(chat(options={"num_predict": num_predict})).body
+
+
+@pytest.mark.parametrize("options", [{"num_predict": 1e300}, {"num_predict": 10**23}, {"top_k": 2**31},
+                                     {"num_keep": -(2**40)}])
+def test_integer_options_out_of_range_get_400(options: dict[str, Any]) -> None:
+    with pytest.raises(ApiError) as info:
+        chat_to_backend(chat(options=options))
+    assert info.value.status == 400 and "out of range" in info.value.message
+
+
+def test_a_seed_is_an_unsigned_32_bit_number() -> None:
+    assert chat_to_backend(chat(options={"seed": 2**40 + 5})).body["seed"] == 5
+    assert chat_to_backend(chat(options={"seed": -1})).body["seed"] == 2**32 - 1
+
+
+def test_tools_default_to_functions_and_need_a_name() -> None:
+    fn = {"name": "f", "parameters": {"type": "object", "properties": {}}}
+    body = chat_to_backend(chat(tools=[{"function": fn}])).body
+    assert body["tools"] == [{"type": "function", "function": fn}]
+    for bad in ({"type": "function"}, {"function": {"parameters": {}}}, {"function": {"name": ""}}):
+        with pytest.raises(ApiError) as info:
+            chat_to_backend(chat(tools=[bad]))
+        assert info.value.status == 400 and info.value.param == "tools[0].function.name"
 
 
 def test_option_details() -> None:
@@ -252,6 +276,13 @@ def test_tools_and_tool_call_history() -> None:
     assert call["function"]["name"] == "get_weather"
     assert msgspec.json.decode(call["function"]["arguments"]) == {"city": "Paris"}
     assert body["messages"][2] == {"role": "tool", "content": "22C", "name": "get_weather"}
+
+
+@pytest.mark.parametrize("extra", [{"system": "Be brief."}, {"template": "{{ .Prompt }}"}, {"context": [1, 2]}])
+def test_raw_mode_refuses_template_system_and_context(extra: dict[str, Any]) -> None:
+    with pytest.raises(ApiError) as info:
+        generate_to_backend({"model": "m", "prompt": "x", "raw": True, **extra})
+    assert info.value.status == 400 and "raw mode does not support" in info.value.message
 
 
 def test_generate_templated_and_raw() -> None:
