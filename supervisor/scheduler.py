@@ -156,12 +156,13 @@ class Scheduler:
     @staticmethod
     def _chain(src: asyncio.Future[str], dst: asyncio.Future[str]) -> None:
         def done(f: asyncio.Future[str]) -> None:
+            exc = None if f.cancelled() else f.exception()  # (retrieved even when nobody waits any more)
             if dst.done():
                 return
             if f.cancelled():
                 dst.cancel()
-            elif f.exception() is not None:
-                dst.set_exception(f.exception())  # type: ignore[arg-type]
+            elif exc is not None:
+                dst.set_exception(exc)
             else:
                 dst.set_result(f.result())
 

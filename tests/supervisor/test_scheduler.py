@@ -192,6 +192,32 @@ async def test_client_gone_during_load_stops_the_load(world: Any) -> None:
     assert w["a"].stops == 1 and fut.done()
 
 
+async def test_a_load_failing_after_its_client_left_logs_no_unretrieved_error(world: Any) -> None:
+    import gc
+
+    from supervisor.worker_manager import WorkerUnavailable
+
+    sched, w, _ = world
+    loop = asyncio.get_running_loop()
+    errors: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _loop, context: errors.append(context))
+    try:
+        sched.acquire("1", "a", None)
+        await settle()
+        sched.release("1")  # the client went away while "a" loads
+        await settle()
+        for waiter in w["a"]._waiters:  # then the load fails
+            waiter.set_exception(WorkerUnavailable("load_failed", "boom", 503))
+        w["a"]._waiters.clear()
+        del waiter
+        await settle()
+        gc.collect()
+        await settle()
+        assert not [e for e in errors if "never retrieved" in str(e.get("message"))]
+    finally:
+        loop.set_exception_handler(None)
+
+
 async def test_unknown_release_is_ignored(world: Any) -> None:
     sched, w, _ = world
     sched.release("nope")
