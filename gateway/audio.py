@@ -89,7 +89,8 @@ async def _handle(request: web.Request, task: str) -> web.StreamResponse:
                 t.feed(chunk)
         except ApiError as err:
             return _error(err)
-        body, ctype = fmt.render(t, req.response_format, task, words=req.word_timestamps)
+        body, ctype = fmt.render(t, req.response_format, task, words=req.word_timestamps,
+                                 segments=not req.granularities or "segment" in req.granularities)
         return web.Response(body=body, headers={"Content-Type": ctype})
     finally:
         await relay.close()

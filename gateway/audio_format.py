@@ -91,16 +91,19 @@ _SEGMENT_KEYS = ("id", "seek", "start", "end", "text", "tokens", "temperature", 
                  "compression_ratio", "no_speech_prob")
 
 
-def verbose_json(t: Transcript, task: str, words: bool) -> dict[str, Any]:
-    """OpenAI's verbose_json: task, language (a name, as OpenAI reports it), duration, text, segments,
-    and ``words`` (word, start, end) when word timestamps were asked for."""
+def verbose_json(t: Transcript, task: str, words: bool, segments: bool = True) -> dict[str, Any]:
+    """OpenAI's verbose_json: task, language (a name, as OpenAI reports it), duration, text, ``segments``
+    (numbered from 0, as OpenAI's; unless only word timestamps were asked for) and ``words`` (word, start,
+    end) when word timestamps were asked for."""
     doc: dict[str, Any] = {
         "task": task,
         "language": language_name(str(t.info.get("language", ""))),
         "duration": float(t.info.get("duration", 0.0)),
         "text": t.text,
-        "segments": [{k: seg[k] for k in _SEGMENT_KEYS if k in seg} for seg in t.segments],
     }
+    if segments:
+        doc["segments"] = [{**{k: seg[k] for k in _SEGMENT_KEYS if k in seg}, "id": i}
+                           for i, seg in enumerate(t.segments)]
     if words:
         doc["words"] = [{"word": str(w["word"]).strip(), "start": w["start"], "end": w["end"]}
                         for seg in t.segments for w in seg.get("words") or []]
@@ -108,7 +111,8 @@ def verbose_json(t: Transcript, task: str, words: bool) -> dict[str, Any]:
     return doc
 
 
-def render(t: Transcript, response_format: str, task: str, words: bool = False) -> tuple[bytes, str]:
+def render(t: Transcript, response_format: str, task: str, words: bool = False, segments: bool = True
+           ) -> tuple[bytes, str]:
     """The response body and its content type for ``response_format``."""
     if response_format == "text":
         return (t.text + "\n").encode(), "text/plain; charset=utf-8"
@@ -117,7 +121,7 @@ def render(t: Transcript, response_format: str, task: str, words: bool = False) 
     if response_format == "vtt":
         return vtt(t.segments).encode(), "text/vtt; charset=utf-8"
     if response_format == "verbose_json":
-        return _enc.encode(verbose_json(t, task, words)), "application/json"
+        return _enc.encode(verbose_json(t, task, words, segments)), "application/json"
     return _enc.encode({"text": t.text, "usage": _usage(t.info)}), "application/json"
 
 

@@ -175,6 +175,9 @@ def openai_embeddings_response(model: str, vectors: list[list[float]], prompt_to
                                req: EmbedRequest) -> dict[str, Any]:
     data = []
     for i, v in enumerate(vectors):
+        if req.dimensions is not None and req.dimensions > len(v):  # (OpenAI's answer too: a 400)
+            raise ApiError(400, f"invalid dimensions: {req.dimensions} is more than the model's {len(v)}",
+                           param="dimensions")
         v = fit_dimensions(v, req.dimensions)
         data.append({"object": "embedding", "index": i,
                      "embedding": _base64(v) if req.encoding_format == "base64" else v})

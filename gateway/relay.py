@@ -118,13 +118,16 @@ class Relay:
 def backend_error(status: int, body: bytes) -> ApiError:
     """An error answer of llama-server, as an ApiError marked as coming from the backend."""
     message = body.decode(errors="replace").strip() or f"HTTP {status}"
+    code = "backend_error"
     try:
         doc = msgspec.json.decode(body)
         err = doc.get("error") if isinstance(doc, dict) else None
         if isinstance(err, dict) and isinstance(err.get("message"), str):
             message = err["message"]
+            if err.get("type") == "exceed_context_size_error":
+                code = "context_length_exceeded"  # (OpenAI's code for it)
         elif isinstance(err, str):
             message = err
     except msgspec.DecodeError:
         pass
-    return ApiError(status, message, code="backend_error", source="backend")
+    return ApiError(status, message, code=code, source="backend")

@@ -68,8 +68,9 @@ def decode(audio: bytes, sampling_rate: int = 16000) -> Any:
     try:
         samples = decode_audio(io.BytesIO(audio), sampling_rate=sampling_rate)
     except Exception as exc:  # av.error.FFmpegError (InvalidDataError...), or anything else av stumbles on
+        why = getattr(exc, "strerror", None) or str(exc)  # (FFmpeg's words, without its errno)
         raise AudioError("the file is not audio in a format that can be decoded (wav, mp3, ogg, flac, m4a, webm, "
-                         f"...): {type(exc).__name__}: {exc}") from None
+                         f"...): {why}") from None
     if getattr(samples, "size", 0) == 0:
         raise AudioError("the file holds no audio samples")
     return samples

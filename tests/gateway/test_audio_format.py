@@ -109,11 +109,14 @@ def test_verbose_json_segments_without_words() -> None:
     assert set(seg) == {"id", "seek", "start", "end", "text", "tokens", "temperature", "avg_logprob",
                         "compression_ratio", "no_speech_prob"}
     assert (seg["start"], seg["end"], seg["avg_logprob"], seg["tokens"]) == (0.0, 1.62, -0.5, SEG1["tokens"])
-    assert [s["id"] for s in doc["segments"]] == [1, 2]
+    assert [s["id"] for s in doc["segments"]] == [0, 1]  # numbered from 0, as OpenAI's (faster-whisper: from 1)
 
 
 def test_verbose_json_words_flattened_and_stripped() -> None:
     doc = json.loads(fmt.render(transcript(), "verbose_json", "transcribe", words=True)[0])
+    assert "segments" in doc  # words and segments asked for (or no granularity said)
+    assert "segments" not in json.loads(fmt.render(transcript(), "verbose_json", "transcribe", words=True,
+                                                   segments=False)[0])  # words only, as OpenAI answers
     assert doc["words"] == [{"word": "Hello", "start": 0.0, "end": 0.4}, {"word": "world,", "start": 0.4, "end": 0.8},
                             {"word": "this", "start": 1.7, "end": 1.9}]
 

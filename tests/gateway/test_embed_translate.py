@@ -149,3 +149,20 @@ def test_golden_llama_server_embeddings_reply() -> None:
     oa = tr.openai_embeddings_response("e", vectors, tokens, req)
     assert [d["index"] for d in oa["data"]] == [0, 1] and oa["data"][1]["embedding"] == vectors[1]
     assert oa["usage"] == {"prompt_tokens": 7, "total_tokens": 7}
+
+
+def test_openai_dimensions_beyond_the_model_are_a_400() -> None:
+    req = tr.openai_embeddings_request({"model": "m", "input": "a", "dimensions": 3})
+    with pytest.raises(ApiError) as err:
+        tr.openai_embeddings_response("m", [[0.5, 0.25]], 1, req)
+    assert err.value.status == 400 and err.value.param == "dimensions"
+
+
+def test_a_context_overflow_of_the_backend_has_openais_code() -> None:
+    from gateway.relay import backend_error
+
+    body = (b'{"error": {"code": 400, "message": "request (3031 tokens) exceeds the available context size",'
+            b' "type": "exceed_context_size_error", "n_prompt_tokens": 3031, "n_ctx": 2048}}')
+    err = backend_error(400, body)
+    assert err.code == "context_length_exceeded" and err.source == "backend" and "3031 tokens" in err.message
+    assert backend_error(500, b'{"error": {"message": "x", "type": "server_error"}}').code == "backend_error"
