@@ -40,9 +40,14 @@ class EmbedRequest:
     truncate: bool = True
     dimensions: int | None = None
     encoding_format: str = "float"
+    normalize: bool = True  # L2-normalized vectors (Ollama's legacy /api/embeddings: the model's own)
 
     def backend_body(self, model: str, inputs: list[Any] | None = None) -> dict[str, Any]:
-        return {"model": model, "input": self.inputs if inputs is None else inputs, "encoding_format": "float"}
+        body: dict[str, Any] = {"model": model, "input": self.inputs if inputs is None else inputs,
+                                "encoding_format": "float"}
+        if not self.normalize:
+            body["embd_normalize"] = -1  # (llama-server's default is 2: Euclidean)
+        return body
 
 
 def _dimensions(req: dict[str, Any]) -> int | None:
@@ -86,12 +91,13 @@ def ollama_embed_request(req: Any) -> EmbedRequest:
 
 
 def ollama_embeddings_request(req: Any) -> EmbedRequest:
-    """Ollama's legacy ``/api/embeddings``: one ``prompt`` string (empty: just load the model)."""
+    """Ollama's legacy ``/api/embeddings``: one ``prompt`` string (empty: just load the model); its vector is
+    the model's own, not normalized (as Ollama's; ``/api/embed`` normalizes)."""
     req = _object(req)
     prompt = req.get("prompt")
     if prompt is not None and not isinstance(prompt, str):
         raise ApiError(400, "invalid prompt: must be a string", param="prompt")
-    return EmbedRequest([prompt] if prompt else [], True)
+    return EmbedRequest([prompt] if prompt else [], True, normalize=False)
 
 
 def _is_token_list(value: Any) -> bool:

@@ -113,8 +113,14 @@ def test_embed_truncate(system: System) -> None:
 
 
 def test_legacy_embeddings(system: System) -> None:
-    r = ollama.Client(system.ollama_url).embeddings(model=EMBED, prompt="Here is an article about llamas")
+    c = ollama.Client(system.ollama_url)
+    r = c.embeddings(model=EMBED, prompt="Here is an article about llamas")
     assert len(r.embedding) == 576
+    # the model's own vector, as Ollama's legacy endpoint gives it: the same direction as /api/embed's, which
+    # is normalized
+    unit = c.embed(model=EMBED, input="Here is an article about llamas").embeddings[0]
+    assert abs(norm(r.embedding) - 1) > 1e-3
+    assert all(abs(a / norm(r.embedding) - b) < 1e-4 for a, b in zip(r.embedding, unit, strict=True))
 
 
 def test_embed_on_a_chat_model_is_a_clear_400(system: System) -> None:
