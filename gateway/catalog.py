@@ -43,12 +43,14 @@ class ModelEntry:
 
 def capabilities(model: ModelConfig, facts: ModelFacts) -> list[str]:
     """Ollama's capability names: ``completion`` (chat/generate), ``embedding``, ``tools`` (the chat template
-    takes tools)."""
+    takes tools), ``thinking`` (it reasons first)."""
     out = []
     if model.serves_chat:
         out.append("completion")
         if facts.supports_tools:
             out.append("tools")
+        if facts.supports_thinking:
+            out.append("thinking")
     if model.serves_embeddings:
         out.append("embedding")
     return out
@@ -108,3 +110,11 @@ def require_media(config: Config, name: str, kind: str) -> None:
         return
     raise ApiError(400, f'model "{name}" does not take {kind} content parts, only text (its llama-server needs a '
                    "multimodal projector, --mmproj in its extra_args)", code="model_not_supported", param="messages")
+
+
+async def require_thinking(config: Config, name: str) -> None:
+    """Refuse (400, Ollama's words) ``think`` for a model whose chat template does not reason first."""
+    if config.resolve_model(name) is None:
+        return  # (the supervisor's 404)
+    if not (await entry(config, name)).facts.supports_thinking:
+        raise ApiError(400, f'"{name}" does not support thinking', code="model_not_supported", param="think")

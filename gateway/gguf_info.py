@@ -148,6 +148,13 @@ class ModelFacts:
     def supports_tools(self) -> bool:
         return "tools" in self.chat_template
 
+    @property
+    def supports_thinking(self) -> bool:
+        """Does the chat template reason before answering (<think> blocks: Qwen3, DeepSeek-R1; gpt-oss's
+        reasoning effort)?"""
+        tpl = self.chat_template
+        return "<think>" in tpl or "enable_thinking" in tpl or "reasoning_effort" in tpl
+
 
 def human_number(n: int) -> str:
     """Ollama's parameter_size: ``134.52M``, ``8.0B``, ``7B``, ``12K``."""

@@ -100,6 +100,8 @@ async def _generate(request: web.Request, kind: Literal["chat", "generate"]) -> 
         return json_response(tr.load_response(model, kind, "load"))
     catalog.require_capability(request.app[CONFIG], model, "chat")
     breq = tr.chat_to_backend(req) if kind == "chat" else tr.generate_to_backend(req)
+    if tr.thinking_asked(req) not in (None, False):
+        await catalog.require_thinking(request.app[CONFIG], model)
     relay = await open_job(request, model, breq.path, breq.body, breq.stream, keep_alive)
     try:
         if not breq.stream:

@@ -198,6 +198,11 @@ def _common(req: dict[str, Any], body: dict[str, Any], *, tools: bool) -> bool:
     elif not isinstance(stream, bool):
         raise _bad("stream", "must be a boolean")
     parse_keep_alive(req.get("keep_alive"))  # validated here; the gateway reads it for the scheduler
+    think = thinking_asked(req)
+    if think is False:  # (a template without the switch ignores it)
+        body["chat_template_kwargs"] = {"enable_thinking": False}
+    elif isinstance(think, str):  # gpt-oss's levels
+        body["chat_template_kwargs"] = {"reasoning_effort": think}
     body["stream"] = stream
     if stream:
         body["stream_options"] = {"include_usage": True}
@@ -213,6 +218,17 @@ def _common(req: dict[str, Any], body: dict[str, Any], *, tools: bool) -> bool:
             if tool_list:
                 body["tools"] = [_tool(t, i) for i, t in enumerate(tool_list)]
     return stream
+
+
+THINK_LEVELS = ("high", "medium", "low")
+
+
+def thinking_asked(req: dict[str, Any]) -> bool | str | None:
+    """Ollama's ``think``: true/false, or a level ("high", "medium", "low"); None when not given."""
+    think = req.get("think")
+    if think is None or isinstance(think, bool) or think in THINK_LEVELS:
+        return think  # type: ignore[no-any-return]
+    raise _bad("think", f"must be true, false or one of {', '.join(THINK_LEVELS)}")
 
 
 _INT, _FLOAT, _STOP = "int", "float", "stop"

@@ -112,6 +112,15 @@ def test_embed_truncate(system: System) -> None:
     assert err.value.status_code == 400 and "context length" in err.value.error
 
 
+def test_think_on_a_model_that_does_not_reason_is_ollamas_400(system: System) -> None:
+    c = ollama.Client(system.ollama_url)
+    with pytest.raises(ollama.ResponseError) as err:
+        c.chat(model=MODEL, messages=[{"role": "user", "content": "Hi"}], think=True)
+    assert err.value.status_code == 400 and "does not support thinking" in err.value.error
+    r = c.chat(model=MODEL, messages=[{"role": "user", "content": "Hi"}], think=False, options=OPTS)
+    assert r.done and not r.message.thinking
+
+
 def test_legacy_embeddings(system: System) -> None:
     c = ollama.Client(system.ollama_url)
     r = c.embeddings(model=EMBED, prompt="Here is an article about llamas")

@@ -216,6 +216,8 @@ def test_capabilities() -> None:
     assert capabilities(ModelConfig(model_path="x", mode="both"), ModelFacts(chat_template="{{ tools }}")) == [
         "completion", "tools", "embedding"]
     assert capabilities(ModelConfig(model_path="x", mode="embedding"), ModelFacts()) == ["embedding"]
+    qwen3 = "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\n\n</think>' }}"
+    assert capabilities(ModelConfig(model_path="x"), ModelFacts(chat_template=qwen3)) == ["completion", "thinking"]
 
 
 def test_tags_and_show_bodies() -> None:

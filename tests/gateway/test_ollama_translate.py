@@ -960,3 +960,14 @@ def test_feed_sse_decodes_only_the_events_around_the_plain_run(fixture: str, fir
     plain = sum(1 for c in chunks if c["choices"] and not c["choices"][0].get("finish_reason")
                 and (c["choices"][0].get("delta") or {}).get("role") is None)
     assert plain >= 5 and sum(decoded) <= len(chunks) - plain + 1
+
+
+def test_think_is_validated_and_false_switches_thinking_off() -> None:
+    assert "chat_template_kwargs" not in chat_to_backend(chat()).body
+    assert chat_to_backend(chat(think=False)).body["chat_template_kwargs"] == {"enable_thinking": False}
+    assert chat_to_backend(chat(think="high")).body["chat_template_kwargs"] == {"reasoning_effort": "high"}
+    assert "chat_template_kwargs" not in chat_to_backend(chat(think=True)).body
+    for bad in (42, "max", [True]):
+        with pytest.raises(ApiError) as info:
+            chat_to_backend(chat(think=bad))
+        assert info.value.status == 400 and info.value.param == "think"
