@@ -47,6 +47,14 @@ class ApiError(Exception):
         )
 
 
+class ContextOverflow(ApiError):
+    """llama-server refused a prompt of ``prompt_tokens`` for its context of ``ctx`` tokens (0: not said)."""
+
+    def __init__(self, status: int, message: str, prompt_tokens: int, ctx: int) -> None:
+        super().__init__(status, message, code="context_length_exceeded", source="backend")  # (OpenAI's code)
+        self.prompt_tokens, self.ctx = prompt_tokens, ctx
+
+
 def source_tag(err: ApiError) -> str:
     """``"(llama-runner)"`` for the proxy's own errors, ``"(backend)"`` for the backend's."""
     return "(" + _SOURCE_TAGS.get(err.source, err.source or "llama-runner") + ")"

@@ -5,20 +5,22 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import msgspec
+import structlog
 from aiohttp import web
 
 from bus.protocol import GatewayLaunch
 from gateway import audio, catalog, embed_routes, openai_app
 from gateway import ollama_models as om
 from gateway import ollama_translate as tr
-from gateway.errors import ApiError, ollama_error_body, openai_error_body
-from gateway.relay import open_stream
+from gateway.errors import ApiError, ContextOverflow, ollama_error_body, openai_error_body
+from gateway.relay import Relay, open_stream
 from gateway.server import BUS, CONFIG, json_response, make_app, open_job, read_json, started_ns
 from gateway.sse import SSEParser
 
 OLLAMA_VERSION = "0.12.6"
 NDJSON = "application/x-ndjson"
 _enc = msgspec.json.Encoder()
+log = structlog.get_logger()
 
 
 def _ndjson(objs: list[dict[str, Any]]) -> bytes:
@@ -86,6 +88,26 @@ async def generate(request: web.Request) -> web.StreamResponse:
     return await _generate(request, "generate")
 
 
+TRUNCATE_TRIES = 8
+
+
+async def _open_fitting(request: web.Request, model: str, breq: tr.BackendRequest, keep_alive: float | None,
+                        truncate: bool) -> Relay:
+    """Open the job; a chat too long for the model's context loses its oldest messages (``truncate``, Ollama's
+    default) and is sent again, until it fits or only its system messages and latest message are left."""
+    for _ in range(TRUNCATE_TRIES):
+        try:
+            return await open_job(request, model, breq.path, breq.body, breq.stream, keep_alive)
+        except ContextOverflow as err:
+            fewer = tr.drop_oldest(breq.body["messages"], err.prompt_tokens, err.ctx) if truncate else None
+            if fewer is None:
+                raise
+            log.info("chat_truncated", model=model, messages=len(fewer), was=len(breq.body["messages"]),
+                     prompt_tokens=err.prompt_tokens, ctx=err.ctx)
+            breq.body["messages"] = fewer
+    return await open_job(request, model, breq.path, breq.body, breq.stream, keep_alive)
+
+
 async def _generate(request: web.Request, kind: Literal["chat", "generate"]) -> web.StreamResponse:
     req = await read_json(request)
     model = _model(req)
@@ -102,7 +124,8 @@ async def _generate(request: web.Request, kind: Literal["chat", "generate"]) -> 
     breq = tr.chat_to_backend(req) if kind == "chat" else tr.generate_to_backend(req)
     if tr.thinking_asked(req) not in (None, False):
         await catalog.require_thinking(request.app[CONFIG], model)
-    relay = await open_job(request, model, breq.path, breq.body, breq.stream, keep_alive)
+    relay = await _open_fitting(request, model, breq, keep_alive, truncate=kind == "chat" and req.get("truncate")
+                                is not False)
     try:
         if not breq.stream:
             try:

@@ -220,6 +220,27 @@ def _common(req: dict[str, Any], body: dict[str, Any], *, tools: bool) -> bool:
     return stream
 
 
+def drop_oldest(messages: list[dict[str, Any]], prompt_tokens: int, ctx: int) -> list[dict[str, Any]] | None:
+    """A chat too long for the model's context, shortened as Ollama does (``truncate``, its default): system
+    messages and the latest message stay, the oldest others go until the prompt should take at most 90% of the
+    context (estimated by their share of the text; the caller tries again). None: nothing left to drop."""
+    droppable = [i for i, m in enumerate(messages[:-1]) if m.get("role") != "system"]
+    if not droppable or ctx <= 0 or prompt_tokens <= 0:
+        return None
+
+    def size(m: dict[str, Any]) -> int:
+        return len(str(m.get("content") or "")) + len(str(m.get("tool_calls") or "")) + 16
+
+    share = min(1.0, max(prompt_tokens - 0.9 * ctx, 1) / prompt_tokens)
+    goal, dropped, gone = share * sum(size(m) for m in messages), 0, set()
+    for i in droppable:
+        gone.add(i)
+        dropped += size(messages[i])
+        if dropped >= goal:
+            break
+    return [m for i, m in enumerate(messages) if i not in gone]
+
+
 THINK_LEVELS = ("high", "medium", "low")
 
 

@@ -10,7 +10,7 @@ from aiohttp import web
 
 from bus.protocol import Data, End, Fail, Head
 from gateway.bus_client import Channel, GatewayBus
-from gateway.errors import ApiError
+from gateway.errors import ApiError, ContextOverflow
 
 
 def _fail_error(item: Fail) -> ApiError:
@@ -118,16 +118,19 @@ class Relay:
 def backend_error(status: int, body: bytes) -> ApiError:
     """An error answer of llama-server, as an ApiError marked as coming from the backend."""
     message = body.decode(errors="replace").strip() or f"HTTP {status}"
-    code = "backend_error"
     try:
         doc = msgspec.json.decode(body)
         err = doc.get("error") if isinstance(doc, dict) else None
         if isinstance(err, dict) and isinstance(err.get("message"), str):
             message = err["message"]
             if err.get("type") == "exceed_context_size_error":
-                code = "context_length_exceeded"  # (OpenAI's code for it)
+                return ContextOverflow(status, message, _count(err.get("n_prompt_tokens")), _count(err.get("n_ctx")))
         elif isinstance(err, str):
             message = err
     except msgspec.DecodeError:
         pass
-    return ApiError(status, message, code=code, source="backend")
+    return ApiError(status, message, code="backend_error", source="backend")
+
+
+def _count(value: object) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0

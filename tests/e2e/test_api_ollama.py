@@ -112,6 +112,18 @@ def test_embed_truncate(system: System) -> None:
     assert err.value.status_code == 400 and "context length" in err.value.error
 
 
+def test_a_chat_longer_than_the_context_loses_its_oldest_messages(system: System) -> None:
+    """Ollama's truncate (its default): a long conversation still gets an answer; truncate false: a 400."""
+    talk = [{"role": "user" if i % 2 == 0 else "assistant", "content": f"Message {i}: " + "hello world " * 60}
+            for i in range(40)]  # ~5000 tokens, the context is 2048
+    messages = [{"role": "system", "content": "Be brief."}, *talk, {"role": "user", "content": "Say hi."}]
+    r = ollama.Client(system.ollama_url).chat(model=MODEL, messages=messages, options=OPTS)
+    assert r.done and r.prompt_eval_count is not None and r.prompt_eval_count < 2048
+    status, doc, _ = http("POST", system.ollama_url + "/api/chat",
+                          {"model": MODEL, "messages": messages, "truncate": False, "stream": False})
+    assert status == 400 and "context" in doc["error"]
+
+
 def test_think_on_a_model_that_does_not_reason_is_ollamas_400(system: System) -> None:
     c = ollama.Client(system.ollama_url)
     with pytest.raises(ollama.ResponseError) as err:

@@ -971,3 +971,18 @@ def test_think_is_validated_and_false_switches_thinking_off() -> None:
         with pytest.raises(ApiError) as info:
             chat_to_backend(chat(think=bad))
         assert info.value.status == 400 and info.value.param == "think"
+
+
+def test_drop_oldest_keeps_system_and_latest_messages() -> None:
+    from gateway.ollama_translate import drop_oldest
+
+    system = {"role": "system", "content": "be brief"}
+    old = [{"role": "user" if i % 2 == 0 else "assistant", "content": f"{i} " + "x" * 100} for i in range(10)]
+    last = {"role": "user", "content": "and now?"}
+    fewer = drop_oldest([system, *old, last], prompt_tokens=3000, ctx=2048)
+    assert fewer is not None and fewer[0] == system and fewer[-1] == last
+    assert 2 < len(fewer) < 12 and fewer[1:-1] == old[12 - len(fewer):]  # the oldest went, in order
+    # about 40% of the text had to go (3000 tokens to at most 90% of 2048)
+    assert 0.3 < 1 - sum(len(m["content"]) for m in fewer) / sum(len(m["content"]) for m in [system, *old, last])
+    assert drop_oldest([system, last], 3000, 2048) is None  # nothing left to drop
+    assert drop_oldest([system, *old, last], 3000, 0) is None  # (the backend did not say its context)
