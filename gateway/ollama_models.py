@@ -33,10 +33,15 @@ def details(e: ModelEntry) -> dict[str, Any]:
     }
 
 
+def tagged(name: str) -> str:
+    """A model's name as Ollama lists it: with its tag (``:latest`` when the name has none)."""
+    return name if ":" in name else f"{name}:latest"
+
+
 def tags_entry(e: ModelEntry) -> dict[str, Any]:
     return {
-        "name": e.name,
-        "model": e.name,
+        "name": tagged(e.name),
+        "model": tagged(e.name),
         "modified_at": rfc3339(e.mtime),
         "size": e.size,
         "digest": e.digest,
@@ -85,8 +90,8 @@ def ps_entry(e: ModelEntry, worker: WorkerInfo, ttl: float, now: float | None = 
     else:
         expires = now + ttl
     return {
-        "name": e.name,
-        "model": e.name,
+        "name": tagged(e.name),
+        "model": tagged(e.name),
         "size": worker.size_bytes or e.size,
         "digest": e.digest,
         "details": details(e),

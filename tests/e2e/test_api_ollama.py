@@ -35,8 +35,9 @@ def norm(v: list[float]) -> float:
 
 
 def test_list_has_gguf_details(system: System) -> None:
-    models = {m.model: m for m in ollama.Client(system.ollama_url).list().models}
-    assert set(models) == {MODEL, EMBED}
+    listed = ollama.Client(system.ollama_url).list().models
+    assert [m.model for m in listed] == [MODEL + ":latest", EMBED + ":latest"]  # with their tag, as Ollama's
+    models = {(m.model or "").removesuffix(":latest"): m for m in listed}
     d = models[MODEL].details
     assert d is not None
     assert (d.format, d.family, d.parameter_size, d.quantization_level) == ("gguf", "llama", "134.52M", "Q4_1")
@@ -69,7 +70,7 @@ def test_show_unknown_model_is_404(system: System) -> None:
 def test_ps_lists_loaded_models_with_expiry(system: System) -> None:
     c = ollama.Client(system.ollama_url)
     c.generate(model=MODEL, prompt="Hi", options=OPTS, keep_alive="10m")
-    models = {m.model: m for m in c.ps().models}
+    models = {(m.model or "").removesuffix(":latest"): m for m in c.ps().models}
     assert MODEL in models
     m = models[MODEL]
     assert m.size and m.size > 50_000_000 and m.size_vram == 0 and m.context_length == 2048
@@ -80,7 +81,7 @@ def test_ps_lists_loaded_models_with_expiry(system: System) -> None:
     # kept loaded (keep_alive -1): a far-future date, as Ollama shows it (not the model's idle TTL from now)
     c.generate(model=MODEL, prompt="", keep_alive=-1)
     try:
-        kept = {m.model: m for m in c.ps().models}[MODEL]
+        kept = {(m.model or "").removesuffix(":latest"): m for m in c.ps().models}[MODEL]
         assert kept.expires_at is not None and kept.expires_at.year > 2300
     finally:
         c.generate(model=MODEL, prompt="", keep_alive="5m")

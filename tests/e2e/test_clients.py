@@ -40,7 +40,7 @@ def test_ollama_root_and_version(system: System) -> None:
 
 def test_ollama_list_shows_config_names(system: System) -> None:
     names = [m.model for m in ollama.Client(system.ollama_url).list().models]
-    assert names == [MODEL, "smollm2-embed"]
+    assert names == [MODEL + ":latest", "smollm2-embed:latest"]  # tagged, as Ollama lists them
 
 
 def test_ollama_chat_stream_yields_tokens(system: System) -> None:

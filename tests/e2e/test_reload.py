@@ -44,7 +44,7 @@ def reloadable() -> Iterator[tuple[System, dict[str, Any]]]:
 
 
 def names(system: System) -> list[str]:
-    return sorted(m.model for m in ollama.Client(system.ollama_url).list().models)
+    return sorted((m.model or "").removesuffix(":latest") for m in ollama.Client(system.ollama_url).list().models)
 
 
 def test_reload_restarts_only_changed_and_adds_new(reloadable: tuple[System, dict[str, Any]]) -> None:

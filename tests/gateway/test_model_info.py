@@ -261,3 +261,9 @@ def test_gateways_start_without_numpy_or_gguf() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parents[2])
     assert out.stdout.strip() == "[]"
+
+
+def test_ollama_lists_names_with_their_tag() -> None:
+    assert om.tagged("smollm2") == "smollm2:latest" and om.tagged("qwen2.5:7b") == "qwen2.5:7b"
+    e = _entry()
+    assert om.tags_entry(e)["name"] == om.tags_entry(e)["model"] == e.name + ":latest"
