@@ -52,13 +52,18 @@ class Config:
         if not name:
             return self.models.default_model
         candidates = [name]
-        if name.endswith(":latest"):
+        if name.casefold().endswith(":latest"):
             candidates.append(name[: -len(":latest")])
         for cand in candidates:
             if cand in self.models.models:
                 return cand
             for key, model in self.models.models.items():
                 if cand in model.aliases:
+                    return key
+        for cand in candidates:  # then regardless of case, as Ollama matches names ("SmolLM2")
+            folded = cand.casefold()
+            for key, model in self.models.models.items():
+                if folded == key.casefold() or any(folded == a.casefold() for a in model.aliases):
                     return key
         return None
 

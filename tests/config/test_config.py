@@ -72,6 +72,7 @@ def test_resolve_model_names_aliases_and_latest(tmp_path: Path) -> None:
     assert cfg.resolve_model("mm") == "m"
     assert cfg.resolve_model("") == "m"
     assert cfg.resolve_model("other") is None
+    assert cfg.resolve_model("M") == cfg.resolve_model("MM:Latest") == "m"  # regardless of case, as Ollama
     assert cfg.model_path(cfg.models.models["m"]) == cfg.models_root / "m.gguf"
 
 

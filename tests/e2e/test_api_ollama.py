@@ -58,6 +58,8 @@ def test_show_reports_gguf_metadata_and_capabilities(system: System) -> None:
     assert r.modified_at is not None and r.license == "apache-2.0"
     assert "num_ctx" in (r.parameters or "")
     assert c.show(f"{MODEL}:latest").details == r.details
+    assert c.show(MODEL.upper()).details == r.details  # names match regardless of case, as Ollama's
+    assert c.generate(model=MODEL.upper(), prompt="Hi", options=OPTS).done
     assert c.show(EMBED).capabilities == ["embedding"]
 
 
