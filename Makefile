@@ -3,7 +3,7 @@
 #   make run    set up everything, then serve in the foreground   (extra args: ARGS="--ollama-port 11435")
 #   make test   set up everything, then ruff check + mypy + pytest        (extra args: PYTEST_ARGS="-k bus -x")
 #   make setup  .venv from requirements.lock, llama-server build (once per machine), models, dashboard modules
-#   make lint   ruff check + ruff format --check
+#   make lint   ruff check + mypy (the static checks of make test)
 #   make lock   re-resolve requirements.lock from pyproject.toml in a throwaway venv
 #   make clean  remove .venv (the llama-server build and the models stay in the per-user cache)
 
@@ -63,9 +63,9 @@ test-deps:
 	fi
 
 lint: $(DEPS_STAMP)
-	@echo "==> lint: ruff check + ruff format --check"
+	@echo "==> lint: ruff check, mypy (as make test)"
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 
 clean:
 	rm -rf $(VENV)

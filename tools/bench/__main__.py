@@ -34,7 +34,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--cold-runs", type=int, help="cold starts per gateway")
     p.add_argument("--idle-wait", type=float, help="seconds idle before reading RSS")
     p.add_argument(
-        "--out-dir", type=Path, default=ROOT, help="where BENCHMARKS.md/.json go (default: the repo)"
+        "--out-dir", type=Path,
+        help="where BENCHMARKS.md/.json go (default: the repo; a --quick run writes only where this says)",
     )
     p.add_argument("--no-write", action="store_true", help="print only")
     p.add_argument("--baseline", type=Path, help="a previous BENCHMARKS.json: adds a before/after table")
@@ -140,7 +141,10 @@ def main(argv: list[str] | None = None) -> int:
     doc["targets"] = report.targets(doc["results"])
     print(report.console(doc))
     say(f"done in {doc['seconds']} s")
-    if not args.no_write:
+    if args.quick and args.out_dir is None and not args.no_write:  # (the repo's files are full runs)
+        say("quick run: BENCHMARKS.md/.json not written (give --out-dir to keep them)")
+    elif not args.no_write:
+        args.out_dir = args.out_dir or ROOT
         before = json.loads(args.baseline.read_text()) if args.baseline else None
         args.out_dir.mkdir(parents=True, exist_ok=True)
         (args.out_dir / "BENCHMARKS.json").write_text(json.dumps(doc, indent=1, allow_nan=True) + "\n")
