@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import stat
 import threading
 import time
 from pathlib import Path
@@ -354,6 +355,16 @@ class Supervisor:
             self.tcp_metrics.stop()
         self.ctx.term()
         self._proxy_thread.join(2)
+        self._remove_sockets()
+
+    def _remove_sockets(self) -> None:
+        """The run dir's socket files go with the instance (bus sockets; workers' and llama-servers')."""
+        names = [endpoints.CONTROL_SOCK, endpoints.METRICS_IN_SOCK, endpoints.METRICS_SOCK]
+        paths = [self.run_dir / n for n in names] + [*self.run_dir.glob("w-*.sock"), *self.run_dir.glob("l-*.sock")]
+        for path in paths:
+            with contextlib.suppress(OSError):
+                if stat.S_ISSOCK(path.lstat().st_mode):
+                    path.unlink()
         log.info("supervisor_stopped")
 
     # ------------------------------------------------------------------ control socket

@@ -108,8 +108,10 @@ def test_sigterm_shuts_down_cleanly_with_no_orphans() -> None:
     ask(sysm)
     sysm.status()
     tree = {p.pid for p in sysm.descendants()} | sysm.seen_pids
+    assert list(sysm.run_dir.glob("*.sock"))
     assert stop_system(sysm) == 0
     wait_for(lambda: not alive(tree), 10, "no process of the instance left")
+    assert not list(sysm.run_dir.glob("*.sock"))  # its socket files went with it
 
 
 def test_config_error_names_file_and_key(tmp_path) -> None:
