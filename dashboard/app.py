@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,22 @@ log = structlog.get_logger()
 CONTROL: web.AppKey[ControlClient] = web.AppKey("control", ControlClient)
 LAUNCH: web.AppKey[GatewayLaunch] = web.AppKey("launch", GatewayLaunch)
 HUB: web.AppKey[Hub] = web.AppKey("hub", Hub)
+# The endless answers (the live event stream, log tails): ended at shutdown, or the process waits for them.
+STREAMS: web.AppKey[set[asyncio.Task[Any]]] = web.AppKey("streams", set)
+
+
+@contextlib.contextmanager
+def _endless(request: web.Request) -> Iterator[None]:
+    """Mark the running handler as an endless stream: the app's shutdown cancels it (the handler then ends
+    its answer and returns)."""
+    task = asyncio.current_task()
+    streams = request.app[STREAMS]
+    if task is not None:
+        streams.add(task)
+    try:
+        yield
+    finally:
+        streams.discard(task)  # type: ignore[arg-type]
 TOKEN: web.AppKey[str | None] = web.AppKey("token")
 HTTP: web.AppKey[aiohttp.ClientSession] = web.AppKey("http", aiohttp.ClientSession)
 PROM: web.AppKey[dict[str, Any]] = web.AppKey("prom")  # {"registry": ...} from the first scrape on
@@ -140,7 +157,13 @@ async def reload(request: web.Request) -> web.Response:
 
 # --------------------------------------------------------------------------- live
 async def events(request: web.Request) -> web.StreamResponse:
-    """SSE: a snapshot, then the bus (the listener is registered before the status is asked for)."""
+    """SSE: a snapshot, then the bus (the listener is registered before the status is asked for); ended by the
+    client, or at shutdown."""
+    with _endless(request):
+        return await _events(request)
+
+
+async def _events(request: web.Request) -> web.StreamResponse:
     hub = request.app[HUB]
     await hub.ready.wait()
     q = hub.listen()
@@ -176,7 +199,8 @@ async def logs(request: web.Request) -> web.StreamResponse:
         return web.json_response({"error": str(exc)}, status=503)
     if name not in {w.name for w in st.workers}:  # only names the supervisor knows become file names
         return web.json_response({"error": f"unknown model {name!r}"}, status=404)
-    return await logtail.tail(request, Path(request.app[LAUNCH].logs_dir), name)
+    with _endless(request):
+        return await logtail.tail(request, Path(request.app[LAUNCH].logs_dir), name)
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -213,7 +237,8 @@ async def models(request: web.Request) -> web.Response:
         with contextlib.suppress(OSError):
             size = path.stat().st_size
         out.append({
-            "name": name, "type": m.type, "model_path": str(path), "exists": path.exists(), "size_bytes": size,
+            "name": name, "type": m.type, "mode": m.mode, "chat": m.serves_chat,
+            "model_path": str(path), "exists": path.exists(), "size_bytes": size,
             "aliases": list(m.aliases), "parameters": msgspec.to_builtins(m.parameters),
             "idle_ttl_s": m.idle_ttl_s if m.idle_ttl_s is not None else config.app.limits.idle_ttl_s,
             "default": name == config.models.default_model, "preload": name in config.models.preload,
@@ -321,6 +346,7 @@ def build(launch: GatewayLaunch, token: str | None = None) -> web.Application:
     app[CONTROL] = ControlClient(launch.run_dir, zmq.asyncio.Context.instance())
     hub = app[HUB] = Hub(launch.run_dir)
     app[PROM] = {}
+    app[STREAMS] = set()
 
     async def seed() -> None:  # the supervisor's view, for a scrape that comes before any browser
         with contextlib.suppress(Exception):
@@ -343,7 +369,13 @@ def build(launch: GatewayLaunch, token: str | None = None) -> web.Application:
         with contextlib.suppress(Exception):
             await app[CONTROL].close()
 
+    async def on_shutdown(_: web.Application) -> None:  # (before aiohttp waits for the handlers under way)
+        streams: set[asyncio.Task[Any]] = app[STREAMS]
+        for t in list(streams):
+            t.cancel()
+
     app.on_startup.append(on_startup)
+    app.on_shutdown.append(on_shutdown)
     app.on_cleanup.append(on_cleanup)
     r = app.router
     r.add_get("/", index)

@@ -76,7 +76,8 @@ function connect() {
 
 async function refreshStatus() {
   const r = await fetch("/api/status");
-  if (r.ok) apply({ type: "snapshot", ...(await r.json()), gateways: [], system: store.system });
+  // (type last: the status reply carries its own "type", which must not win)
+  if (r.ok) apply({ ...(await r.json()), type: "snapshot", gateways: [], system: store.system });
 }
 
 // ----------------------------------------------------------------------------- API
@@ -357,9 +358,22 @@ const ChatView = {
     </div>
   </div>`,
   setup() {
-    const names = computed(() => Object.values(store.workers).filter((w) => w.kind !== "whisper").map((w) => w.name).sort());
+    // the models that chat (from the config: embedding-only ones are left out), the default model first chosen
+    const catalog = ref(null);
+    async function loadCatalog() {
+      try { const r = await fetch("/api/models"); if (r.ok) catalog.value = (await r.json()).models; } catch (_) { /* offline */ }
+    }
+    onMounted(loadCatalog);
+    watch(() => Object.keys(store.workers).join(","), loadCatalog);  // models added or removed by a reload
+    const names = computed(() => (catalog.value
+      ? catalog.value.filter((m) => m.chat).map((m) => m.name)
+      : Object.values(store.workers).filter((w) => w.kind !== "whisper").map((w) => w.name)).sort());
     const model = ref("");
-    watch(names, (n) => { if (!model.value && n.length) model.value = n[0]; }, { immediate: true });
+    watch([names, catalog], () => {
+      if (model.value && names.value.includes(model.value)) return;
+      const preferred = (catalog.value || []).find((m) => m.default && m.chat);
+      model.value = preferred ? preferred.name : (names.value[0] || "");
+    }, { immediate: true });
     const text = ref("");
     const busy = ref(false);
     const messages = ref([]);

@@ -150,3 +150,26 @@ def test_reload_error_is_shown_not_thrown(page: Any, two_models: System) -> None
     page.wait_for_selector('[data-field="live"]:has-text("live")', timeout=15000)
     page.click('[data-action="reload"]')
     page.wait_for_selector(".el-message", timeout=15000)  # success or a readable error, never a crash
+
+
+def test_a_reload_shows_at_once_and_the_chat_offers_chat_models_only(page: Any, two_models: System) -> None:
+    """A model added by a reload appears without reloading the page (the status reply's own "type" used to win
+    over "snapshot" and the refresh was dropped); the chat box offers models that chat, the default chosen."""
+    cfg = two_models.config_dir / "models_config.json"
+    original = cfg.read_text()
+    doc = json.loads(original)
+    doc["models"]["aaa-embed"] = {**doc["models"][MODEL_A], "mode": "embedding"}  # (sorts first; not loaded)
+    page.wait_for_selector('[data-field="live"]:has-text("live")', timeout=15000)
+    cfg.write_text(json.dumps(doc))
+    try:
+        page.click('[data-action="reload"]')
+        page.wait_for_selector(_cell("aaa-embed", "state"), timeout=15000)
+        page.click("#tab-chat")
+        page.wait_for_selector(f'[data-field="chat-model"]:has-text("{MODEL_A}")', timeout=15000)
+        page.click('[data-field="chat-model"]')
+        page.wait_for_selector(".el-select-dropdown__item", timeout=15000)
+        offered = {t.strip() for t in page.locator(".el-select-dropdown__item").all_inner_texts()}
+        assert offered == {MODEL_A, MODEL_B}, offered
+    finally:
+        cfg.write_text(original)
+        two_models.cli("reload")

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import openai
 import psutil
@@ -112,6 +113,27 @@ def test_sigterm_shuts_down_cleanly_with_no_orphans() -> None:
     assert stop_system(sysm) == 0
     wait_for(lambda: not alive(tree), 10, "no process of the instance left")
     assert not list(sysm.run_dir.glob("*.sock"))  # its socket files went with it
+
+
+def test_a_dashboard_page_left_open_does_not_hold_up_a_shutdown() -> None:
+    """The live event stream and a log tail never end by themselves: a stop ends them (it waited for them until
+    the supervisor killed the dashboard after its grace, and a dashboard orphaned by a supervisor killed -9
+    stayed alive as long as the page)."""
+    import httpx
+
+    sysm = start_system()
+    base = f"http://127.0.0.1:{sysm.dashboard_port}"
+    with httpx.Client(timeout=30) as c, c.stream("GET", base + "/api/events") as live, \
+            c.stream("GET", base + "/api/logs/smollm2") as tail:
+        assert live.status_code == 200 and tail.status_code == 200
+        next(live.iter_lines())
+        tree = {p.pid for p in sysm.descendants()} | sysm.seen_pids
+        t0 = time.monotonic()
+        assert stop_system(sysm) == 0
+        took = time.monotonic() - t0
+    wait_for(lambda: not alive(tree), 10, "no process of the instance left")
+    assert took < 4, f"shutdown took {took:.1f}s with a page open"
+    assert "kill_after_grace" not in sysm.logs()
 
 
 def test_config_error_names_file_and_key(tmp_path) -> None:
