@@ -240,10 +240,28 @@ def _running_instance(args: argparse.Namespace, sock: str) -> Path | None:
         except ConfigError:
             config = None
     run_dir = _run_dir(args, config)
-    if not (run_dir / sock).exists():
+    if not (run_dir / sock).exists() or not _supervisor_alive(run_dir):
         print(f"llama-runner: no running instance in {run_dir} (start one with `llama-runner up`)", file=sys.stderr)
         return None
     return run_dir
+
+
+def _supervisor_alive(run_dir: Path) -> bool:
+    """Is the supervisor of ``run_dir`` running? (A supervisor killed -9 leaves its files behind: a client then
+    waited for an answer that never comes.) Unknown (no pid file): assumed so."""
+    try:
+        pid = int((run_dir / endpoints.SUPERVISOR_PID).read_text().strip())
+    except FileNotFoundError:
+        return True
+    except (OSError, ValueError):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _client(args: argparse.Namespace) -> int:

@@ -99,6 +99,11 @@ def test_supervisor_kill_9_leaves_no_process_behind() -> None:
         sysm.proc.kill()
         sysm.proc.wait()
         wait_for(lambda: not alive(tree | sysm.seen_pids), 15, "every child gone after kill -9 of the supervisor")
+        # its socket files are left behind: the CLI tells at once that nothing runs there (it waited 30 s for an
+        # answer; `metrics` forever)
+        for args in (("status",), ("metrics", "--count", "1")):
+            out = sysm.cli(*args, timeout=10)
+            assert out.returncode == 1 and "no running instance" in out.stderr, out
     finally:
         if sysm.proc.poll() is None:
             stop_system(sysm)
