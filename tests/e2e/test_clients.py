@@ -140,4 +140,3 @@ def test_openai_bad_json_is_400(system: System) -> None:
 def test_alias_is_served_under_its_own_name(system: System) -> None:
     r = client(system).chat.completions.create(model="smollm2-135m-instruct", messages=MSG, max_tokens=4)
     assert r.model == "smollm2-135m-instruct"
-
