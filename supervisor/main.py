@@ -119,9 +119,8 @@ class Supervisor:
         self.workers: dict[str, WorkerManager] = {}
         self.processes: list[ManagedProcess] = []
         self._tasks: set[asyncio.Task[Any]] = set()
-        limits = config.app.limits
-        self.policy = Policy(grace_s=limits.shutdown_grace_s, backoff_s=limits.restart_backoff_s,
-                             backoff_max_s=limits.restart_backoff_max_s, max_failures=limits.max_restarts)
+        self.policy = Policy()  # (one, shared by every worker's manager: a reload changes it in place)
+        self._apply_limits(config)
         self.llama_server = runtime.find_llama_server(config.app.llama_server_path)
         self.scheduler: Scheduler | None = None
         self._idents: dict[bytes, int] = {}  # control socket identity -> pid of a gateway/dashboard
@@ -213,13 +212,11 @@ class Supervisor:
         self.scheduler.max_loaded = new.app.limits.max_loaded_models
         self.scheduler.max_keep_alive = new.app.limits.max_keep_alive_s
         self.scheduler.memory_budget = new.app.limits.memory_budget_bytes
+        self._apply_limits(new)
         for name in plan.added:
             self._add_worker(new_launches[name])
         for name in plan.changed:
-            mgr = self.workers[name]
-            mgr.launch = new_launches[name]
-            if mgr.state not in (WorkerState.STOPPED, WorkerState.FATAL):
-                mgr.restart()
+            self._track(self._drain_and_restart(name, new_launches[name]))
         for name in plan.removed:
             self._track(self._drain_and_remove(name))
         self.publish(endpoints.TOPIC_STATE + "config/", ConfigReloaded(
@@ -227,12 +224,34 @@ class Supervisor:
         log.info("config_reloaded", summary=plan.summary())
         return plan.summary()
 
-    async def _drain_and_remove(self, name: str) -> None:
-        mgr = self.workers[name]
+    def _apply_limits(self, config: Config) -> None:
+        limits = config.app.limits
+        p = self.policy
+        p.grace_s, p.backoff_s = limits.shutdown_grace_s, limits.restart_backoff_s
+        p.backoff_max_s, p.max_failures = limits.restart_backoff_max_s, limits.max_restarts
+
+    async def _drain(self, name: str) -> None:
+        """Until the requests under way on ``name`` are done (at most the request timeout)."""
         assert self.scheduler is not None
         deadline = time.monotonic() + self.config.app.limits.request_timeout_s
         while self.scheduler.leases(name) > 0 and time.monotonic() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.2)
+
+    async def _drain_and_restart(self, name: str, launch: WorkerLaunch) -> None:
+        """A model whose settings changed: its requests under way finish, then it restarts with the new ones."""
+        mgr = self.workers[name]
+        mgr.launch = launch
+        if mgr.state in (WorkerState.STOPPED, WorkerState.FATAL):
+            return  # (its next start uses them)
+        await self._drain(name)
+        if self.workers.get(name) is not mgr or mgr.launch is not launch:
+            return  # (removed, or changed again, meanwhile)
+        if mgr.state not in (WorkerState.STOPPED, WorkerState.FATAL):  # (not unloaded meanwhile)
+            mgr.restart()
+
+    async def _drain_and_remove(self, name: str) -> None:
+        mgr = self.workers[name]
+        await self._drain(name)
         await mgr.stop()
         if self.workers.get(name) is mgr:
             del self.workers[name]

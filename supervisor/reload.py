@@ -19,10 +19,11 @@ class ReloadPlan:
     changed: list[str] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
     needs_restart: list[str] = field(default_factory=list)  # app keys that changed but are not hot
+    settings: list[str] = field(default_factory=list)  # app keys that changed and apply now (limits...)
 
     def summary(self) -> str:
         parts = [f"{k}: {', '.join(v)}" for k, v in (("added", self.added), ("changed", self.changed),
-                                                       ("removed", self.removed)) if v]
+                                                       ("removed", self.removed), ("settings", self.settings)) if v]
         if self.needs_restart:
             parts.append(f"needs a restart of llama-runner to apply: {', '.join(self.needs_restart)}")
         return "; ".join(parts) or "no change"
@@ -38,7 +39,7 @@ def plan(old: Config, new: Config, old_launches: dict[str, WorkerLaunch],
                 launch, supervisor_pid=0):
             p.changed.append(name)
     p.removed = [n for n in old_launches if n not in new_launches]
-    for key in RESTART_ONLY:
-        if getattr(old.app, key) != getattr(new.app, key):
-            p.needs_restart.append(key)
+    for key in msgspec.structs.fields(new.app):
+        if getattr(old.app, key.name) != getattr(new.app, key.name):
+            (p.needs_restart if key.name in RESTART_ONLY else p.settings).append(key.name)
     return p

@@ -85,6 +85,34 @@ def test_removed_model_is_drained_then_stopped(reloadable: tuple[System, dict[st
     assert err.value.status_code == 404
 
 
+def test_a_changed_model_finishes_its_stream_then_restarts(reloadable: tuple[System, dict[str, Any]]) -> None:
+    system, base = reloadable
+    write_models(system, {A: base, B: base})
+    assert system.cli("reload").returncode == 0
+    ollama.Client(system.ollama_url, timeout=120).generate(model=B, prompt="", keep_alive="10m")
+    pb = system.worker(B)["pid"]
+    s = Stream(system, B, "ollama", 60)
+    s.start()
+    s.wait_streaming()
+    write_models(system, {A: base, B: {**base, "parameters": {**base["parameters"], "ctx_size": 1536}}})
+    out = system.cli("reload")
+    assert out.returncode == 0 and "changed: " + B in out.stdout, out
+    s.join(120)
+    assert s.error is None and s.done, s.error  # the stream under way was let finish (it was cut at once)
+    wait_for(lambda: system.worker(B)["state"] == "ready" and system.worker(B)["pid"] != pb, 60,
+             "B restarted with its new settings")
+
+
+def test_limits_apply_at_a_reload(reloadable: tuple[System, dict[str, Any]]) -> None:
+    system, _ = reloadable
+    app_file = system.config_dir / "app_config.json"
+    app = json.loads(app_file.read_text())
+    app["limits"] = {**app.get("limits", {}), "max_restarts": 2, "restart_backoff_s": 0.2}
+    app_file.write_text(json.dumps(app))
+    out = system.cli("reload")
+    assert out.returncode == 0 and "settings: limits" in out.stdout, out  # (it said "no change")
+
+
 def test_bad_config_is_refused_and_the_old_one_kept(reloadable: tuple[System, dict[str, Any]]) -> None:
     system, base = reloadable
     write_models(system, {A: {**base, "parameters": {"threads": "many"}}})

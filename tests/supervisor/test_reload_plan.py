@@ -1,0 +1,40 @@
+"""What a config reload changes (supervisor/reload.py) and the restart policy it applies at once."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from config.loader import Config, load_config
+from supervisor.main import Supervisor
+from supervisor.reload import plan
+
+MODELS = {"default_model": "m", "models": {"m": {"model_path": "m.gguf"}}}
+
+
+def config(tmp: Path, app: dict[str, object]) -> Config:
+    (tmp / "app_config.json").write_text(json.dumps(app))
+    (tmp / "models_config.json").write_text(json.dumps(MODELS))
+    return load_config(tmp)
+
+
+def test_settings_that_apply_now_and_those_that_need_a_restart(tmp_path: Path) -> None:
+    old = config(tmp_path, {})
+    new = config(tmp_path, {"limits": {"max_restarts": 2}, "proxies": {"ollama": {"port": 11999}}})
+    p = plan(old, new, {}, {})
+    assert p.settings == ["limits"] and p.needs_restart == ["proxies"]
+    assert "settings: limits" in p.summary() and "needs a restart" in p.summary()
+    assert plan(old, old, {}, {}).summary() == "no change"
+
+
+async def test_a_reload_changes_the_restart_policy_every_worker_shares(tmp_path: Path) -> None:
+    sup = Supervisor(config(tmp_path, {}), tmp_path / "run", tmp_path / "logs")
+    try:
+        shared = sup.policy
+        limits = {"max_restarts": 2, "restart_backoff_s": 0.25, "restart_backoff_max_s": 3.0, "shutdown_grace_s": 1.5}
+        sup._apply_limits(config(tmp_path, {"limits": limits}))
+        assert sup.policy is shared  # (the managers hold this object)
+        assert (shared.max_failures, shared.backoff_s, shared.backoff_max_s, shared.grace_s) == (2, 0.25, 3.0, 1.5)
+    finally:
+        sup.ctx.term()
+
