@@ -175,8 +175,9 @@ class LlamaWorker(WorkerBus):
                 self.slots.release()
         except asyncio.CancelledError as exc:
             reason = exc.args[0] if exc.args else ""
-            if isinstance(reason, str) and reason.count("|") >= 2:
+            if isinstance(reason, str) and reason.count("|") >= 2:  # (stopped by us: not the client's doing)
                 status, code, message = reason.split("|", 2)
+                self.stats.finished(rid, int(status), "error")
                 self.send_item(ident, Fail(request_id=rid, status=int(status), code=code, message=message))
         except Exception as exc:  # never let one request take the worker down
             self.errors_total += 1

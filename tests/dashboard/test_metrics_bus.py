@@ -154,3 +154,39 @@ def test_prometheus_endpoint_has_the_same_figures(two_models: System) -> None:
     assert samples.get(("llama_runner_gateway_requests_total", (("protocol", "openai"),)), 0) >= 1
     assert samples[("llama_runner_system_memory_total_bytes", ())] > 0
     assert all(name.startswith("llama_runner_") for name, _ in samples)
+
+
+def test_a_request_cut_by_a_restart_is_an_error_not_a_cancellation(two_models: System) -> None:
+    """The operator's restart ended it (the client got a 503 error): not 499 'cancelled', the client's doing."""
+    import contextlib
+
+    from tests.dashboard.conftest import MODEL_B
+
+    proc = subprocess.Popen([sys.executable, "-m", "supervisor", "metrics", "--run-dir", str(two_models.run_dir),
+                             "--topic", "request/", "--topic", "metrics/"], cwd=ROOT, stdout=subprocess.PIPE,
+                            text=True)
+    try:
+        lines = Lines(proc)
+        lines.until(lambda e: e["type"] in ("system_metrics", "worker_metrics"), 15, "a first event")
+
+        def long_chat() -> None:
+            body = json.dumps({"model": MODEL_B, "stream": True, "max_tokens": 1000, "messages": [
+                {"role": "user", "content": "Write a long story about a fox who lives in a forest."}]}).encode()
+            req = urllib.request.Request(two_models.openai_url + "/chat/completions", data=body,
+                                         headers={"Content-Type": "application/json"})
+            with contextlib.suppress(Exception), urllib.request.urlopen(req, timeout=120) as resp:  # (cut short)
+                resp.read()
+
+        t = threading.Thread(target=long_chat, daemon=True)
+        t.start()
+        lines.until(lambda e: e["type"] == "request" and e["model"] == MODEL_B and e["phase"] == "first_token",
+                    60, "the stream under way")
+        assert two_models.cli("restart", MODEL_B).returncode == 0
+        done = lines.until(lambda e: e["type"] == "request" and e["model"] == MODEL_B and e["phase"] == "finished",
+                           30, "its end")
+        assert (done["status"], done["outcome"]) == (503, "error"), done
+        t.join(60)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        wait_for(lambda: two_models.worker(MODEL_B)["state"] == "ready", 60, "B ready again")
