@@ -128,14 +128,18 @@ def test_a_dashboard_page_left_open_does_not_hold_up_a_shutdown() -> None:
 
     sysm = start_system()
     base = f"http://127.0.0.1:{sysm.dashboard_port}"
-    with httpx.Client(timeout=30) as c, c.stream("GET", base + "/api/events") as live, \
-            c.stream("GET", base + "/api/logs/smollm2") as tail:
-        assert live.status_code == 200 and tail.status_code == 200
-        next(live.iter_lines())
-        tree = {p.pid for p in sysm.descendants()} | sysm.seen_pids
-        t0 = time.monotonic()
-        assert stop_system(sysm) == 0
-        took = time.monotonic() - t0
+    try:
+        with httpx.Client(timeout=30) as c, c.stream("GET", base + "/api/events") as live, \
+                c.stream("GET", base + "/api/logs/smollm2") as tail:
+            assert live.status_code == 200 and tail.status_code == 200
+            next(live.iter_lines())
+            tree = {p.pid for p in sysm.descendants()} | sysm.seen_pids
+            t0 = time.monotonic()
+            assert stop_system(sysm) == 0
+            took = time.monotonic() - t0
+    finally:
+        if sysm.proc.poll() is None:
+            stop_system(sysm)
     wait_for(lambda: not alive(tree), 10, "no process of the instance left")
     assert took < 4, f"shutdown took {took:.1f}s with a page open"
     assert "kill_after_grace" not in sysm.logs()
