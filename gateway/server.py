@@ -19,7 +19,7 @@ from config.schema import ProxyConfig
 from gateway import metrics as gateway_metrics
 from gateway import request_limits, security
 from gateway.bus_client import GatewayBus
-from gateway.errors import ApiError
+from gateway.errors import ApiError, ollama_error_body
 from gateway.relay import Relay, backend_error
 
 log = structlog.get_logger()
@@ -66,7 +66,10 @@ RETRY_AFTER_S = 1  # told to clients on 429 / 503 (overloaded, loading, supervis
 
 
 def error_response(shape: ErrorShape, err: ApiError) -> web.Response:
-    resp = json_response(shape(err), err.status)
+    status = err.status
+    if status == 429 and shape is ollama_error_body:  # (Ollama answers a full queue 503, "server busy")
+        status = 503
+    resp = json_response(shape(err), status)
     if err.status in (429, 503):
         resp.headers["Retry-After"] = str(RETRY_AFTER_S)
     return resp
