@@ -25,6 +25,11 @@ class AudioError(ValueError):
     """The upload is not audio that can be transcribed (not decodable, empty, no samples): the client's fault."""
 
 
+class BadLanguage(AudioError):
+    """A language the model does not speak was asked for (an English-only model: faster-whisper would
+    silently transcribe in English instead)."""
+
+
 class Cancelled(Exception):
     """The job was cancelled between two segments."""
 
@@ -124,6 +129,10 @@ def transcribe(model: Any, job: TranscribeJob, params: WhisperParams, emit: Call
     """Decode ``job.audio`` and transcribe it, calling ``emit`` with the info line, then one line per segment
     as it is decoded. Checks ``cancelled`` before decoding each segment (raises Cancelled). Returns the number
     of tokens decoded. Blocking: run it in a thread."""
+    inner = getattr(model, "model", None)
+    if job.language and job.language != "en" and not getattr(inner, "is_multilingual", True):
+        raise BadLanguage(f"this model transcribes English only, not {job.language!r} (use a multilingual "
+                          "whisper model, one without '.en')")
     sampling_rate = getattr(getattr(model, "feature_extractor", None), "sampling_rate", 16000)
     samples = decode(job.audio, sampling_rate)
     if cancelled():

@@ -195,7 +195,8 @@ class WhisperWorker(WorkerBus):
         except engine.AudioError as exc:
             self.errors_total += 1
             status, outcome = 400, "error"
-            self.send_item(j.ident, Fail(request_id=rid, status=400, code="invalid_audio", message=str(exc)))
+            code = "unsupported_language" if isinstance(exc, engine.BadLanguage) else "invalid_audio"
+            self.send_item(j.ident, Fail(request_id=rid, status=400, code=code, message=str(exc)))
         except Exception as exc:  # never let one request take the worker down
             self.errors_total += 1
             status, outcome = 500, "error"

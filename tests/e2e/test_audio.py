@@ -176,6 +176,9 @@ def test_missing_file_and_bad_fields_are_400(system: System, speech: dict[str, P
     assert status == 400 and body["error"]["param"] == "response_format", body
     status, body = post_form(url, {"model": MODEL, "language": "klingon"}, ("a.wav", b"RIFF"))
     assert status == 400 and body["error"]["param"] == "language", body
+    # a real language the English-only model does not speak (faster-whisper would transcribe English silently)
+    status, body = post_form(url, {"model": MODEL, "language": "fr"}, ("a.wav", speech["hello"].read_bytes()))
+    assert status == 400 and body["error"]["param"] == "language" and "English only" in body["error"]["message"]
     req = urllib.request.Request(url, data=b'{"model": "whisper-1"}', method="POST",
                                  headers={"Content-Type": "application/json"})
     with pytest.raises(urllib.error.HTTPError) as err:
