@@ -215,10 +215,10 @@ const WorkersView = {
       <el-table-column label="actions" fixed="right" width="330">
         <template #default="{ row }">
           <el-button-group>
-            <el-button size="small" :data-model="row.name" data-action="start" @click="act(row.name, 'start')">start</el-button>
-            <el-button size="small" :data-model="row.name" data-action="stop" @click="act(row.name, 'stop')">stop</el-button>
+            <el-button size="small" :data-model="row.name" data-action="start" :disabled="['ready', 'starting', 'stopping'].includes(row.state)" @click="act(row.name, 'start')">start</el-button>
+            <el-button size="small" :data-model="row.name" data-action="stop" :disabled="row.state === 'stopped'" @click="act(row.name, 'stop')">stop</el-button>
             <el-button size="small" type="warning" :data-model="row.name" data-action="restart" @click="act(row.name, 'restart')">restart</el-button>
-            <el-button size="small" :data-model="row.name" data-action="unload" @click="act(row.name, 'unload')">unload</el-button>
+            <el-button size="small" :data-model="row.name" data-action="unload" :disabled="row.state === 'stopped'" @click="act(row.name, 'unload')">unload</el-button>
             <el-button size="small" type="info" plain :data-model="row.name" data-action="logs" @click="showLog(row.name)">log</el-button>
           </el-button-group>
         </template>

@@ -173,3 +173,10 @@ def test_a_reload_shows_at_once_and_the_chat_offers_chat_models_only(page: Any, 
     finally:
         cfg.write_text(original)
         two_models.cli("reload")
+
+
+def test_actions_that_do_not_apply_to_a_state_are_disabled(page: Any, two_models: System) -> None:
+    page.wait_for_selector(_cell(MODEL_A, "state") + '[data-state="ready"]', timeout=15000)
+    assert page.is_disabled(f'[data-model="{MODEL_A}"][data-action="start"]')  # ready: already started
+    assert page.is_enabled(f'[data-model="{MODEL_A}"][data-action="stop"]')
+    assert page.is_enabled(f'[data-model="{MODEL_A}"][data-action="restart"]')
