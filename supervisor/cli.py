@@ -110,6 +110,10 @@ def _discover(args: argparse.Namespace) -> int:
 
     config = _load(args)
     root = Path(args.models_root) if args.models_root else config.models_root
+    if not root.expanduser().is_dir():
+        print(f"llama-runner: the models root {root} is not a directory (--models-root, or models_root in "
+              "app_config.json)", file=sys.stderr)
+        return 1
     added = discover(config.config_dir / MODELS_FILE, root, write=not args.dry_run)
     for f in added:
         print(f"{'would add' if args.dry_run else 'added'} {f.kind} model {f.name!r}: {f.path}")

@@ -32,7 +32,13 @@ def _usable_gguf(path: Path) -> bool:
     if not name.endswith(".gguf") or name.startswith("mmproj"):
         return False
     m = SHARD.search(name)
-    return m is None or m.group(1) == "00001"  # a split model is loaded from its first shard
+    if m is not None and m.group(1) != "00001":  # a split model is loaded from its first shard
+        return False
+    try:
+        with path.open("rb") as f:
+            return f.read(4) == b"GGUF"  # (a file named .gguf that is not one is no model)
+    except OSError:
+        return False
 
 
 def scan(root: Path, max_depth: int = 4) -> list[tuple[str, Path]]:

@@ -21,6 +21,7 @@ def make_tree(root: Path) -> None:
     (root / "sub" / "big-00002-of-00002.gguf").write_bytes(b"GGUF")
     (root / "sub" / "mmproj-vision.gguf").write_bytes(b"GGUF")
     (root / "notes.txt").write_text("x")
+    (root / "not-a-model.gguf").write_text("<html>a failed download</html>")  # named so, not a GGUF file
     w = root / "whisper-small"
     w.mkdir()
     for f in ("model.bin", "config.json", "tokenizer.json"):
@@ -85,3 +86,14 @@ def test_discover_command(tmp_path: Path) -> None:
     assert json.loads((cfg / "models_config.json").read_text()) == {}
     out = subprocess.run(run, capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert out.returncode == 0 and "added llama model" in out.stdout, out.stderr
+
+
+def test_discover_on_a_missing_root_says_so(tmp_path: Path) -> None:
+    cfg = tmp_path / "cfg"
+    cfg.mkdir()
+    (cfg / "app_config.json").write_text("{}")
+    (cfg / "models_config.json").write_text("{}")
+    out = subprocess.run([sys.executable, "-m", "supervisor", "discover", "--config-dir", str(cfg),
+                          "--models-root", str(tmp_path / "nowhere")], capture_output=True, text=True, cwd=ROOT,
+                         timeout=60)
+    assert out.returncode == 1 and "not a directory" in out.stderr
