@@ -41,8 +41,9 @@ def runtime() -> dict[str, Any]:
 
 
 def model_object(e: ModelEntry, loaded: bool) -> dict[str, Any]:
-    """One model as ``/api/v0/models`` lists it."""
-    return {
+    """One model as ``/api/v0/models`` lists it: ``max_context_length`` is the model's (trained),
+    ``loaded_context_length`` the one it runs with (clients budget their prompts on it)."""
+    out: dict[str, Any] = {
         "id": e.name,
         "object": "model",
         "type": "embeddings" if e.config.mode == "embedding" else "llm",
@@ -53,6 +54,10 @@ def model_object(e: ModelEntry, loaded: bool) -> dict[str, Any]:
         "state": "loaded" if loaded else "not-loaded",
         "max_context_length": e.facts.context_length or e.ctx_size,
     }
+    if loaded:
+        out["loaded_context_length"] = e.ctx_size
+    out["capabilities"] = ["tool_use"] if "tools" in e.capabilities else []
+    return out
 
 
 def stop_reason(finish_reason: Any) -> str:

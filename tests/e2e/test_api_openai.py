@@ -172,7 +172,7 @@ def test_v0_models(system: System) -> None:
     m = by_id[MODEL]
     assert m == {"id": MODEL, "object": "model", "type": "llm", "publisher": "HuggingFaceTB", "arch": "llama",
                  "compatibility_type": "gguf", "quantization": "Q4_1", "state": "loaded",
-                 "max_context_length": 8192}
+                 "max_context_length": 8192, "loaded_context_length": 2048, "capabilities": []}
     assert by_id[EMBED]["type"] == "embeddings"
     status, one, _ = http("GET", base(system) + f"/api/v0/models/{MODEL}")
     assert status == 200 and one == m

@@ -76,9 +76,10 @@ def _entry(mode: str = "chat") -> ModelEntry:
 def test_v0_model_object() -> None:
     assert lmstudio.model_object(_entry(), loaded=True) == {
         "id": "m", "object": "model", "type": "llm", "publisher": "HuggingFaceTB", "arch": "llama",
-        "compatibility_type": "gguf", "quantization": "Q4_1", "state": "loaded", "max_context_length": 8192}
+        "compatibility_type": "gguf", "quantization": "Q4_1", "state": "loaded", "max_context_length": 8192,
+        "loaded_context_length": 2048, "capabilities": []}  # (the context it runs with, as LM Studio says)
     emb = lmstudio.model_object(_entry("embedding"), loaded=False)
-    assert emb["type"] == "embeddings" and emb["state"] == "not-loaded"
+    assert emb["type"] == "embeddings" and emb["state"] == "not-loaded" and "loaded_context_length" not in emb
 
 
 @pytest.mark.parametrize(("finish", "reason"), [
