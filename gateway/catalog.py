@@ -112,9 +112,10 @@ def require_media(config: Config, name: str, kind: str) -> None:
                    "multimodal projector, --mmproj in its extra_args)", code="model_not_supported", param="messages")
 
 
-async def require_thinking(config: Config, name: str) -> None:
-    """Refuse (400, Ollama's words) ``think`` for a model whose chat template does not reason first."""
+async def require_feature(config: Config, name: str, capability: str, param: str) -> None:
+    """Refuse (400, in Ollama's words) a request that needs ``capability`` ("thinking", "tools", "insert") of a
+    model without it (Ollama refuses so; a model would ignore it silently)."""
     if config.resolve_model(name) is None:
         return  # (the supervisor's 404)
-    if not (await entry(config, name)).facts.supports_thinking:
-        raise ApiError(400, f'"{name}" does not support thinking', code="model_not_supported", param="think")
+    if capability not in (await entry(config, name)).capabilities:
+        raise ApiError(400, f'"{name}" does not support {capability}', code="model_not_supported", param=param)

@@ -123,7 +123,11 @@ async def _generate(request: web.Request, kind: Literal["chat", "generate"]) -> 
     catalog.require_capability(request.app[CONFIG], model, "chat")
     breq = tr.chat_to_backend(req) if kind == "chat" else tr.generate_to_backend(req)
     if tr.thinking_asked(req) not in (None, False):
-        await catalog.require_thinking(request.app[CONFIG], model)
+        await catalog.require_feature(request.app[CONFIG], model, "thinking", "think")
+    if breq.body.get("tools"):
+        await catalog.require_feature(request.app[CONFIG], model, "tools", "tools")
+    if kind == "generate" and req.get("suffix"):  # (fill-in-the-middle: no model here takes it)
+        await catalog.require_feature(request.app[CONFIG], model, "insert", "suffix")
     relay = await _open_fitting(request, model, breq, keep_alive, truncate=kind == "chat" and req.get("truncate")
                                 is not False)
     try:

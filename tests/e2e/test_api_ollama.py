@@ -136,6 +136,20 @@ def test_think_on_a_model_that_does_not_reason_is_ollamas_400(system: System) ->
     assert r.done and not r.message.thinking
 
 
+def test_tools_and_suffix_on_a_model_without_them_are_ollamas_400(system: System) -> None:
+    """A model whose template takes no tools (or no suffix) would answer in plain text; Ollama refuses, and
+    agents (LangChain's bind_tools...) and editors catch that 400 to fall back."""
+    c = ollama.Client(system.ollama_url)
+    tool = {"type": "function", "function": {"name": "get_weather", "description": "the weather in a city",
+                                             "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
+    with pytest.raises(ollama.ResponseError) as err:
+        c.chat(model=MODEL, messages=[{"role": "user", "content": "Weather in Paris?"}], tools=[tool])
+    assert err.value.status_code == 400 and "does not support tools" in err.value.error
+    with pytest.raises(ollama.ResponseError) as err:
+        c.generate(model=MODEL, prompt="def add(a, b):\n    ", suffix="\n\nprint(add(1, 2))")
+    assert err.value.status_code == 400 and "does not support insert" in err.value.error
+
+
 def test_legacy_embeddings(system: System) -> None:
     c = ollama.Client(system.ollama_url)
     r = c.embeddings(model=EMBED, prompt="Here is an article about llamas")
