@@ -93,19 +93,19 @@ TRUNCATE_TRIES = 8
 
 async def _open_fitting(request: web.Request, model: str, breq: tr.BackendRequest, keep_alive: float | None,
                         truncate: bool) -> Relay:
-    """Open the job; a chat too long for the model's context loses its oldest messages (``truncate``, Ollama's
-    default) and is sent again, until it fits or only its system messages and latest message are left."""
+    """Open the job; an input too long for the model's context is shortened (``truncate``, Ollama's default: a
+    chat's oldest messages go, then the beginning of its latest one; a prompt's beginning) and sent again."""
+    body = breq.body
     for _ in range(TRUNCATE_TRIES):
         try:
-            return await open_job(request, model, breq.path, breq.body, breq.stream, keep_alive)
+            return await open_job(request, model, breq.path, body, breq.stream, keep_alive)
         except ContextOverflow as err:
-            fewer = tr.drop_oldest(breq.body["messages"], err.prompt_tokens, err.ctx) if truncate else None
-            if fewer is None:
+            shorter = tr.fit_to_context(body, err.prompt_tokens, err.ctx) if truncate else None
+            if shorter is None:
                 raise
-            log.info("chat_truncated", model=model, messages=len(fewer), was=len(breq.body["messages"]),
-                     prompt_tokens=err.prompt_tokens, ctx=err.ctx)
-            breq.body["messages"] = fewer
-    return await open_job(request, model, breq.path, breq.body, breq.stream, keep_alive)
+            log.info("input_truncated", model=model, prompt_tokens=err.prompt_tokens, ctx=err.ctx)
+            body = shorter
+    return await open_job(request, model, breq.path, body, breq.stream, keep_alive)
 
 
 async def _generate(request: web.Request, kind: Literal["chat", "generate"]) -> web.StreamResponse:
@@ -128,8 +128,7 @@ async def _generate(request: web.Request, kind: Literal["chat", "generate"]) -> 
         await catalog.require_feature(request.app[CONFIG], model, "tools", "tools")
     if kind == "generate" and req.get("suffix"):  # (fill-in-the-middle: no model here takes it)
         await catalog.require_feature(request.app[CONFIG], model, "insert", "suffix")
-    relay = await _open_fitting(request, model, breq, keep_alive, truncate=kind == "chat" and req.get("truncate")
-                                is not False)
+    relay = await _open_fitting(request, model, breq, keep_alive, truncate=req.get("truncate") is not False)
     try:
         if not breq.stream:
             try:

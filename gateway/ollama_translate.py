@@ -241,6 +241,38 @@ def drop_oldest(messages: list[dict[str, Any]], prompt_tokens: int, ctx: int) ->
     return [m for i, m in enumerate(messages) if i not in gone]
 
 
+def cut_front(text: str, prompt_tokens: int, ctx: int, others: int = 0) -> str | None:
+    """``text`` (the latest message, or a raw prompt) without its beginning, so that the prompt should take at
+    most 90% of the context, as Ollama truncates an input too long for it (it keeps the end: the question
+    after a long document). ``others``: the characters of the rest of the prompt. None: nothing to cut."""
+    if ctx <= 0 or prompt_tokens <= 0 or not text:
+        return None
+    per_token = (len(text) + others) / prompt_tokens
+    cut = int((prompt_tokens - 0.9 * ctx) * per_token * 1.1) + 1
+    return text[cut:] if 0 < cut < len(text) - 16 else None
+
+
+def fit_to_context(body: dict[str, Any], prompt_tokens: int, ctx: int) -> dict[str, Any] | None:
+    """``body`` shortened to fit the context (Ollama's ``truncate``): a chat loses its oldest messages, then the
+    beginning of its latest one; a raw prompt its beginning. None: it cannot be shortened further."""
+    messages = body.get("messages")
+    if isinstance(messages, list) and messages:
+        fewer = drop_oldest(messages, prompt_tokens, ctx)
+        if fewer is not None:
+            return {**body, "messages": fewer}
+        last = messages[-1]
+        if not isinstance(last.get("content"), str):
+            return None
+        others = sum(len(str(m.get("content") or "")) for m in messages[:-1])
+        text = cut_front(last["content"], prompt_tokens, ctx, others)
+        return None if text is None else {**body, "messages": [*messages[:-1], {**last, "content": text}]}
+    prompt = body.get("prompt")
+    if isinstance(prompt, str):
+        text = cut_front(prompt, prompt_tokens, ctx)
+        return None if text is None else {**body, "prompt": text}
+    return None
+
+
 THINK_LEVELS = ("high", "medium", "low")
 
 

@@ -127,6 +127,16 @@ def test_a_chat_longer_than_the_context_loses_its_oldest_messages(system: System
     assert status == 400 and "context" in doc["error"]
 
 
+def test_one_message_or_prompt_longer_than_the_context_is_cut_at_its_front(system: System) -> None:
+    """A long document in one message (RAG, "stuff" chains): Ollama keeps the end of the input and answers."""
+    doc = "apple " * 2600 + "\nSay hi."  # ~2600 tokens, the context is 2048
+    c = ollama.Client(system.ollama_url)
+    r = c.chat(model=MODEL, messages=[{"role": "user", "content": doc}], options=OPTS)
+    assert r.done and r.prompt_eval_count is not None and r.prompt_eval_count < 2048
+    g = c.generate(model=MODEL, prompt=doc, raw=True, options=OPTS)
+    assert g.done and g.prompt_eval_count is not None and g.prompt_eval_count < 2048
+
+
 def test_think_on_a_model_that_does_not_reason_is_ollamas_400(system: System) -> None:
     c = ollama.Client(system.ollama_url)
     with pytest.raises(ollama.ResponseError) as err:

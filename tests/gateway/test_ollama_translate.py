@@ -986,3 +986,18 @@ def test_drop_oldest_keeps_system_and_latest_messages() -> None:
     assert 0.3 < 1 - sum(len(m["content"]) for m in fewer) / sum(len(m["content"]) for m in [system, *old, last])
     assert drop_oldest([system, last], 3000, 2048) is None  # nothing left to drop
     assert drop_oldest([system, *old, last], 3000, 0) is None  # (the backend did not say its context)
+
+
+def test_fit_to_context_cuts_the_front_of_a_lone_long_message_or_prompt() -> None:
+    from gateway.ollama_translate import fit_to_context
+
+    doc = "apple " * 2600 + "\nSummarize."
+    body = {"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": doc}]}
+    out = fit_to_context(body, prompt_tokens=2636, ctx=2048)
+    assert out is not None and out["messages"][0] == body["messages"][0]
+    kept = out["messages"][1]["content"]
+    assert kept.endswith("\nSummarize.") and len(kept) < 0.75 * len(doc)  # the end stays: the question
+    raw = fit_to_context({"prompt": doc}, prompt_tokens=2636, ctx=2048)
+    assert raw is not None and raw["prompt"].endswith("\nSummarize.") and len(raw["prompt"]) < len(doc)
+    assert fit_to_context({"prompt": "short"}, prompt_tokens=2636, ctx=2048) is None
+    assert fit_to_context({"messages": [{"role": "user", "content": [{"type": "text"}]}]}, 2636, 2048) is None
