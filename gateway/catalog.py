@@ -92,8 +92,9 @@ def require_capability(config: Config, name: str, what: str) -> None:
     if resolved is None:
         return
     model = config.models.models[resolved]
-    if model.type != "llama":
-        return
+    if model.type == "whisper":  # (refused here, before anything loads it: it would evict a model to say so)
+        raise ApiError(400, f'model "{name}" is a speech-to-text model: it serves /v1/audio/transcriptions and '
+                       "/v1/audio/translations only", code="model_not_supported", param="model")
     if what == "embeddings" and not model.serves_embeddings:
         raise ApiError(400, f'model "{name}" does not support embeddings (set "mode": "embedding" or "both" '
                        "in models_config.json)", code="model_not_supported", param="model")

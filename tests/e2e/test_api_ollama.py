@@ -160,6 +160,23 @@ def test_tools_and_suffix_on_a_model_without_them_are_ollamas_400(system: System
     assert err.value.status_code == 400 and "does not support insert" in err.value.error
 
 
+def test_a_speech_model_on_the_chat_and_embed_routes_is_a_400_that_loads_nothing(system: System) -> None:
+    """(It loaded the whisper worker, evicting a model, to say so.)"""
+    import time
+
+    before = system.worker("whisper-tiny.en")["state"]
+    c = ollama.Client(system.ollama_url)
+    for call in (lambda: c.chat(model="whisper-tiny.en", messages=[{"role": "user", "content": "Hi"}]),
+                 lambda: c.generate(model="whisper-tiny.en", prompt="Hi"),
+                 lambda: c.embed(model="whisper-tiny.en", input="Hi")):
+        t0 = time.monotonic()
+        with pytest.raises(ollama.ResponseError) as err:
+            call()
+        assert err.value.status_code == 400 and "speech-to-text" in err.value.error
+        assert time.monotonic() - t0 < 0.5
+    assert system.worker("whisper-tiny.en")["state"] == before
+
+
 def test_legacy_embeddings(system: System) -> None:
     c = ollama.Client(system.ollama_url)
     r = c.embeddings(model=EMBED, prompt="Here is an article about llamas")
