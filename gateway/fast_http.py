@@ -28,12 +28,12 @@ import structlog
 from aiohttp import web
 from multidict import CIMultiDict
 
+from gateway.listen import KEEPALIVE_S
 from gateway.server import ANSWER, CONFIG, ON_PREPARE, Handler
 
 log = structlog.get_logger()
 
 HOT_PATHS = ("/api/chat", "/api/generate", "/v1/chat/completions", "/v1/completions")
-KEEPALIVE_S = 75.0  # an idle kept-alive connection is closed after this long (aiohttp's default)
 BODY_WAIT_MAX = 256 * 1024  # a body up to this size that follows its head is awaited here (larger: aiohttp reads it)
 BODY_WAIT_S = 1.0  # ... for this long; a body still incomplete then is read by aiohttp (as a slow client's)
 MAX_HEAD = 64 * 1024

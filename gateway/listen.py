@@ -14,12 +14,20 @@ from supervisor.child import install_stop_signals, watch_parent
 
 log = structlog.get_logger()
 
+KEEPALIVE_S = 75.0  # an idle kept-alive connection is closed after this long, on either path (aiohttp's run_app)
+
+
+def make_runner(app: web.Application) -> web.AppRunner:
+    """The app's runner: handlers cancelled when their client goes away, no access log, idle keep-alive
+    connections closed after KEEPALIVE_S (aiohttp's own server default is an hour: idle connections piled up)."""
+    return web.AppRunner(app, handler_cancellation=True, access_log=None, keepalive_timeout=KEEPALIVE_S)
+
 
 async def serve(app: web.Application, launch: GatewayLaunch) -> int:
     stop = asyncio.Event()
     install_stop_signals(stop.set)
     parent = asyncio.create_task(watch_parent(launch.supervisor_pid, stop.set))
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    runner = make_runner(app)
     await runner.setup()
     fast = None
     try:

@@ -22,7 +22,7 @@ from aiohttp import web
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gateway import fast_http, ollama_app, openai_app
+from gateway import fast_http, listen, ollama_app, openai_app
 from gateway.server import BUS
 from tests.gateway.test_security import KEY, build_app
 from tests.gateway.test_stream_writes import CUT, STREAM, batches_of, scripted
@@ -89,7 +89,7 @@ async def served(tmp_path: Path) -> AsyncIterator[Any]:
 
     async def make(protocol: str = "ollama", **app_config: Any) -> Served:
         app = build_app(tmp_path, protocol, **app_config)
-        runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+        runner = listen.make_runner(app)  # (as the gateway's: the same keep-alive and cancellation)
         await runner.setup()
         assert runner.server is not None
         handed: list[int] = []
@@ -230,6 +230,20 @@ async def test_a_compressed_body_is_read_by_aiohttp(served: Any) -> None:
     answer = await s.exchange(raw)
     assert answer.startswith(b"HTTP/1.1 400 ") and "model is required" in json.loads(body_of(answer))["error"]
     assert s.handed == [1]  # type: ignore[attr-defined]
+
+
+async def test_an_idle_connection_is_closed_after_an_aiohttp_answer_too(served: Any,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """(aiohttp's own server keeps an idle connection for an hour: a client could pile them up.)"""
+    monkeypatch.setattr(listen, "KEEPALIVE_S", 0.3)
+    s = await served("ollama")
+    reader, writer = await asyncio.open_connection("127.0.0.1", s.port)
+    try:
+        writer.write(b"GET /api/version HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert (await asyncio.wait_for(read_answers(reader, 1), 10)).startswith(b"HTTP/1.1 200 ")
+        assert await asyncio.wait_for(reader.read(), 5) == b""  # closed by the server once idle
+    finally:
+        writer.close()
 
 
 async def send_in_two(s: Served, raw: bytes, cut: int, pause: float) -> bytes:
