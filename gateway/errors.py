@@ -10,7 +10,11 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["ApiError", "ollama_error_body", "openai_error_body", "source_tag"]
+import structlog
+
+__all__ = ["ApiError", "log_failure", "ollama_error_body", "openai_error_body", "source_tag"]
+
+log = structlog.get_logger()
 
 _SOURCE_TAGS = {"proxy": "llama-runner", "backend": "backend"}
 
@@ -53,6 +57,14 @@ class ContextOverflow(ApiError):
     def __init__(self, status: int, message: str, prompt_tokens: int, ctx: int) -> None:
         super().__init__(status, message, code="context_length_exceeded", source="backend")  # (OpenAI's code)
         self.prompt_tokens, self.ctx = prompt_tokens, ctx
+
+
+def log_failure(err: ApiError, **where: Any) -> None:
+    """A server-side failure (5xx) is logged with what the client was told, and ``where`` (path, model, ...):
+    the gateway's log then says which request failed and why (the clients' own mistakes, 4xx, are not)."""
+    if err.status >= 500:
+        log.warning("request_failed", status=err.status, code=err.code, source=err.source, message=err.message,
+                    **where)
 
 
 def source_tag(err: ApiError) -> str:

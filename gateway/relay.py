@@ -10,7 +10,7 @@ from aiohttp import web
 
 from bus.protocol import Data, End, Fail, Head
 from gateway.bus_client import Channel, GatewayBus
-from gateway.errors import ApiError, ContextOverflow
+from gateway.errors import ApiError, ContextOverflow, log_failure
 
 
 def _fail_error(item: Fail) -> ApiError:
@@ -81,6 +81,7 @@ class Relay:
                     await resp.write(out)
             last += final()
         except ApiError as err:
+            log_failure(err, model=self.ch.worker, mid_stream=True)
             last += on_error(err)
         await resp.write_eof(last)
 

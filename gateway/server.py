@@ -19,7 +19,7 @@ from config.schema import ProxyConfig
 from gateway import metrics as gateway_metrics
 from gateway import request_limits, security
 from gateway.bus_client import GatewayBus
-from gateway.errors import ApiError, ollama_error_body
+from gateway.errors import ApiError, log_failure, ollama_error_body
 from gateway.relay import Relay, backend_error
 
 log = structlog.get_logger()
@@ -92,6 +92,7 @@ async def shaped(request: web.Request, handler: Handler, shape_for: Callable[[st
     try:
         return await handler(request)
     except ApiError as err:
+        log_failure(err, path=request.path)
         return error_response(shape_for(request.path), err)
     except web.HTTPException as exc:
         if exc.status < 400:

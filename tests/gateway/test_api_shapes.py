@@ -99,3 +99,21 @@ def test_v0_extras_on_the_chunk_with_timings() -> None:
                              "stop_reason": "maxPredictedTokensReached"}
     assert last["model_info"] == {"arch": "llama", "quant": "Q4_1", "format": "gguf", "context_length": 2048}
     assert last["runtime"]["supported_formats"] == ["gguf"]
+
+
+async def test_a_server_side_failure_is_logged_with_its_request() -> None:
+    """(A 502 among thousands of requests could not be traced: the gateways logged no request.)"""
+    import structlog
+
+    for status, logged in ((502, True), (400, False)):
+        client = await _client(status)
+        try:
+            with structlog.testing.capture_logs() as events:
+                r = await client.get("/v1/x")
+            assert r.status == status
+            failed = [e for e in events if e["event"] == "request_failed"]
+            assert bool(failed) == logged
+            if logged:
+                assert failed[0]["path"] == "/v1/x" and failed[0]["status"] == 502 and failed[0]["message"] == "nope"
+        finally:
+            await client.close()
