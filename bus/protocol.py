@@ -233,13 +233,15 @@ class End(_Msg, frozen=True, tag="end"):
 
 
 class Fail(_Msg, frozen=True, tag="fail"):
-    """The request failed. ``source`` says who failed: "proxy" (llama-runner) or "backend"."""
+    """The request failed. ``source`` says who failed: "proxy" (llama-runner) or "backend"; ``param``, the
+    request's field at fault, if one is."""
 
     request_id: str
     status: int
     code: str
     message: str
     source: str = "proxy"
+    param: str = ""
 
 
 StreamItem = Head | Data | End | Fail

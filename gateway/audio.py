@@ -41,8 +41,6 @@ async def translations(request: web.Request) -> web.StreamResponse:
 
 
 def _error(err: ApiError) -> web.Response:
-    if err.code == "unsupported_language":  # (the worker's: its model does not speak it)
-        err.param = "language"
     resp = json_response(openai_error_body(err), err.status)
     if err.status in (429, 503):
         resp.headers["Retry-After"] = "1"

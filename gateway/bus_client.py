@@ -331,14 +331,13 @@ class GatewayBus:
         else:
             self._drop(shared)
 
-    def _drop_shared(self, model: str) -> None:
-        """Let go of ``model``'s shared lease now if no request uses it (else at its last release)."""
-        shared = self._shared.get(model)
-        if shared is not None:
-            shared.valid = False
-            del self._shared[model]
-            if shared.users == 0:
-                self._drop(shared)
+    def _retire(self, shared: _SharedLease) -> None:
+        """No new request takes ``shared``; it is let go now if none uses it, else at its last release."""
+        shared.valid = False
+        if self._shared.get(shared.model) is shared:
+            del self._shared[shared.model]
+        if shared.users == 0:
+            self._drop(shared)
 
     def _drop(self, shared: _SharedLease) -> None:
         shared.cancel_timer()
@@ -352,16 +351,13 @@ class GatewayBus:
         """``worker`` left READY (or a job found it gone): new requests ask the supervisor again."""
         for shared in list(self._shared_by_lease.values()):
             if shared.we.model == worker and shared.valid:
-                shared.valid = False
-                if self._shared.get(shared.model) is shared:
-                    del self._shared[shared.model]
-                if shared.users == 0:
-                    self._drop(shared)
+                self._retire(shared)
 
     async def unload(self, model: str) -> None:
         """Ollama's ``keep_alive: 0``: the model unloads once the requests under way are done (theirs, and
         other clients'), at once when it has none."""
-        self._drop_shared(model)  # (our own lingering lease would keep it loaded a while)
+        if model in self._shared:  # (our own lingering lease would keep it loaded a while)
+            self._retire(self._shared[model])
         reply = await self.control.request(StopWorker(request_id=new_id(), name=model, when_idle=True), 60)
         if isinstance(reply, ErrorReply):
             raise ApiError(reply.status, reply.message, code=reply.code)

@@ -113,10 +113,13 @@ def require_media(config: Config, name: str, kind: str) -> None:
                    "multimodal projector, --mmproj in its extra_args)", code="model_not_supported", param="messages")
 
 
-async def require_feature(config: Config, name: str, capability: str, param: str) -> None:
-    """Refuse (400, in Ollama's words) a request that needs ``capability`` ("thinking", "tools", "insert") of a
-    model without it (Ollama refuses so; a model would ignore it silently)."""
+async def require_features(config: Config, name: str, needed: dict[str, str]) -> None:
+    """Refuse (400, in Ollama's words) a request that needs a capability ("thinking", "tools", "insert") of a
+    model without it (Ollama refuses so; a model would ignore it silently). ``needed``: capability -> the
+    request's field that asks for it."""
     if config.resolve_model(name) is None:
         return  # (the supervisor's 404)
-    if capability not in (await entry(config, name)).capabilities:
-        raise ApiError(400, f'"{name}" does not support {capability}', code="model_not_supported", param=param)
+    capabilities = (await entry(config, name)).capabilities
+    for capability, param in needed.items():
+        if capability not in capabilities:
+            raise ApiError(400, f'"{name}" does not support {capability}', code="model_not_supported", param=param)

@@ -8,12 +8,11 @@ What takes the fast path: ``POST`` to a hot route (``/api/chat``, ``/api/generat
 ``/v1/completions``, as the app routes them) over HTTP/1.1, framed by Content-Length and within
 ``limits.max_body_bytes``, no ``Expect`` / ``Transfer-Encoding`` / ``Upgrade`` / ``Content-Encoding``, its body
 read whole (one that follows its head, as httpx and http.client send it, is awaited if small: ``BODY_WAIT_MAX``,
-``BODY_WAIT_S``).
-Such a request runs the app's own route handler and checks (``ANSWER``: counted, API key, errors in the protocol's
-shape; ``ON_PREPARE``: CORS, open streams), with a small stand-in for aiohttp's request (``FastRequest``) and a
-streamed answer of its own (``FastStream``, chunked). At the first request that is anything else, the connection
-is handed to aiohttp for good: its own protocol takes the transport and every byte not yet answered, as if it had
-been there from the start.
+``BODY_WAIT_S``). Such a request runs the app's own route handler and checks (``ANSWER``: counted, API key, errors
+in the protocol's shape; ``ON_PREPARE``: CORS, open streams), with a small stand-in for aiohttp's request
+(``FastRequest``) and a streamed answer of its own (``FastStream``, chunked). At the first request that is anything
+else, the connection is handed to aiohttp for good: its own protocol takes the transport and every byte not yet
+answered, as if it had been there from the start.
 """
 
 from __future__ import annotations

@@ -122,12 +122,15 @@ async def _generate(request: web.Request, kind: Literal["chat", "generate"]) -> 
         return json_response(tr.load_response(model, kind, "load"))
     catalog.require_capability(request.app[CONFIG], model, "chat")
     breq = tr.chat_to_backend(req) if kind == "chat" else tr.generate_to_backend(req)
+    needed = {}
     if tr.thinking_asked(req) not in (None, False):
-        await catalog.require_feature(request.app[CONFIG], model, "thinking", "think")
+        needed["thinking"] = "think"
     if breq.body.get("tools"):
-        await catalog.require_feature(request.app[CONFIG], model, "tools", "tools")
+        needed["tools"] = "tools"
     if kind == "generate" and req.get("suffix"):  # (fill-in-the-middle: no model here takes it)
-        await catalog.require_feature(request.app[CONFIG], model, "insert", "suffix")
+        needed["insert"] = "suffix"
+    if needed:  # (off the hot path: most requests ask for none)
+        await catalog.require_features(request.app[CONFIG], model, needed)
     relay = await _open_fitting(request, model, breq, keep_alive, truncate=req.get("truncate") is not False)
     try:
         if not breq.stream:

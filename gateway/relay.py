@@ -14,7 +14,7 @@ from gateway.errors import ApiError, ContextOverflow, log_failure
 
 
 def _fail_error(item: Fail) -> ApiError:
-    return ApiError(item.status, item.message, code=item.code, source=item.source)
+    return ApiError(item.status, item.message, code=item.code, param=item.param or None, source=item.source)
 
 
 class StreamAnswer(web.StreamResponse):

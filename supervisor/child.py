@@ -36,7 +36,8 @@ def kill_with_parent_preexec() -> None:
     set_parent_death_signal(signal.SIGKILL)
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Is process ``pid`` running (ours or not)?"""
     if os.name == "nt":  # (signal 0 would terminate it there)
         import psutil
 
@@ -54,7 +55,7 @@ async def watch_parent(parent_pid: int, on_gone: Callable[[], Awaitable[None] | 
     """Portable fallback to the death signal: poll until the parent is gone, then call ``on_gone``."""
     while True:
         await asyncio.sleep(interval)
-        if os.getppid() != parent_pid and not _alive(parent_pid):
+        if os.getppid() != parent_pid and not pid_alive(parent_pid):
             result = on_gone()
             if asyncio.iscoroutine(result):
                 await result

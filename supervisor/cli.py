@@ -253,19 +253,15 @@ def _running_instance(args: argparse.Namespace, sock: str) -> Path | None:
 def _supervisor_alive(run_dir: Path) -> bool:
     """Is the supervisor of ``run_dir`` running? (A supervisor killed -9 leaves its files behind: a client then
     waited for an answer that never comes.) Unknown (no pid file): assumed so."""
+    from supervisor.child import pid_alive
+
     try:
         pid = int((run_dir / endpoints.SUPERVISOR_PID).read_text().strip())
     except FileNotFoundError:
         return True
     except (OSError, ValueError):
         return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return pid_alive(pid)
 
 
 def _client(args: argparse.Namespace) -> int:

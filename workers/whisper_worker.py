@@ -195,8 +195,10 @@ class WhisperWorker(WorkerBus):
         except engine.AudioError as exc:
             self.errors_total += 1
             status, outcome = 400, "error"
-            code = "unsupported_language" if isinstance(exc, engine.BadLanguage) else "invalid_audio"
-            self.send_item(j.ident, Fail(request_id=rid, status=400, code=code, message=str(exc)))
+            bad_language = isinstance(exc, engine.BadLanguage)
+            self.send_item(j.ident, Fail(request_id=rid, status=400, message=str(exc),
+                                         code="unsupported_language" if bad_language else "invalid_audio",
+                                         param="language" if bad_language else ""))
         except Exception as exc:  # never let one request take the worker down
             self.errors_total += 1
             status, outcome = 500, "error"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import queue
 import subprocess
@@ -10,6 +11,7 @@ import textwrap
 import threading
 import time
 import urllib.request
+from collections.abc import Iterator
 from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -18,9 +20,10 @@ from tests.conftest import ROOT, System, wait_for
 from tests.dashboard.conftest import MODEL_A
 
 
-def _chat(system: System, model: str, max_tokens: int = 24, stream: bool = True) -> bytes:
+def _chat(system: System, model: str, max_tokens: int = 24, stream: bool = True,
+          prompt: str = "Count to twenty.") -> bytes:
     body = json.dumps({"model": model, "stream": stream, "max_tokens": max_tokens,
-                       "messages": [{"role": "user", "content": "Count to twenty."}]}).encode()
+                       "messages": [{"role": "user", "content": prompt}]}).encode()
     req = urllib.request.Request(system.openai_url + "/chat/completions", data=body,
                                  headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=120) as resp:
@@ -57,14 +60,24 @@ class Lines:
         raise AssertionError(f"timed out waiting for {what}; saw {[e.get('type') for e in self.seen][-30:]}")
 
 
-def test_llama_runner_metrics_prints_request_and_worker_events(two_models: System) -> None:
-    proc = subprocess.Popen([sys.executable, "-m", "supervisor", "metrics", "--run-dir", str(two_models.run_dir),
+@contextlib.contextmanager
+def subscribed(system: System) -> Iterator[Lines]:
+    """`llama-runner metrics` on the request and metrics topics, subscribed (its first periodic event came: no
+    sleep for the slow joiner); stopped at the end."""
+    proc = subprocess.Popen([sys.executable, "-m", "supervisor", "metrics", "--run-dir", str(system.run_dir),
                              "--topic", "request/", "--topic", "metrics/"], cwd=ROOT, stdout=subprocess.PIPE,
                             text=True)
     try:
         lines = Lines(proc)
-        # subscribed once the first periodic event arrives (no sleep for the slow joiner)
-        lines.until(lambda e: e["type"] == "system_metrics" or e["type"] == "worker_metrics", 15, "a first event")
+        lines.until(lambda e: e["type"] in ("system_metrics", "worker_metrics"), 15, "a first event")
+        yield lines
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_llama_runner_metrics_prints_request_and_worker_events(two_models: System) -> None:
+    with subscribed(two_models) as lines:
         _chat(two_models, MODEL_A)
         phases = {}
         for phase in ("queued", "started", "first_token", "finished"):
@@ -84,9 +97,6 @@ def test_llama_runner_metrics_prints_request_and_worker_events(two_models: Syste
         gm = lines.until(lambda e: e["type"] == "gateway_metrics" and e["protocol"] == "openai"
                          and e["requests_total"] >= 1, 10, "gateway metrics of the OpenAI gateway")
         assert {"requests_per_s", "errors_total", "open_streams"} <= gm.keys()
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 
 def test_a_ten_line_python_subscriber_sees_a_request(two_models: System) -> None:
@@ -158,35 +168,22 @@ def test_prometheus_endpoint_has_the_same_figures(two_models: System) -> None:
 
 def test_a_request_cut_by_a_restart_is_an_error_not_a_cancellation(two_models: System) -> None:
     """The operator's restart ended it (the client got a 503 error): not 499 'cancelled', the client's doing."""
-    import contextlib
-
     from tests.dashboard.conftest import MODEL_B
 
-    proc = subprocess.Popen([sys.executable, "-m", "supervisor", "metrics", "--run-dir", str(two_models.run_dir),
-                             "--topic", "request/", "--topic", "metrics/"], cwd=ROOT, stdout=subprocess.PIPE,
-                            text=True)
+    def long_chat() -> None:
+        with contextlib.suppress(Exception):  # (cut short)
+            _chat(two_models, MODEL_B, max_tokens=1000, prompt="Write a long story about a fox who lives in a forest.")
+
     try:
-        lines = Lines(proc)
-        lines.until(lambda e: e["type"] in ("system_metrics", "worker_metrics"), 15, "a first event")
-
-        def long_chat() -> None:
-            body = json.dumps({"model": MODEL_B, "stream": True, "max_tokens": 1000, "messages": [
-                {"role": "user", "content": "Write a long story about a fox who lives in a forest."}]}).encode()
-            req = urllib.request.Request(two_models.openai_url + "/chat/completions", data=body,
-                                         headers={"Content-Type": "application/json"})
-            with contextlib.suppress(Exception), urllib.request.urlopen(req, timeout=120) as resp:  # (cut short)
-                resp.read()
-
-        t = threading.Thread(target=long_chat, daemon=True)
-        t.start()
-        lines.until(lambda e: e["type"] == "request" and e["model"] == MODEL_B and e["phase"] == "first_token",
-                    60, "the stream under way")
-        assert two_models.cli("restart", MODEL_B).returncode == 0
-        done = lines.until(lambda e: e["type"] == "request" and e["model"] == MODEL_B and e["phase"] == "finished",
-                           30, "its end")
-        assert (done["status"], done["outcome"]) == (503, "error"), done
-        t.join(60)
+        with subscribed(two_models) as lines:
+            t = threading.Thread(target=long_chat, daemon=True)
+            t.start()
+            lines.until(lambda e: e["type"] == "request" and e["model"] == MODEL_B and e["phase"] == "first_token",
+                        60, "the stream under way")
+            assert two_models.cli("restart", MODEL_B).returncode == 0
+            done = lines.until(lambda e: e["type"] == "request" and e["model"] == MODEL_B
+                               and e["phase"] == "finished", 30, "its end")
+            assert (done["status"], done["outcome"]) == (503, "error"), done
+            t.join(60)
     finally:
-        proc.terminate()
-        proc.wait(10)
         wait_for(lambda: two_models.worker(MODEL_B)["state"] == "ready", 60, "B ready again")

@@ -15,11 +15,11 @@ from supervisor import child
 def test_alive_tells_a_running_process_from_a_gone_one() -> None:
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     proc.wait()
-    assert child._alive(proc.pid) is False
-    assert child._alive(1) is True  # (not ours to signal: still alive)
+    assert child.pid_alive(proc.pid) is False
+    assert child.pid_alive(1) is True  # (not ours to signal: still alive)
     import os
 
-    assert child._alive(os.getpid()) is True
+    assert child.pid_alive(os.getpid()) is True
 
 
 @pytest.mark.asyncio
