@@ -6,7 +6,8 @@ from bus.protocol import WorkerState as S
 
 TRANSITIONS: dict[S, frozenset[S]] = {
     S.STOPPED: frozenset({S.STARTING}),
-    S.STARTING: frozenset({S.READY, S.STOPPING, S.BACKOFF, S.FATAL}),
+    # STARTING -> STOPPED: a load that failed while nobody wants the model up (the next request tries again)
+    S.STARTING: frozenset({S.READY, S.STOPPING, S.STOPPED, S.BACKOFF, S.FATAL}),
     S.READY: frozenset({S.STOPPING, S.BACKOFF, S.FATAL}),
     S.STOPPING: frozenset({S.STOPPED}),
     S.BACKOFF: frozenset({S.STARTING, S.STOPPED, S.FATAL}),

@@ -69,6 +69,9 @@ class WorkerManager:
     _waiters: list[asyncio.Future[str]] = field(default_factory=list)
     _stop_futs: list[asyncio.Future[Any]] = field(default_factory=list)
     _pending_start: bool = False
+    # Started by an operator or a preload (not by a request): a failed load is retried with backoff. A load a
+    # request asked for is not retried once that request had its error: the next request tries again.
+    _keep_up: bool = False
     _timer: asyncio.TimerHandle | None = None
     _tasks: set[asyncio.Task[Any]] = field(default_factory=set)
     task: asyncio.Task[Any] | None = None  # the owner task (set by the supervisor)
@@ -155,6 +158,7 @@ class WorkerManager:
                 await self._spawn()
 
     async def _on_start(self, ev: _Event) -> None:
+        self._keep_up = True
         if self.state in (S.STOPPED, S.FATAL, S.BACKOFF):
             self.failures = 0
             await self._spawn()
@@ -163,7 +167,7 @@ class WorkerManager:
         self._resolve(ev.fut, self.state.value)
 
     async def _on_stop(self, ev: _Event) -> None:
-        self._pending_start = False
+        self._pending_start = self._keep_up = False
         self._reject_waiters(WorkerUnavailable("stopped", f"model {self.name!r} was stopped", 503))
         if self.state in (S.STARTING, S.READY):
             self._stop_futs.append(ev.fut)  # type: ignore[arg-type]
@@ -178,6 +182,7 @@ class WorkerManager:
 
     async def _on_restart(self, ev: _Event) -> None:
         self.failures = 0
+        self._keep_up = True
         if self.state in (S.STARTING, S.READY):
             self._pending_start = True
             self._begin_stop()
@@ -225,10 +230,13 @@ class WorkerManager:
         # a crash (or a failed start)
         was = self.state
         reason = self.message if (was == S.STARTING and self.message) else f"worker exited with code {code}"
-        self.failures += 1
-        self.restarts += 1
         if was == S.STARTING:
             self._reject_waiters(WorkerUnavailable("load_failed", f"model {self.name!r} failed to load: {reason}"))
+            if not self._keep_up:  # its requests had their error; the next one tries again (as Ollama does)
+                self._set(S.STOPPED, f"failed to load: {reason}")
+                return
+        self.failures += 1
+        self.restarts += 1
         if self.failures >= self.policy.max_failures:
             self._set(S.FATAL, f"{reason} ({self.failures} failures in a row)")
             self._reject_waiters(WorkerUnavailable("load_failed", f"model {self.name!r} failed: {self.message}"))

@@ -43,6 +43,12 @@ def build_argv(launch: WorkerLaunch, socket_path: str | None = None) -> list[str
     ]
 
 
+def check_model_file(path: str) -> None:
+    """A model file that is not there is said so plainly (llama-server says it among five lines of its log)."""
+    if not os.path.isfile(path):
+        raise BackendError(f"model file {'is not a file' if os.path.exists(path) else 'not found'}: {path}")
+
+
 class LlamaServer:
     def __init__(self, launch: WorkerLaunch, log_path: Path) -> None:
         self.launch = launch
@@ -75,6 +81,7 @@ class LlamaServer:
         if not self.launch.llama_server:
             raise BackendError("no llama-server binary found: run `make setup`, or set LLAMA_SERVER or "
                                "llama_server_path in app_config.json")
+        check_model_file(self.launch.model_path)
         started = time.monotonic()
         try:
             await self._start(timeout)

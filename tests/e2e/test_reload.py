@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ from typing import Any
 import ollama
 import pytest
 
+from config.loader import load_config
 from tests.conftest import (
     ROOT,
     System,
@@ -128,3 +130,27 @@ def test_sighup_reloads(reloadable: tuple[System, dict[str, Any]]) -> None:
     write_models(system, {A: base, "smollm2-hup": base})
     system.proc.send_signal(signal.SIGHUP)
     wait_for(lambda: "smollm2-hup" in names(system), 20, "model added by SIGHUP listed")
+
+
+def test_a_model_whose_file_is_missing_fails_its_request_clearly_and_is_not_retried_meanwhile(
+        reloadable: tuple[System, dict[str, Any]]) -> None:
+    """Its load failed and its request had a 503 naming the file; it then stayed stopped (it was restarted in the
+    background with backoff, up to 'fatal', where even a request after the file arrived was refused); the next
+    request tries again and, once the file is there, is served."""
+    system, base = reloadable
+    later = system.config_dir / "arrives-later.gguf"
+    write_models(system, {A: base, "later": {**base, "model_path": str(later)}})
+    assert system.cli("reload").returncode == 0
+    c = ollama.Client(system.ollama_url, timeout=120)
+    for _ in range(2):
+        with pytest.raises(ollama.ResponseError) as err:
+            c.generate(model="later", prompt="hi", options={"num_predict": 1})
+        assert err.value.status_code == 503 and f"model file not found: {later}" in err.value.error, err.value.error
+        w = system.worker("later")
+        assert w["state"] == "stopped" and "model file not found" in w["message"], w
+    time.sleep(1.5)  # (a background retry came after 1 s)
+    w = system.worker("later")
+    assert w["state"] == "stopped" and w["restarts"] == 0 and w["pid"] == 0, w
+    cfg = load_config()
+    later.symlink_to(cfg.model_path(cfg.models.models[A]))
+    assert c.generate(model="later", prompt="hi", options={"num_predict": 1}).done

@@ -15,6 +15,10 @@ def test_illegal_transitions_raise(a: S, b: S) -> None:
         states.check(a, b)
 
 
+def test_a_failed_load_may_stop_without_a_retry() -> None:
+    states.check(S.STARTING, S.STOPPED)  # (nobody wants the model up any more: see WorkerManager._keep_up)
+
+
 def test_lifecycle_path_is_legal() -> None:
     path = [S.STOPPED, S.STARTING, S.READY, S.BACKOFF, S.STARTING, S.READY, S.STOPPING, S.STOPPED]
     for a, b in zip(path, path[1:], strict=False):
