@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import json
 import math
+import socket
+import time
 import urllib.error
 import urllib.request
 from datetime import UTC, datetime
+from http.client import HTTPConnection
 
 import ollama
 import openai
 import pytest
 
+from gateway.embed_routes import CHUNK
 from tests.conftest import System
 
 pytestmark = pytest.mark.e2e
@@ -113,6 +117,29 @@ def test_embed_truncate(system: System) -> None:
     with pytest.raises(ollama.ResponseError) as err:
         c.embed(model=EMBED, input=long, truncate=False)
     assert err.value.status_code == 400 and "context length" in err.value.error
+
+
+def test_a_client_leaving_a_big_embed_batch_frees_the_model_within_one_chunk(system: System) -> None:
+    """llama-server finishes every input of a call it was given, client gone or not: a batch sent in one call kept
+    the model busy for minutes after its client left, and the next request waited all that time."""
+    c = ollama.Client(system.ollama_url, timeout=600)
+    inputs = [f"sentence {i} about apples, rivers and stones in the north" for i in range(CHUNK * 12)]
+    c.embed(model=EMBED, input="warm")
+    t = time.monotonic()
+    assert len(c.embed(model=EMBED, input=inputs[:CHUNK]).embeddings) == CHUNK
+    one = time.monotonic() - t  # one call's worth
+    conn = HTTPConnection("127.0.0.1", system.ollama_port, timeout=one * 1.5)
+    conn.request("POST", "/api/embed", json.dumps({"model": EMBED, "input": inputs}),
+                 {"Content-Type": "application/json"})
+    with pytest.raises(TimeoutError):
+        conn.getresponse()
+    assert conn.sock is not None
+    conn.sock.shutdown(socket.SHUT_RDWR)
+    conn.close()
+    t = time.monotonic()
+    assert len(c.embed(model=EMBED, input="after").embeddings[0]) == 576
+    waited = time.monotonic() - t
+    assert waited < 3 * one + 2, (waited, one)  # (the rest of the batch: ~10 x one)
 
 
 def test_a_chat_longer_than_the_context_loses_its_oldest_messages(system: System) -> None:
