@@ -72,7 +72,8 @@ class LimitsConfig(_Cfg):
     # How long an idle model stays loaded (Ollama's keep_alive default): 0 unloads at once, negative never.
     idle_ttl_s: float = 300.0
     # Optional memory budget for all loaded models together (bytes); each model's footprint is estimated as
-    # its file size plus its KV cache (ctx_size x parallel x kv_bytes_per_token), or set per model.
+    # its file size plus its KV cache (ctx_size x parallel x kv_bytes_per_token) plus its prompt cache
+    # (parameters.cache_ram_mib), or set per model (memory_bytes).
     memory_budget_bytes: PositiveInt | None = None
     kv_bytes_per_token: PositiveInt = 32 * 1024
     # The server's cap on a client's keep_alive / ttl (null: no cap; a negative request keeps forever).
@@ -108,6 +109,10 @@ class ModelParameters(_Cfg):
     ctx_size: PositiveInt = 2048
     threads: PositiveInt = 1
     parallel: PositiveInt = 1
+    # llama-server's prompt cache in host memory (--cache-ram, MiB; -1: no limit, 0: off). llama-server's own
+    # default, 8 GiB, let a worker grow from 0.2 to 1.5 GB over a few hundred distinct prompts; counted in the
+    # memory budget's estimate of the model.
+    cache_ram_mib: Annotated[int, msgspec.Meta(ge=-1)] = 512
     extra_args: list[str] = []
 
 
@@ -125,10 +130,16 @@ ModelMode = Literal["chat", "embedding", "both"]
 Pooling = Literal["none", "mean", "cls", "last", "rank"]
 
 
-def embedding_args(mode: str, pooling: str | None, p: ModelParameters) -> list[str]:
-    """``p.extra_args`` plus what an embedding model needs: ``--embeddings``, ``--pooling``, and a batch as
-    large as the context (llama-server embeds an input in one batch). Idempotent: flags already there stay."""
+CACHE_RAM_FLAG = "--cache-ram"
+
+
+def llama_server_args(mode: str, pooling: str | None, p: ModelParameters) -> list[str]:
+    """``p.extra_args`` plus the prompt cache's size (``--cache-ram``) and what an embedding model needs:
+    ``--embeddings``, ``--pooling``, and a batch as large as the context (llama-server embeds an input in one
+    batch). Idempotent: flags already there stay."""
     args = list(p.extra_args)
+    if not {"-cram", "--cache-ram"} & {a.split("=", 1)[0] for a in args}:
+        args += [CACHE_RAM_FLAG, str(p.cache_ram_mib)]
     if mode == "chat":
         return args
     if not {"--embedding", "--embeddings"} & set(args):
@@ -160,7 +171,15 @@ class ModelConfig(_Cfg):
 
     def backend_args(self) -> list[str]:
         """The llama-server flags beyond the common ones: extra_args plus what the mode needs."""
-        return embedding_args(self.mode, self.pooling, self.parameters)
+        return llama_server_args(self.mode, self.pooling, self.parameters)
+
+    def footprint(self, file_size: int, kv_bytes_per_token: int) -> int:
+        """Estimated bytes when loaded: ``memory_bytes`` if set, else the file, the KV cache (ctx_size x parallel x
+        kv_bytes_per_token) and the prompt cache (``cache_ram_mib``; unbounded, -1, is not counted)."""
+        if self.memory_bytes is not None:
+            return self.memory_bytes
+        p = self.parameters
+        return file_size + p.ctx_size * p.parallel * kv_bytes_per_token + (max(p.cache_ram_mib, 0) << 20)
 
     @property
     def serves_chat(self) -> bool:

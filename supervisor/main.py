@@ -265,17 +265,15 @@ class Supervisor:
             logs_dir=self.config.app.logs_dir), models=config.models, config_dir=config.config_dir)
 
     def _footprint(self, name: str) -> int:
-        """Estimated bytes of a loaded model: configured, else file size + KV cache."""
+        """Estimated bytes of a loaded model (config/schema.py ModelConfig.footprint)."""
         model = self.config.models.models.get(name)
         if model is None:
             return 0
-        if model.memory_bytes is not None:
-            return model.memory_bytes
         size = 0
-        with contextlib.suppress(OSError):
-            size = self.config.model_path(model).stat().st_size
-        p = model.parameters
-        return size + p.ctx_size * p.parallel * self.config.app.limits.kv_bytes_per_token
+        if model.memory_bytes is None:
+            with contextlib.suppress(OSError):
+                size = self.config.model_path(model).stat().st_size
+        return model.footprint(size, self.config.app.limits.kv_bytes_per_token)
 
     def _ttl(self, name: str) -> float:
         model = self.config.models.models.get(name)

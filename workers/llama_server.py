@@ -15,6 +15,7 @@ import structlog
 
 from bus import endpoints
 from bus.protocol import WorkerLaunch
+from config.schema import CACHE_RAM_FLAG
 from supervisor.child import kill_with_parent_preexec
 from workers.backend_http import BackendHTTPError, BackendPool
 
@@ -43,6 +44,25 @@ def build_argv(launch: WorkerLaunch, socket_path: str | None = None) -> list[str
     ]
 
 
+# Flags of ours (config/schema.py llama_server_args) that an older llama-server may not know: it exits with
+# "invalid argument: FLAG"; it is then started again without them.
+OPTIONAL_FLAGS = (CACHE_RAM_FLAG,)
+
+
+def without(argv: list[str], flags: set[str]) -> list[str]:
+    """``argv`` without each of ``flags`` and its value."""
+    out: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in flags:
+            skip = True
+        elif arg.split("=", 1)[0] not in flags:
+            out.append(arg)
+    return out
+
+
 def check_model_file(path: str) -> None:
     """A model file that is not there is said so plainly (llama-server says it among five lines of its log)."""
     if not os.path.isfile(path):
@@ -65,6 +85,7 @@ class LlamaServer:
         self._port_found: asyncio.Future[int] | None = None
         self._pump: asyncio.Task[None] | None = None
         self._tail: list[str] = []
+        self._dropped: set[str] = set()  # OPTIONAL_FLAGS this llama-server does not know
 
     @property
     def pid(self) -> int:
@@ -83,16 +104,27 @@ class LlamaServer:
                                "llama_server_path in app_config.json")
         check_model_file(self.launch.model_path)
         started = time.monotonic()
-        try:
-            await self._start(timeout)
-        except BackendError:
-            if not self._refused_socket():
-                raise
-            # A llama-server that does not take "127.0.0.1,PATH.sock" for --host (before unix socket support):
-            # the same again on TCP only.
-            log.warning("llama_server_no_unix_socket", output=self.last_output())
-            self.socket_path = None
-            await self._start(max(1.0, timeout - (time.monotonic() - started)))
+        while True:  # (each fallback below happens at most once)
+            try:
+                await self._start(max(1.0, timeout - (time.monotonic() - started)))
+                return
+            except BackendError:
+                unknown = self._unknown_optional_flag()
+                if self._refused_socket():
+                    # A llama-server that does not take "127.0.0.1,PATH.sock" for --host (before unix socket
+                    # support): the same again on TCP only.
+                    log.warning("llama_server_no_unix_socket", output=self.last_output())
+                    self.socket_path = None
+                elif unknown:  # a llama-server older than a flag we add by default: the same without it
+                    log.warning("llama_server_flag_unknown", flag=unknown, output=self.last_output())
+                    self._dropped.add(unknown)
+                else:
+                    raise
+
+    def _unknown_optional_flag(self) -> str | None:
+        """Did llama-server exit refusing a flag we add by default but can do without (too old to know it)?"""
+        said = " ".join(self._tail)
+        return next((f for f in OPTIONAL_FLAGS if f"invalid argument: {f}" in said and f not in self._dropped), None)
 
     def _refused_socket(self) -> bool:
         """Did llama-server exit before listening, unable to listen on its unix socket?"""
@@ -103,7 +135,7 @@ class LlamaServer:
         if self.socket_path:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.socket_path)  # a previous llama-server's (it would refuse to listen there)
-        argv = build_argv(self.launch, self.socket_path)
+        argv = without(build_argv(self.launch, self.socket_path), self._dropped)
         log.info("llama_server_start", argv=argv)
         loop = asyncio.get_running_loop()
         self._port_found = loop.create_future()

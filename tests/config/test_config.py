@@ -85,3 +85,14 @@ def test_a_model_takes_media_parts_only_with_a_projector(tmp_path: Path) -> None
     }}))
     media = {name: m.serves_media for name, m in cfg.models.models.items()}
     assert media == {"m": False, "v": True, "w": True, "e": False}
+
+
+def test_a_models_estimated_footprint_counts_its_prompt_cache() -> None:
+    from config.schema import ModelConfig, ModelParameters
+
+    mib = 1 << 20
+    p = ModelParameters(ctx_size=1000, parallel=2)
+    assert ModelConfig(model_path="m.gguf", parameters=p).footprint(100 * mib, 10) == 100 * mib + 20_000 + 512 * mib
+    unbounded = ModelParameters(ctx_size=1000, parallel=2, cache_ram_mib=-1)
+    assert ModelConfig(model_path="m.gguf", parameters=unbounded).footprint(100 * mib, 10) == 100 * mib + 20_000
+    assert ModelConfig(model_path="m.gguf", memory_bytes=5, parameters=p).footprint(100 * mib, 10) == 5

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bus.protocol import WorkerInfo, WorkerState
-from config.schema import ModelConfig, ModelParameters, embedding_args
+from config.schema import ModelConfig, ModelParameters, llama_server_args
 from gateway import ollama_models as om
 from gateway.catalog import ModelEntry, capabilities
 from gateway.gguf_info import (
@@ -191,17 +191,26 @@ def test_read_facts_never_raises(tmp_path: Path) -> None:
     assert read_facts(tmp_path / "missing.gguf").error
 
 
-def test_embedding_args_are_added_once() -> None:
+def test_llama_server_args_are_added_once() -> None:
     p = ModelParameters(ctx_size=1024)
-    assert embedding_args("chat", "mean", p) == []
-    args = embedding_args("embedding", "mean", p)
-    assert args == ["--embeddings", "--pooling", "mean", "-b", "1024", "-ub", "1024"]
-    again = embedding_args("both", "mean", ModelParameters(ctx_size=1024, extra_args=args))
+    assert llama_server_args("chat", "mean", p) == ["--cache-ram", "512"]
+    args = llama_server_args("embedding", "mean", p)
+    assert args == ["--cache-ram", "512", "--embeddings", "--pooling", "mean", "-b", "1024", "-ub", "1024"]
+    again = llama_server_args("both", "mean", ModelParameters(ctx_size=1024, extra_args=args))
     assert again == args
     m = ModelConfig(model_path="x.gguf", mode="embedding", pooling="cls")
-    assert m.backend_args()[:3] == ["--embeddings", "--pooling", "cls"]
+    assert m.backend_args()[2:5] == ["--embeddings", "--pooling", "cls"]
     assert m.parameters.extra_args == []  # the config as written stays as written
     assert not m.serves_chat and m.serves_embeddings
+
+
+def test_the_prompt_cache_is_bounded_unless_the_model_says_otherwise() -> None:
+    """llama-server's own default (8 GiB) let a worker grow from 0.2 to 1.5 GB over a few hundred prompts."""
+    assert ModelConfig(model_path="x.gguf").backend_args() == ["--cache-ram", "512"]
+    own = ModelConfig(model_path="x.gguf", parameters=ModelParameters(cache_ram_mib=-1, extra_args=["-t", "2"]))
+    assert own.backend_args() == ["-t", "2", "--cache-ram", "-1"]
+    for flags in (["-cram", "64"], ["--cache-ram=64"]):
+        assert ModelConfig(model_path="x.gguf", parameters=ModelParameters(extra_args=flags)).backend_args() == flags
 
 
 def _entry(mode: str = "chat", facts: ModelFacts | None = None) -> ModelEntry:

@@ -162,3 +162,18 @@ def test_bench_quick_reports_every_figure(tmp_path: Path) -> None:
     assert "reference: a plain one-hop aiohttp proxy adds" in out.stdout
     assert "bus floor: round trip p50" in out.stdout
     assert "PASS" in out.stdout or "MISS" in out.stdout
+
+
+def test_direct_llama_server_gets_the_argv_a_worker_gives_it(tmp_path: Path) -> None:
+    """The benchmark's 'direct' llama-server must run as the workers' does, or the ratios compare two servers."""
+    from bus.protocol import ModelParams, WorkerLaunch
+    from config.schema import ModelConfig
+    from tools.bench.instance import Upstream
+    from workers.llama_server import build_argv
+
+    up = Upstream("real", "/bin/llama-server", str(tmp_path / "m.gguf"), "m", threads=1, ctx_size=1024, parallel=2)
+    model = ModelConfig(model_path=up.model_path)
+    launch = WorkerLaunch(name="m", kind="llama", run_dir="", logs_dir="", supervisor_pid=1, model_path=up.model_path,
+                          llama_server=up.binary,
+                          params=ModelParams(ctx_size=1024, threads=1, parallel=2, extra_args=model.backend_args()))
+    assert up.argv() == build_argv(launch)

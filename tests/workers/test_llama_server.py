@@ -90,6 +90,26 @@ def test_a_llama_server_that_cannot_listen_on_unix_sockets_is_started_again_on_t
     asyncio.run(main())
 
 
+def test_a_llama_server_older_than_the_prompt_cache_flag_is_started_again_without_it(run_dir: Path) -> None:
+    """--cache-ram (added by default since llama-server's own default let a worker grow to 1.5 GB) is newer than
+    some llama-servers a user may point us at: they exit with "invalid argument"; the model must still load."""
+    real = launch(run_dir).llama_server
+    old = run_dir / "old-llama-server"
+    old.write_text('#!/bin/sh\nfor a in "$@"; do [ "$a" = --cache-ram ] && { echo "error: invalid argument: '
+                   f'--cache-ram"; exit 1; }}; done\nexec "{real}" "$@"\n')
+    old.chmod(0o755)
+
+    async def main() -> None:
+        server = LlamaServer(launch(run_dir, str(old), ["--cache-ram", "64"]), run_dir / "llama-server.log")
+        try:
+            await server.start(60)
+            assert await health(server.pool()) == (200, socket.AF_UNIX)
+        finally:
+            await server.stop()
+
+    asyncio.run(main())
+
+
 def test_a_llama_server_that_fails_otherwise_is_not_started_again(run_dir: Path) -> None:
     bad = run_dir / "bad-llama-server"
     bad.write_text('#!/bin/sh\necho started >> "$(dirname "$0")/starts"\necho "error: no such model"\nexit 1\n')

@@ -54,6 +54,7 @@ class Upstream:
     threads: int = 1
     ctx_size: int = 2048
     parallel: int = 1
+    cache_ram_mib: int = 512  # (config/schema.py ModelParameters' default, as a worker's llama-server gets it)
 
     def argv(self) -> list[str]:
         """llama-server's argv as the worker builds it (workers/llama_server.py build_argv)."""
@@ -73,6 +74,8 @@ class Upstream:
             str(self.ctx_size * self.parallel),
             "-np",
             str(self.parallel),
+            "--cache-ram",
+            str(self.cache_ram_mib),
         ]
 
 
@@ -106,6 +109,7 @@ def real_upstream() -> Upstream | None:
         threads=1,
         ctx_size=p.ctx_size,
         parallel=p.parallel,
+        cache_ram_mib=p.cache_ram_mib,
     )
 
 
@@ -223,6 +227,7 @@ def write_config(upstream: Upstream, cfg_dir: Path) -> None:
                     "ctx_size": upstream.ctx_size,
                     "threads": upstream.threads,
                     "parallel": upstream.parallel,
+                    "cache_ram_mib": upstream.cache_ram_mib,
                     "extra_args": [],
                 },
             }
