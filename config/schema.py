@@ -179,7 +179,8 @@ class ModelConfig(_Cfg):
         if self.memory_bytes is not None:
             return self.memory_bytes
         p = self.parameters
-        return file_size + p.ctx_size * p.parallel * kv_bytes_per_token + (max(p.cache_ram_mib, 0) << 20)
+        cache = max(p.cache_ram_mib, 0) << 20 if self.type == "llama" else 0  # (whisper has no prompt cache)
+        return file_size + p.ctx_size * p.parallel * kv_bytes_per_token + cache
 
     @property
     def serves_chat(self) -> bool:

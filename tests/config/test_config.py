@@ -96,3 +96,4 @@ def test_a_models_estimated_footprint_counts_its_prompt_cache() -> None:
     unbounded = ModelParameters(ctx_size=1000, parallel=2, cache_ram_mib=-1)
     assert ModelConfig(model_path="m.gguf", parameters=unbounded).footprint(100 * mib, 10) == 100 * mib + 20_000
     assert ModelConfig(model_path="m.gguf", memory_bytes=5, parameters=p).footprint(100 * mib, 10) == 5
+    assert ModelConfig(model_path="w", type="whisper", parameters=p).footprint(100 * mib, 10) == 100 * mib + 20_000
