@@ -193,7 +193,7 @@ const WorkersView = {
     <el-table :data="workers" row-key="name" size="small" border empty-text="no models configured" data-table="workers">
       <el-table-column label="model" min-width="150">
         <template #default="{ row }"><b :data-model="row.name" data-field="name">{{ row.name }}</b>
-          <div class="muted" v-if="row.message" style="font-size:11px">{{ row.message }}</div></template>
+          <div class="muted row-msg" v-if="row.message" :title="row.message" :data-model="row.name" data-field="message">{{ row.message }}</div></template>
       </el-table-column>
       <el-table-column label="state" width="100">
         <template #default="{ row }"><el-tag :type="tag(row.state)" effect="dark" size="small" :data-model="row.name"

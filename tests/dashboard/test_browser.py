@@ -7,6 +7,7 @@ import os
 import shutil
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from typing import Any
@@ -180,3 +181,29 @@ def test_actions_that_do_not_apply_to_a_state_are_disabled(page: Any, two_models
     assert page.is_disabled(f'[data-model="{MODEL_A}"][data-action="start"]')  # ready: already started
     assert page.is_enabled(f'[data-model="{MODEL_A}"][data-action="stop"]')
     assert page.is_enabled(f'[data-model="{MODEL_A}"][data-action="restart"]')
+
+
+def test_a_long_worker_message_takes_two_lines_and_shows_whole_on_hover(page: Any, two_models: System) -> None:
+    """A failed load's message (llama-server's last log lines: ~500 characters) made its row several lines tall."""
+    cfg = two_models.config_dir / "models_config.json"
+    original = cfg.read_text()
+    doc = json.loads(original)
+    missing = "/nonexistent/" + "very-long-directory-name/" * 12 + "gone.gguf"
+    doc["models"]["gone"] = {**doc["models"][MODEL_A], "model_path": missing}
+    page.wait_for_selector('[data-field="live"]:has-text("live")', timeout=15000)
+    cfg.write_text(json.dumps(doc))
+    try:
+        assert two_models.cli("reload").returncode == 0
+        req = urllib.request.Request(f"http://127.0.0.1:{two_models.ollama_port}/api/generate", method="POST",
+                                     data=json.dumps({"model": "gone", "prompt": "hi", "stream": False}).encode())
+        with pytest.raises(urllib.error.HTTPError):
+            urllib.request.urlopen(req, timeout=60)
+        cell = page.wait_for_selector(_cell("gone", "message") + ':has-text("model file not found")', timeout=15000)
+        assert cell is not None
+        assert missing in (cell.get_attribute("title") or "")
+        line = float(page.evaluate("(e) => parseFloat(getComputedStyle(e).lineHeight) || 16", cell))
+        box = cell.bounding_box()
+        assert box is not None and box["height"] <= 2 * line + 2, (box, line)
+    finally:
+        cfg.write_text(original)
+        two_models.cli("reload")
