@@ -25,6 +25,10 @@ QUEUE_SIZE = 2000
 
 ALWAYS = (endpoints.TOPIC_STATE.encode(), endpoints.TOPIC_METRICS.encode())
 TOPIC_REQUESTS = endpoints.TOPIC_REQUEST.encode()
+LIVE = ("starting", "ready", "stopping")  # a worker's states with a process
+# worker_metrics figures of a running process (the totals stay: they are the last process' counts)
+PROCESS_GAUGES = ("pid", "backend_pid", "cpu_percent", "rss_bytes", "in_flight", "queued", "tokens_per_s",
+                  "requests_per_s", "uptime_s")
 
 class Hub:
     def __init__(self, run_dir: str) -> None:
@@ -94,6 +98,10 @@ class Hub:
             name = str(event.get("name", ""))
             w = self.workers.setdefault(name, {"name": name})
             w.update({k: v for k, v in event.items() if k not in ("type", "v")})
+            if w.get("state") not in LIVE:  # a process gone (a kill sends no last figures): none of its gauges
+                for gauge in PROCESS_GAUGES:
+                    if gauge in w:
+                        w[gauge] = 0
         elif kind == "gateway_metrics":
             self.gateways[str(event.get("protocol", ""))] = event
         elif kind == "process_state":

@@ -229,7 +229,7 @@ class WorkerManager:
             return
         # a crash (or a failed start)
         was = self.state
-        reason = self.message if (was == S.STARTING and self.message) else f"worker exited with code {code}"
+        reason = self.message or f"worker exited with code {code}"  # (a worker says why in its last hello)
         if was == S.STARTING:
             self._reject_waiters(WorkerUnavailable("load_failed", f"model {self.name!r} failed to load: {reason}"))
             if not self._keep_up:  # its requests had their error; the next one tries again (as Ollama does)

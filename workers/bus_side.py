@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import time
 import uuid
 from collections.abc import Coroutine
 from typing import Any
@@ -20,16 +21,23 @@ import zmq
 import zmq.asyncio
 
 from bus import endpoints
-from bus.codec import COMMANDS, JOBS, BusDecodeError
-from bus.protocol import Data, End, Fail, Head, Job, WorkerHello, WorkerLaunch, WorkerState
+from bus.codec import COMMANDS, JOBS, BusDecodeError, encode_event
+from bus.protocol import Data, End, Fail, Head, Job, WorkerHello, WorkerLaunch, WorkerMetrics, WorkerState
 from bus.pump import NOBLOCK, Outbox, Reader, sync_view
 from workers.metrics import RequestFigures
 
 log = structlog.get_logger()
+FINAL_LINGER_MS = 200  # the last figures' time to leave at a stop (none when the supervisor is gone)
 
 
 class WorkerBus:
-    stats: RequestFigures  # each worker's own figures (set by its __init__), wired to the metrics bus here
+    # each worker's own figures (set by its __init__), wired to the metrics bus here
+    stats: RequestFigures
+    requests_total: int
+    errors_total: int
+    in_flight: int
+    waiting: int
+    started: float  # monotonic time the worker process started
 
     def __init__(self, launch: WorkerLaunch) -> None:
         self.launch = launch
@@ -90,11 +98,32 @@ class WorkerBus:
         with contextlib.suppress(zmq.ZMQError):
             self._pub.send_multipart(frames, NOBLOCK)
 
+    def figures(self, cpu_percent: float, rss_bytes: int, backend_pid: int = 0) -> WorkerMetrics:
+        """This worker's periodic WorkerMetrics (its process figures given: each kind of worker has its own)."""
+        tps, rps = self.stats.rates(self.requests_total)
+        return WorkerMetrics(
+            name=self.launch.name, state=self.state, pid=os.getpid(), backend_pid=backend_pid,
+            cpu_percent=cpu_percent, rss_bytes=rss_bytes, in_flight=self.in_flight, queued=self.waiting,
+            requests_total=self.requests_total, errors_total=self.errors_total,
+            uptime_s=time.monotonic() - self.started, tokens_total=self.stats.tokens_total, tokens_per_s=tps,
+            requests_per_s=rps, ttft_last_s=self.stats.ttft_last, ttft_p50_s=self.stats.ttft_p50(),
+            model_path=self.launch.model_path)
+
+    def publish_figures(self, event: WorkerMetrics) -> None:
+        self.publish(encode_event(endpoints.topic_worker_metrics(self.launch.name), event))
+
     def _close_sockets(self) -> None:
         self._sub_reader.close()
         self.outbox.flush()  # the last items (e.g. Fails of a stop) leave before the sockets close
-        for sock in (self.router, self.control, self.pub):
+        # The last figures: the totals since the previous periodic event (they were lost), and state "stopped"
+        # (a subscriber kept the last periodic one: "ready", its memory and uptime, for a model long stopped).
+        self.publish_figures(WorkerMetrics(
+            name=self.launch.name, state=WorkerState.STOPPED, requests_total=self.requests_total,
+            errors_total=self.errors_total, tokens_total=self.stats.tokens_total, ttft_last_s=self.stats.ttft_last,
+            ttft_p50_s=self.stats.ttft_p50(), model_path=self.launch.model_path))
+        for sock in (self.router, self.control):
             sock.close(linger=0)
+        self.pub.close(linger=FINAL_LINGER_MS)
         self.ctx.term()
 
     async def hello(self, state: WorkerState, message: str = "", backend_pid: int = 0) -> None:

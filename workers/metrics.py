@@ -137,24 +137,27 @@ class WorkerStats(RequestFigures):
         self._emit(rid, "started", path=st.path, stream=st.stream, queued_s=st.started - st.arrived)
 
     def data(self, rid: str, chunk: bytes) -> bool:
-        """One backend read (hot path: byte counts only). True once the request's first token went out (a streamed
-        one; any answer of a non-streaming request)."""
+        """One backend read (hot path: byte counts only). True once the answer flows: a stream's first token went
+        out, or a non-streaming answer began. Only streamed tokens have a time to first token (a non-streaming
+        answer, an error or an embedding has none: counted as one, its whole time skewed the TTFT figures)."""
         st = self.live.get(rid)
         if st is None:
             return False
         st.tail += chunk
         if len(st.tail) > _TAIL_MAX:
             del st.tail[:-_TAIL_KEEP]
-        if st.stream:
-            n = chunk.count(st.marker)
-            self.tokens_total += n
-            st.counted += n
-        if not st.first and (not st.stream or st.marker in chunk):
+        if not st.stream:
+            return True
+        n = chunk.count(st.marker)
+        self.tokens_total += n
+        st.counted += n
+        if n and not st.first:
             st.first = time.monotonic()
             ttft = st.first - st.arrived
             self.ttft_last = ttft
             self.ttfts.append(ttft)
-            self._emit(rid, "first_token", path=st.path, stream=st.stream, ttft_s=ttft)
+            self._emit(rid, "first_token", path=st.path, stream=st.stream, ttft_s=ttft,
+                       queued_s=(st.started or st.first) - st.arrived)
         return bool(st.first)
 
     def finished(self, rid: str, status: int, outcome: str) -> None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import time
 from pathlib import Path
 
@@ -22,8 +21,6 @@ import structlog
 import zmq
 import zmq.asyncio
 
-from bus import endpoints
-from bus.codec import encode_event
 from bus.protocol import (
     Cancel,
     Data,
@@ -33,7 +30,6 @@ from bus.protocol import (
     HttpJob,
     Job,
     WorkerLaunch,
-    WorkerMetrics,
     WorkerState,
 )
 from supervisor.child import install_stop_signals, watch_parent
@@ -106,6 +102,8 @@ class LlamaWorker(WorkerBus):
             msg = f"llama-server exited unexpectedly (code {self.backend.proc.returncode if self.backend.proc else '?'})"
             log.error("backend_exited", message=msg, output=self.backend.last_output())
             await self._fail_all(502, "backend_exited", msg)
+            with contextlib.suppress(zmq.ZMQError, TimeoutError):  # why this worker exits, for the supervisor
+                await asyncio.wait_for(self.hello(WorkerState.FATAL, msg), 0.5)
             return 4
         if receiver in done and receiver.exception():
             log.error("receiver_failed", error=repr(receiver.exception()))
@@ -229,7 +227,6 @@ class LlamaWorker(WorkerBus):
     # ------------------------------------------------------------------ metrics
     async def _metrics(self) -> None:
         me = psutil.Process()
-        topic = endpoints.topic_worker_metrics(self.launch.name)
         backend = None
         while True:
             rss = me.memory_info().rss
@@ -240,14 +237,5 @@ class LlamaWorker(WorkerBus):
                 cpu += backend.cpu_percent()
             except psutil.Error:
                 backend = None
-            tps, rps = self.stats.rates(self.requests_total)
-            event = WorkerMetrics(
-                name=self.launch.name, state=self.state, pid=os.getpid(), backend_pid=self.backend.pid,
-                cpu_percent=cpu, rss_bytes=rss, in_flight=self.in_flight, queued=self.waiting,
-                requests_total=self.requests_total, errors_total=self.errors_total,
-                uptime_s=time.monotonic() - self.started, tokens_total=self.stats.tokens_total,
-                tokens_per_s=tps, requests_per_s=rps, ttft_last_s=self.stats.ttft_last,
-                ttft_p50_s=self.stats.ttft_p50(), model_path=self.launch.model_path,
-            )
-            self.publish(encode_event(topic, event))
+            self.publish_figures(self.figures(cpu, rss, self.backend.pid))
             await asyncio.sleep(1.0)

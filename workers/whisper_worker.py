@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -23,8 +22,6 @@ import structlog
 import zmq
 import zmq.asyncio
 
-from bus import endpoints
-from bus.codec import encode_event
 from bus.protocol import (
     Cancel,
     Data,
@@ -35,7 +32,6 @@ from bus.protocol import (
     Job,
     TranscribeJob,
     WorkerLaunch,
-    WorkerMetrics,
     WorkerState,
 )
 from supervisor.child import install_stop_signals, watch_parent
@@ -263,16 +259,6 @@ class WhisperWorker(WorkerBus):
     # ------------------------------------------------------------------ metrics
     async def _metrics(self) -> None:
         me = psutil.Process()
-        topic = endpoints.topic_worker_metrics(self.launch.name)
         while True:
-            tps, rps = self.stats.rates(self.requests_total)
-            event = WorkerMetrics(
-                name=self.launch.name, state=self.state, pid=os.getpid(), cpu_percent=me.cpu_percent(),
-                rss_bytes=me.memory_info().rss, in_flight=self.in_flight, queued=self.waiting,
-                requests_total=self.requests_total, errors_total=self.errors_total,
-                tokens_total=self.stats.tokens_total, uptime_s=time.monotonic() - self.started,
-                model_path=self.launch.model_path, tokens_per_s=tps, requests_per_s=rps,
-                ttft_last_s=self.stats.ttft_last, ttft_p50_s=self.stats.ttft_p50(),
-            )
-            self.publish(encode_event(topic, event))
+            self.publish_figures(self.figures(me.cpu_percent(), me.memory_info().rss))
             await asyncio.sleep(1.0)

@@ -166,6 +166,29 @@ def test_prometheus_endpoint_has_the_same_figures(two_models: System) -> None:
     assert all(name.startswith("llama_runner_") for name, _ in samples)
 
 
+def test_a_stopped_worker_sends_its_last_figures_and_keeps_no_live_ones(two_models: System) -> None:
+    """Its last figures were lost (the tokens of its last second never counted) and the last periodic ones stayed:
+    "ready", its memory and uptime, on the bus and in /metrics, for a model long stopped."""
+    from tests.dashboard.conftest import MODEL_B
+
+    try:
+        with subscribed(two_models) as lines:
+            lines.until(lambda e: e["type"] == "worker_metrics" and e["name"] == MODEL_B, 15, "B's figures")
+            _chat(two_models, MODEL_B, max_tokens=4, stream=False)
+            assert two_models.cli("stop", MODEL_B).returncode == 0
+            last = lines.until(lambda e: e["type"] == "worker_metrics" and e["name"] == MODEL_B
+                               and e["state"] == "stopped", 15, "B's last figures")
+            assert last["tokens_total"] > 0 and last["requests_total"] >= 1 and last["rss_bytes"] == 0, last
+        _, samples = _scrape(two_models)
+        assert samples[("llama_runner_worker_state", (("model", MODEL_B), ("state", "stopped")))] == 1
+        assert samples[("llama_runner_worker_rss_bytes", (("model", MODEL_B),))] == 0
+        assert samples[("llama_runner_worker_uptime_seconds", (("model", MODEL_B),))] == 0
+        assert samples[("llama_runner_worker_tokens_generated_total", (("model", MODEL_B),))] > 0
+    finally:
+        two_models.cli("start", MODEL_B)
+        wait_for(lambda: two_models.worker(MODEL_B)["state"] == "ready", 60, "B ready again")
+
+
 def test_a_request_cut_by_a_restart_is_an_error_not_a_cancellation(two_models: System) -> None:
     """The operator's restart ended it (the client got a 503 error): not 499 'cancelled', the client's doing."""
     from tests.dashboard.conftest import MODEL_B

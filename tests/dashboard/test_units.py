@@ -48,6 +48,30 @@ def test_non_stream_tokens_from_usage() -> None:
     assert stats.tokens_total == want > 0
 
 
+def test_only_streamed_tokens_have_a_time_to_first_token() -> None:
+    """A non-streaming answer (or an error, or an embedding) has no first token a client sees: counted as one, its
+    whole time went into the TTFT figures (a 2.5 s answer read as a 2.5 s TTFT)."""
+    sent: list[list[bytes]] = []
+
+    class FakePub:
+        def send_multipart(self, frames: list[bytes], flags: int = 0) -> None:
+            sent.append(frames)
+
+    stats = WorkerStats("m", pub=FakePub())  # type: ignore[arg-type]
+    stats.queued("r", "/v1/chat/completions", False)
+    stats.started("r")
+    assert stats.data("r", (GOLDEN / "chat.json").read_bytes())  # (the answer flows: its later reads may wait)
+    stats.finished("r", 200, "ok")
+    stats.queued("e", "/v1/chat/completions", True)
+    stats.started("e")
+    assert not stats.data("e", b'{"error":{"code":400,"message":"bad schema","type":"invalid_request_error"}}')
+    stats.finished("e", 400, "error")
+    events = [EVENTS.decode(f[1]) for f in sent]
+    assert "first_token" not in [e.phase for e in events]  # type: ignore[union-attr]
+    assert stats.ttft_last == 0 and not stats.ttfts and stats.tokens_total > 0
+    assert all(e.ttft_s == 0 for e in events if e.phase == "finished")  # type: ignore[union-attr]
+
+
 @pytest.mark.parametrize(("tail", "want"), [
     (b'"timings":{"predicted_n":7,"predicted_ms":1}', 7),
     (b'"predicted_n": 12}', 12),
@@ -184,3 +208,14 @@ def test_request_events_are_subscribed_only_while_a_browser_watches() -> None:
     assert len(calls) == 1  # one browser still watches
     hub.unlisten(q2)
     assert calls[-1] == (zmq.UNSUBSCRIBE, b"request/")
+
+
+def test_a_worker_gone_keeps_its_totals_but_no_process_figures() -> None:
+    """A worker killed sends no last figures: its last periodic ones (memory, uptime, tokens/s) stayed for good."""
+    hub = Hub("/nonexistent")
+    hub.apply({"type": "worker_metrics", "name": "a", "state": "ready", "pid": 5, "rss_bytes": 100, "uptime_s": 9.0,
+               "tokens_per_s": 3.0, "tokens_total": 42})
+    hub.apply({"type": "worker_state", "name": "a", "state": "backoff", "pid": 0, "restarts": 1})
+    a = hub.workers["a"]
+    assert (a["rss_bytes"], a["uptime_s"], a["tokens_per_s"], a["pid"]) == (0, 0, 0, 0)
+    assert a["tokens_total"] == 42 and a["restarts"] == 1

@@ -71,6 +71,10 @@ def test_killed_llama_server_is_noticed_and_restarted(system: System) -> None:
     ask(system)
     w = system.worker(MODEL)
     os.kill(w["backend_pid"], signal.SIGKILL)
+    # the reason is said where the operator looks (it was "worker exited with code 4"; the cause in a log)
+    said = wait_for(lambda: (m := system.worker(MODEL)["message"]) and "llama-server exited unexpectedly" in m and m,
+                    10, "the reason in the worker's state", interval=0.05)
+    assert "restarting" in said, said
     ready_pid(system, other_than=w["pid"])
     assert ask(system) is not None
 
