@@ -38,6 +38,10 @@ class Config:
         root = self.app.models_root
         return Path(root).expanduser() if root else runtime.default_models_root()
 
+    def model_size(self, model: ModelConfig) -> int:
+        """Bytes of a model on disk: its file, or all files of its directory (a whisper model); 0 if missing."""
+        return model_size(self.model_path(model))
+
     def model_path(self, model: ModelConfig) -> Path:
         """Absolute path of a model file; relative paths are under the models root."""
         path = Path(model.model_path).expanduser()
@@ -120,3 +124,14 @@ def _check_models(path: Path, models: ModelsConfig) -> None:
             raise ConfigError(f"{path}: preload `{name}` is not a configured model - at $.preload[{i}]")
     if models.default_model is not None and models.default_model not in models.models:
         raise ConfigError(f"{path}: default_model `{models.default_model}` is not a configured model - at $.default_model")
+
+
+def model_size(path: Path) -> int:
+    """Bytes of a model on disk: a file's size, or the sum of the files in a directory (a whisper model: its
+    directory's own size, 4096, was shown as the model's); 0 if it is not there."""
+    try:
+        if path.is_dir():
+            return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+        return path.stat().st_size
+    except OSError:
+        return 0

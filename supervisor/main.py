@@ -48,7 +48,7 @@ from bus.protocol import (
     WorkerStateEvent,
 )
 from config import runtime
-from config.loader import Config, ConfigError, load_config
+from config.loader import Config, ConfigError, load_config, model_size
 from supervisor.metrics_tcp import TcpMetrics, proxy_events
 from supervisor.processes import EXIT_CANNOT_LISTEN, python_module, spawn, terminate
 from supervisor.reload import plan as reload_plan
@@ -269,10 +269,7 @@ class Supervisor:
         model = self.config.models.models.get(name)
         if model is None:
             return 0
-        size = 0
-        if model.memory_bytes is None:
-            with contextlib.suppress(OSError):
-                size = self.config.model_path(model).stat().st_size
+        size = self.config.model_size(model) if model.memory_bytes is None else 0
         return model.footprint(size, self.config.app.limits.kv_bytes_per_token)
 
     def _ttl(self, name: str) -> float:
@@ -284,9 +281,7 @@ class Supervisor:
     def worker_info(self, mgr: WorkerManager) -> WorkerInfo:
         info = mgr.info()
         assert self.scheduler is not None
-        size = 0
-        with contextlib.suppress(OSError):
-            size = Path(mgr.launch.model_path).stat().st_size
+        size = model_size(Path(mgr.launch.model_path))
         return msgspec.structs.replace(info, leases=self.scheduler.leases(mgr.name),
                                        expires_at=self.scheduler.expires_at(mgr.name),
                                        model_path=mgr.launch.model_path, size_bytes=size)

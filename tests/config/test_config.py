@@ -97,3 +97,16 @@ def test_a_models_estimated_footprint_counts_its_prompt_cache() -> None:
     assert ModelConfig(model_path="m.gguf", parameters=unbounded).footprint(100 * mib, 10) == 100 * mib + 20_000
     assert ModelConfig(model_path="m.gguf", memory_bytes=5, parameters=p).footprint(100 * mib, 10) == 5
     assert ModelConfig(model_path="w", type="whisper", parameters=p).footprint(100 * mib, 10) == 100 * mib + 20_000
+
+
+def test_a_models_size_on_disk_is_its_files_own(tmp_path: Path) -> None:
+    """A whisper model is a directory: its size was the directory's own (4096), in status and the memory budget."""
+    from config.loader import model_size
+
+    d = tmp_path / "whisper"
+    (d / "sub").mkdir(parents=True)
+    (d / "model.bin").write_bytes(b"x" * 10_000)
+    (d / "sub" / "vocab.txt").write_bytes(b"y" * 500)
+    assert model_size(d) == 10_500
+    assert model_size(d / "model.bin") == 10_000
+    assert model_size(tmp_path / "missing") == 0

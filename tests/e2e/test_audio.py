@@ -72,6 +72,11 @@ def test_transcription_json(client: openai.OpenAI, speech: dict[str, Path]) -> N
     assert HELLO <= said(r.text), r.text
 
 
+def test_a_whisper_models_size_is_its_files(system: System, speech: dict[str, Path]) -> None:
+    """A whisper model is a directory: its size was the directory's own, 4096 bytes (status, memory budget)."""
+    assert system.worker(MODEL)["size_bytes"] > 1_000_000
+
+
 def test_translation_and_the_whisper_1_alias(client: openai.OpenAI, speech: dict[str, Path]) -> None:
     with speech["hello"].open("rb") as f:
         r = client.audio.translations.create(model="whisper-1", file=f)
