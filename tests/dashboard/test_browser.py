@@ -198,7 +198,7 @@ def test_a_long_worker_message_takes_two_lines_and_shows_whole_on_hover(page: An
                                      data=json.dumps({"model": "gone", "prompt": "hi", "stream": False}).encode())
         with pytest.raises(urllib.error.HTTPError):
             urllib.request.urlopen(req, timeout=60)
-        cell = page.wait_for_selector(_cell("gone", "message") + ':has-text("model file not found")', timeout=15000)
+        cell = page.wait_for_selector(_cell("gone", "message") + ':has-text("model file not found")', timeout=30000)
         assert cell is not None
         assert missing in (cell.get_attribute("title") or "")
         line = float(page.evaluate("(e) => parseFloat(getComputedStyle(e).lineHeight) || 16", cell))

@@ -172,8 +172,9 @@ def test_a_stopped_worker_sends_its_last_figures_and_keeps_no_live_ones(two_mode
     from tests.dashboard.conftest import MODEL_B
 
     try:
+        two_models.cli("start", MODEL_B)
+        wait_for(lambda: two_models.worker(MODEL_B)["state"] == "ready", 60, "B ready")
         with subscribed(two_models) as lines:
-            lines.until(lambda e: e["type"] == "worker_metrics" and e["name"] == MODEL_B, 15, "B's figures")
             _chat(two_models, MODEL_B, max_tokens=4, stream=False)
             assert two_models.cli("stop", MODEL_B).returncode == 0
             last = lines.until(lambda e: e["type"] == "worker_metrics" and e["name"] == MODEL_B
