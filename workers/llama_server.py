@@ -15,7 +15,6 @@ import structlog
 
 from bus import endpoints
 from bus.protocol import WorkerLaunch
-from config.schema import CACHE_RAM_FLAG
 from supervisor.child import kill_with_parent_preexec
 from workers.backend_http import BackendHTTPError, BackendPool
 
@@ -46,7 +45,7 @@ def build_argv(launch: WorkerLaunch, socket_path: str | None = None) -> list[str
 
 # Flags of ours (config/schema.py llama_server_args) that an older llama-server may not know: it exits with
 # "invalid argument: FLAG"; it is then started again without them.
-OPTIONAL_FLAGS = (CACHE_RAM_FLAG,)
+OPTIONAL_FLAGS = ("--cache-ram",)  # (config/schema.py CACHE_RAM_FLAG: not imported, the worker stays lean)
 
 
 def without(argv: list[str], flags: set[str]) -> list[str]:

@@ -116,6 +116,7 @@ def test_bench_quick_reports_every_figure(tmp_path: Path) -> None:
             assert fig["tokens_per_s"][path]["n"] == 1 and fig["tokens_per_s"][path]["median"] > 0
         assert fig["tokens_per_stream_got"] == fig["tokens_per_stream"] == 8  # every stream carried what it asked
         assert fig["reference_ratio"]["n"] == 1 and "direct-unix" not in fig["ratio"]  # a reference, no target
+        assert all(fig["ratio_to_reference"][g]["n"] == 1 for g in ("ollama", "openai"))
         assert fig["one_hop_ratio"]["n"] == 1 and "one-hop-proxy" not in fig["ratio"]
         assert "gateway" in fig["cpu_us_per_token"]["one-hop-proxy"]  # (the proxy's own CPU)
         for g in ("ollama", "openai"):
@@ -159,9 +160,63 @@ def test_bench_quick_reports_every_figure(tmp_path: Path) -> None:
     ):
         assert needle in md, needle
     assert "reference: tokens/s over llama-server's unix socket" in out.stdout
+    assert "reference: tokens/s gateway / llama-server's unix socket: 1 streams ollama" in out.stdout
+    assert "gateway / unix reference" in md
     assert "reference: a plain one-hop aiohttp proxy adds" in out.stdout
     assert "bus floor: round trip p50" in out.stdout
     assert "PASS" in out.stdout or "MISS" in out.stdout
+    # what the README says it prints: each process' CPU per token and idle RSS (they were only in the .md)
+    assert "CPU µs per token at 16 streams: ollama: gateway" in out.stdout
+    assert "idle RSS MB: supervisor" in out.stdout
+    # 3 requests a run: a "p99" is their maximum, judged n/a, neither PASS nor MISS (a negative one passed)
+    p99 = [t for t in doc["targets"] if "p99" in t["target"]]
+    assert p99 and all(t["status"] == "n/a" and not t["pass"] for t in p99), p99
+    assert any(line.split()[:3] == ["n/a", "[synthetic]", "added"] and "p99" in line
+               for line in out.stdout.splitlines()), out.stdout
+    assert r["latency_back_to_back"]["samples_per_run"] == 3  # (it said 3 and measured 20)
+    json.loads((tmp_path / "BENCHMARKS.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
+
+
+@pytest.mark.parametrize(("args", "says"), [
+    (["--runs", "0"], "must be 1 or more"),
+    (["--duration", "-1"], "must be 0 or more"),
+    (["--baseline", "/nonexistent/BENCHMARKS.json"], "--baseline"),
+    (["--baseline", "README.md"], "--baseline"),
+    (["--out-dir", "README.md"], "not a folder"),
+])
+def test_bad_arguments_are_refused_before_anything_runs(args: list[str], says: str) -> None:
+    """A bad --baseline or --out-dir was found after the whole run (15 minutes) and threw its results away."""
+    out = subprocess.run([sys.executable, "-m", "tools.bench", "--quick", *args], cwd=ROOT, capture_output=True,
+                         text=True, timeout=30)
+    assert out.returncode == 2 and says in out.stderr, out.stderr
+
+
+def test_sigterm_stops_the_benchmark_and_what_it_started(tmp_path: Path) -> None:
+    """SIGTERM (a CI timeout, kill) left the supervisor, gateways, worker and upstream running, and temp dirs."""
+    import signal
+    import time
+
+    import psutil
+
+    proc = subprocess.Popen([sys.executable, "-m", "tools.bench", "--quick", "--upstream", "synthetic", "--runs", "1",
+                             "--duration", "5"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            if "tokens/s c=1 run" in line or "tokens/s" in line:  # the instance is up and loaded
+                break
+        started = psutil.Process(proc.pid).children(recursive=True)
+        assert started
+        proc.send_signal(signal.SIGTERM)
+        rest = proc.communicate(timeout=60)[1]
+        assert proc.returncode == 130 and "interrupted" in rest, rest[-2000:]
+        time.sleep(0.5)
+        left = [p for p in started if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        assert not left, [p.cmdline() for p in left]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
 
 
 def test_direct_llama_server_gets_the_argv_a_worker_gives_it(tmp_path: Path) -> None:

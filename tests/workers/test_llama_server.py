@@ -137,3 +137,10 @@ def test_a_host_of_the_models_own_extra_args_wins_the_worker_speaks_tcp(run_dir:
             await server.stop()
 
     asyncio.run(main())
+
+
+def test_the_flags_a_worker_may_drop_are_the_ones_the_config_adds() -> None:
+    from config.schema import CACHE_RAM_FLAG
+    from workers.llama_server import OPTIONAL_FLAGS
+
+    assert CACHE_RAM_FLAG in OPTIONAL_FLAGS

@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import shlex
+import signal
 import sys
 import tempfile
 import time
@@ -22,17 +24,37 @@ from tools.bench.figures import Params, run_upstream, say
 from tools.bench.instance import ROOT, real_upstream, synthetic_upstream
 
 
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, not {value}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not value >= 0:  # (nan too)
+        raise argparse.ArgumentTypeError(f"must be 0 or more, not {text}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m tools.bench", description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="fewer runs, shorter loops (< 2 minutes)")
-    p.add_argument("--upstream", choices=("both", "synthetic", "real"), default="both")
-    p.add_argument("--runs", type=int, help="runs per figure (min/median/max over them)")
-    p.add_argument("--duration", type=float, help="seconds of each streaming loop")
-    p.add_argument("--samples", type=int, help="sequential requests per target per run (latency, TTFT)")
-    p.add_argument("--tokens", type=int, help="tokens per stream on the synthetic upstream")
-    p.add_argument("--rps-duration", type=float, help="seconds of each requests/s loop")
-    p.add_argument("--cold-runs", type=int, help="cold starts per gateway")
-    p.add_argument("--idle-wait", type=float, help="seconds idle before reading RSS")
+    p = argparse.ArgumentParser(
+        prog="python -m tools.bench",
+        description="What llama-runner costs against direct llama-server: every figure side by side (direct, "
+                    "Ollama gateway, OpenAI gateway), ratios and targets; writes BENCHMARKS.md and BENCHMARKS.json.")
+    p.add_argument("--quick", action="store_true", help="fewer runs, shorter loops (~2 minutes; writes nothing "
+                                                        "unless --out-dir is given)")
+    p.add_argument("--upstream", choices=("both", "synthetic", "real"), default="both",
+                   help="the synthetic upstream (the proxy's own cost), the real llama-server with the default "
+                        "model, or both (default)")
+    p.add_argument("--runs", type=_count, help="runs per figure (min/median/max over them)")
+    p.add_argument("--duration", type=_seconds, help="seconds of each streaming loop")
+    p.add_argument("--samples", type=_count, help="sequential requests per target per run (latency, TTFT)")
+    p.add_argument("--tokens", type=_count, help="tokens per stream on the synthetic upstream")
+    p.add_argument("--rps-duration", type=_seconds, help="seconds of each requests/s loop")
+    p.add_argument("--cold-runs", type=_count, help="cold starts per gateway")
+    p.add_argument("--idle-wait", type=_seconds, help="seconds idle before reading RSS")
     p.add_argument(
         "--out-dir", type=Path,
         help="where BENCHMARKS.md/.json go (default: the repo; a --quick run writes only where this says)",
@@ -117,17 +139,46 @@ async def _run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     return {"results": results, "skipped": skipped}
 
 
+def _baseline(parser: argparse.ArgumentParser, path: Path | None) -> dict[str, Any] | None:
+    """The --baseline document, read before the run (a bad one would throw the whole run away at its end)."""
+    if path is None:
+        return None
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        parser.error(f"--baseline {path}: {exc}")
+    if not isinstance(doc, dict) or not isinstance(doc.get("targets"), list) or "machine" not in doc:
+        parser.error(f"--baseline {path}: not a BENCHMARKS.json of this tool (no targets)")
+    return doc
+
+
+def _interrupt(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt  # SIGTERM as Ctrl-C: the instance and its temporary folders are cleaned up
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    before = _baseline(parser, args.baseline)
+    if args.out_dir is not None and args.out_dir.exists() and not args.out_dir.is_dir():
+        parser.error(f"--out-dir {args.out_dir}: not a folder")
+    if args.upstream == "real" and real_upstream() is None:
+        say("no real upstream: llama-server or the default model is missing (run `make setup`)")
+        return 1
+    signal.signal(signal.SIGTERM, _interrupt)
     load_before = report.load_average()
     t0 = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="lr-bench-up-") as tmp:
-        try:
-            import uvloop
+    try:
+        with tempfile.TemporaryDirectory(prefix="lr-bench-up-") as tmp:
+            try:
+                import uvloop
 
-            out = uvloop.run(_run(args, Path(tmp)))
-        except ImportError:
-            out = asyncio.run(_run(args, Path(tmp)))
+                out = uvloop.run(_run(args, Path(tmp)))
+            except ImportError:
+                out = asyncio.run(_run(args, Path(tmp)))
+    except KeyboardInterrupt:
+        say("interrupted: the benchmark's processes and temporary folders are cleaned up; nothing written")
+        return 130
     doc: dict[str, Any] = {
         "command": "python -m tools.bench " + shlex.join(argv if argv is not None else sys.argv[1:]),
         "label": args.label,
@@ -139,18 +190,28 @@ def main(argv: list[str] | None = None) -> int:
         **out,
     }
     doc["targets"] = report.targets(doc["results"])
-    print(report.console(doc))
+    print(report.console(doc, before, quick=args.quick))
     say(f"done in {doc['seconds']} s")
     if args.quick and args.out_dir is None and not args.no_write:  # (the repo's files are full runs)
         say("quick run: BENCHMARKS.md/.json not written (give --out-dir to keep them)")
     elif not args.no_write:
         args.out_dir = args.out_dir or ROOT
-        before = json.loads(args.baseline.read_text()) if args.baseline else None
         args.out_dir.mkdir(parents=True, exist_ok=True)
-        (args.out_dir / "BENCHMARKS.json").write_text(json.dumps(doc, indent=1, allow_nan=True) + "\n")
+        (args.out_dir / "BENCHMARKS.json").write_text(json.dumps(no_nan(doc), indent=1) + "\n")
         (args.out_dir / "BENCHMARKS.md").write_text(report.markdown(doc, before, args.notes))
         say(f"wrote {args.out_dir / 'BENCHMARKS.md'} and BENCHMARKS.json")
     return 0
+
+
+def no_nan(value: Any) -> Any:
+    """``value`` with every NaN (a figure not measured) as null: strict JSON readers refuse NaN."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: no_nan(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [no_nan(v) for v in value]
+    return value
 
 
 if __name__ == "__main__":

@@ -260,7 +260,9 @@ class Bench:
                 "tokens_per_s": {n: summary(v) for n, v in tps.items()},
                 "tokens_per_s_runs": tps,
                 "ratio": {g: ratios(tps[g], tps["direct"]) for g in GATEWAYS},
-                **({"reference_ratio": ratios(tps[REFERENCE], tps["direct"])} if REFERENCE in tps else {}),
+                **({"reference_ratio": ratios(tps[REFERENCE], tps["direct"]),
+                    "ratio_to_reference": {g: ratios(tps[g], tps[REFERENCE]) for g in GATEWAYS}}
+                   if REFERENCE in tps else {}),
                 **({"one_hop_ratio": ratios(tps[ONE_HOP], tps["direct"])} if ONE_HOP in tps else {}),
                 "cpu_us_per_token": {
                     n: {role: summary(v) for role, v in roles.items()} for n, roles in cpu.items()
@@ -301,10 +303,12 @@ class Bench:
         p50: dict[str, list[float]] = {n: [] for n in every}
         p99: dict[str, list[float]] = {n: [] for n in every}
         tokens = self.p.ttft_tokens if stream else 1
+        measured = 0  # requests a run per path (back to back: whole blocks)
         for r in range(self.p.runs):
             targets = list(every.values())
             lat = (await load.latencies_back_to_back(self.s, targets, self.p.samples) if back_to_back else
                    await load.latencies(self.s, targets, self.p.samples, tokens, stream))
+            measured = len(lat["direct"])
             for n, v in lat.items():
                 p50[n].append(load.percentile(v, 50) * 1000)
                 p99[n].append(load.percentile(v, 99) * 1000)
@@ -314,7 +318,7 @@ class Bench:
                 + ", ".join(f"{n} {p50[n][-1]:.2f}/{p99[n][-1]:.2f}" for n in every)
             )
         return {
-            "samples_per_run": self.p.samples,
+            "samples_per_run": measured,
             "p50_ms": {n: summary(v) for n, v in p50.items()},
             "p99_ms": {n: summary(v) for n, v in p99.items()},
             # (the gateways', and the references' where measured)
@@ -435,7 +439,7 @@ async def run_upstream(upstream: Upstream, p: Params) -> dict[str, Any]:
                 return await b.run()
             finally:
                 await b.close()
-    except BaseException:
+    except Exception:  # (not an interruption: nothing failed)
         say(inst.logs()[-4000:])
         raise
     finally:

@@ -221,6 +221,7 @@ async def latencies_back_to_back(
     request of a block (its processes idle while the other paths ran) is left out."""
     out: dict[str, list[float]] = {t.name: [] for t in ts}
     bodies = {t.name: t.body(1, False) for t in ts}
+    block = max(1, min(block, samples))
     for _ in range(max(1, samples // block)):
         for t in ts:
             for i in range(block + 1):
