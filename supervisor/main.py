@@ -247,7 +247,7 @@ class Supervisor:
         if self.workers.get(name) is not mgr or mgr.launch is not launch:
             return  # (removed, or changed again, meanwhile)
         if mgr.state not in (WorkerState.STOPPED, WorkerState.FATAL):  # (not unloaded meanwhile)
-            mgr.restart()
+            mgr.restart(keep_up=False)  # (a model loaded for requests stays one: a failed load is not retried)
 
     async def _drain_and_remove(self, name: str) -> None:
         mgr = self.workers[name]

@@ -97,8 +97,10 @@ class WorkerManager:
         """Resolves once STOPPED (idempotent)."""
         return self._post("stop")
 
-    def restart(self) -> asyncio.Future[Any]:
-        return self._post("restart")
+    def restart(self, keep_up: bool = True) -> asyncio.Future[Any]:
+        """Stop and start again; ``keep_up``: an operator wants it up (a failed load is retried with backoff);
+        False: as it was (a reload applying new settings)."""
+        return self._post("restart", payload=keep_up)
 
     def hello(self, msg: WorkerHello) -> None:
         self._inbox.put_nowait(_Event("hello", payload=msg))
@@ -182,7 +184,7 @@ class WorkerManager:
 
     async def _on_restart(self, ev: _Event) -> None:
         self.failures = 0
-        self._keep_up = True
+        self._keep_up = self._keep_up or bool(ev.payload)
         if self.state in (S.STARTING, S.READY):
             self._pending_start = True
             self._begin_stop()

@@ -154,3 +154,21 @@ def test_a_model_whose_file_is_missing_fails_its_request_clearly_and_is_not_retr
     cfg = load_config()
     later.symlink_to(cfg.model_path(cfg.models.models[A]))
     assert c.generate(model="later", prompt="hi", options={"num_predict": 1}).done
+
+
+def test_a_reload_that_breaks_a_model_loaded_for_requests_does_not_retry_it_in_the_background(
+        reloadable: tuple[System, dict[str, Any]]) -> None:
+    """The reload restarts it with its new settings; that load fails: it stops there (it was retried with backoff
+    as if an operator had started it), and the next request tries again."""
+    system, base = reloadable
+    write_models(system, {A: base, "breaks": base})
+    assert system.cli("reload").returncode == 0
+    c = ollama.Client(system.ollama_url, timeout=120)
+    assert c.generate(model="breaks", prompt="hi", options={"num_predict": 1}).done
+    write_models(system, {A: base, "breaks": {**base, "model_path": "/nonexistent/breaks.gguf"}})
+    assert system.cli("reload").returncode == 0
+    wait_for(lambda: (w := system.worker("breaks"))["state"] in ("stopped", "backoff")
+             and "model file not found" in w["message"], 60, "the restart with the new settings to fail")
+    time.sleep(1.5)  # (a background retry came after 1 s)
+    w = system.worker("breaks")
+    assert w["state"] == "stopped" and "model file not found" in w["message"] and w["pid"] == 0, w
