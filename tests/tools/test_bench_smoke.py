@@ -232,3 +232,12 @@ def test_direct_llama_server_gets_the_argv_a_worker_gives_it(tmp_path: Path) -> 
                           llama_server=up.binary,
                           params=ModelParams(ctx_size=1024, threads=1, parallel=2, extra_args=model.backend_args()))
     assert up.argv() == build_argv(launch)
+
+
+def test_failed_streams_are_told_by_path() -> None:
+    """10 failed streams in a run: were they llama-server's own (it drops connections at 64) or the proxy's?"""
+    from tools.bench.report import failed_paths
+
+    r = {"streaming": {"1": {"errors": 2}, "64": {"errors": 9, "errors_by_path": {"direct": 9}}},
+         "rps": {"errors": 1, "errors_by_path": {"ollama": 1}}}
+    assert failed_paths(r) == "direct 9, ollama 1, one stream at a time 2"

@@ -228,6 +228,7 @@ class Bench:
             cpu: dict[str, dict[str, list[float]]] = {n: {} for n in every}
             got = [0, 0]  # tokens and streams of every target and run (a stream ending early shows here)
             errors = 0
+            failed_by: dict[str, int] = {}  # streams that failed, by path (llama-server itself drops some at 64)
             for r in range(self.p.runs):
                 if c == 1:
                     tallies, failed = await self.one_stream_in_turn(every, r)
@@ -240,6 +241,8 @@ class Bench:
                         tallies[name] = _Tally(res.tokens, res.wall, used(before, cpu_seconds(self.cpu_pids)),
                                                res.streams)
                         errors += res.errors
+                        if res.errors:
+                            failed_by[name] = failed_by.get(name, 0) + res.errors
                 for name, tally in tallies.items():
                     tps[name].append(tally.tokens / tally.wall if tally.wall > 0 else 0.0)
                     got[0] += tally.tokens
@@ -268,6 +271,7 @@ class Bench:
                     n: {role: summary(v) for role, v in roles.items()} for n, roles in cpu.items()
                 },
                 "errors": errors,
+                "errors_by_path": failed_by,
             }
         return out
 
@@ -331,6 +335,7 @@ class Bench:
         every = self.every
         vals: dict[str, list[float]] = {n: [] for n in every}
         errors = 0
+        failed_by: dict[str, int] = {}
         for r in range(self.p.runs):
             for name, t in in_turn(every, r):
                 rate, _done, err = await load.requests_per_s(
@@ -338,6 +343,8 @@ class Bench:
                 )
                 vals[name].append(rate)
                 errors += err
+                if err:
+                    failed_by[name] = failed_by.get(name, 0) + err
             say(
                 f"[{self.name}] requests/s c={self.p.rps_concurrency} run {r + 1}/{self.p.runs}: "
                 + ", ".join(f"{n} {v[-1]:.0f}" for n, v in vals.items())
@@ -347,6 +354,7 @@ class Bench:
             "requests_per_s": {n: summary(v) for n, v in vals.items()},
             "ratio": {g: ratios(vals[g], vals["direct"]) for g in every if g != "direct"},
             "errors": errors,
+            "errors_by_path": failed_by,
         }
 
     async def cold_start(self) -> dict[str, Any]:

@@ -205,7 +205,8 @@ def _upstream_table(name: str, r: dict[str, Any]) -> list[str]:
         f"~0.66 ms for this two-hop design done well). Each cell: median (min–max) over {r['params']['runs']} runs; "
         "ratios are per run (gateway run / direct run of the same round).",
         "",
-        *([f"**{errors(r)} streams/requests failed** in the loops: counted, left out of the figures.", ""]
+        *([f"**{errors(r)} streams/requests failed** in the loops ({failed_paths(r)}): counted, left out of the "
+           "figures.", ""]
           if errors(r) else []),
         "| Figure | direct | unix (reference) | one-hop (reference) | Ollama /api/chat | OpenAI /v1/chat/completions "
         "| Ollama / direct | OpenAI / direct |",
@@ -368,6 +369,19 @@ def errors(r: dict[str, Any]) -> int:
     return sum(int(fig.get("errors", 0)) for fig in r["streaming"].values()) + int(r["rps"].get("errors", 0))
 
 
+def failed_paths(r: dict[str, Any]) -> str:
+    """Which paths the failures were on: ``direct 9, ollama 1`` (one stream at a time: not told apart)."""
+    by: dict[str, int] = {}
+    for fig in [*r["streaming"].values(), r["rps"]]:
+        for path, n in (fig.get("errors_by_path") or {}).items():
+            by[path] = by.get(path, 0) + n
+    told = sum(by.values())
+    parts = [f"{path} {n}" for path, n in sorted(by.items())]
+    if told < errors(r):
+        parts.append(f"one stream at a time {errors(r) - told}")
+    return ", ".join(parts)
+
+
 def console(doc: dict[str, Any], before: dict[str, Any] | None = None, quick: bool = False) -> str:
     """The ratios, the process figures and the targets, for the terminal."""
     lines = []
@@ -424,7 +438,8 @@ def console(doc: dict[str, Any], before: dict[str, Any] | None = None, quick: bo
                      + f"; ours together {_f(idle['total_ours_rss_mb'], 1)}")
         failed = errors(r)
         if failed:
-            lines.append(f"  {failed} streams/requests failed in the loops (counted, left out of the figures)")
+            lines.append(f"  {failed} streams/requests failed in the loops ({failed_paths(r)}): counted, left out of "
+                         "the figures")
     lines.append("== targets ==")
     for t in doc["targets"]:
         why = f" ({t['why_na']})" if status(t) == "n/a" else ""
