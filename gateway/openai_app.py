@@ -73,6 +73,17 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     return await relay_openai(request, model, breq.path, breq.body, breq.stream)
 
 
+async def responses(request: web.Request) -> web.StreamResponse:
+    """OpenAI's Responses API, served by llama-server itself; its stream's named events pass through as they are
+    (the model name in them is the configured one)."""
+    req = with_default_model(request, await read_json(request))
+    breq = tr.responses_to_backend(req)
+    model = request_model(request, req)
+    if breq.media:
+        require_media(request.app[CONFIG], model, breq.media)
+    return await relay_openai(request, model, breq.path, breq.body, breq.stream, rename_stream=False)
+
+
 async def completions(request: web.Request) -> web.StreamResponse:
     req = with_default_model(request, await read_json(request))
     breq = tr.completions_to_backend(req)
@@ -93,9 +104,10 @@ def pop_ttl(body: dict[str, Any]) -> float | None:
 
 
 async def relay_openai(request: web.Request, model: str, path: str, body: dict[str, Any], stream: bool,
-                       transform: Transform | None = None) -> web.StreamResponse:
+                       transform: Transform | None = None, rename_stream: bool = True) -> web.StreamResponse:
     """Send an OpenAI-style request to ``model``'s llama-server and relay its answer (JSON or SSE), under
-    the model name asked for; ``transform`` may change each reply object / stream chunk (LM Studio's stats)."""
+    the model name asked for; ``transform`` may change each reply object / stream chunk (LM Studio's stats);
+    ``rename_stream`` False: a stream goes as it came (a Responses API stream's events carry names)."""
     require_capability(request.app[CONFIG], model, "chat")
     relay = await open_job(request, model, path, body, stream, keep_alive=pop_ttl(body))
     try:
@@ -110,7 +122,7 @@ async def relay_openai(request: web.Request, model: str, path: str, body: dict[s
                     pass
             return web.Response(body=raw, content_type="application/json")
         resp = await open_stream(request, {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
-        parser = SSEParser() if rename or transform is not None else None
+        parser = SSEParser() if (rename and rename_stream) or transform is not None else None
 
         def convert(chunk: bytes) -> bytes:
             return chunk if parser is None else _renamed(parser, chunk, model, transform)
@@ -144,6 +156,7 @@ def add_v1_routes(app: web.Application) -> None:
     r.add_get("/v1/models/{model:.+}", retrieve_model)
     r.add_post("/v1/chat/completions", chat_completions)
     r.add_post("/v1/completions", completions)
+    r.add_post("/v1/responses", responses)
     r.add_post("/v1/embeddings", embed_routes.openai_embeddings)
 
 

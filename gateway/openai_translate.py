@@ -14,7 +14,10 @@ from typing import Any
 from gateway.errors import ApiError
 from gateway.ollama_translate import CHAT_PATH, COMPLETIONS_PATH, BackendRequest
 
-__all__ = ["BackendRequest", "chat_to_backend", "completions_to_backend", "rewrite_model"]
+__all__ = ["RESPONSES_PATH", "BackendRequest", "chat_to_backend", "completions_to_backend", "responses_to_backend",
+           "rewrite_model"]
+
+RESPONSES_PATH = "/v1/responses"
 
 _ABSENT = object()
 
@@ -91,6 +94,44 @@ def completions_to_backend(req: Any) -> BackendRequest:
     _check(body, "suffix", str, "a string")
     _check(body, "echo", bool, "a boolean")
     return BackendRequest(COMPLETIONS_PATH, body, bool(body.get("stream")))
+
+
+# The Responses API's input parts that are not text (only a model with a multimodal projector takes them)
+RESPONSES_MEDIA_PARTS = frozenset({"input_image", "input_file", "input_audio"})
+RESPONSES_TEXT_PARTS = frozenset({"input_text", "output_text", "text", "refusal"})
+
+
+def responses_to_backend(req: Any) -> BackendRequest:
+    """Validate an OpenAI Responses API request (``POST /v1/responses``: llama-server serves it itself):
+    ``input`` is a string or a list of items (messages, whose ``content`` is a string or a list of parts, or
+    other items such as function call outputs, passed on as they are). Media parts are named in ``media``."""
+    body = _common(req)
+    items = body.get("input", _ABSENT)
+    if items is _ABSENT or items is None:
+        raise _missing("input")
+    media = ""
+    if isinstance(items, list):
+        if not items:
+            raise _bad("input", "must be a string or a non-empty list of input items")
+        for i, item in enumerate(items):
+            if not isinstance(item, dict):
+                raise _bad(f"input[{i}]", "must be an input item object")
+            content = item.get("content")
+            if isinstance(content, list):
+                for j, part in enumerate(content):
+                    kind = part.get("type") if isinstance(part, dict) else None
+                    if kind in RESPONSES_MEDIA_PARTS:
+                        media = media or str(kind)
+                    elif kind not in RESPONSES_TEXT_PARTS:
+                        raise _bad(f"input[{i}].content[{j}].type", f"unknown content part type {kind!r}")
+            elif content is not None and not isinstance(content, str):
+                raise _bad(f"input[{i}].content", "must be a string or a list of content parts")
+    elif not isinstance(items, str):
+        raise _bad("input", "must be a string or a list of input items")
+    _check(body, "instructions", str, "a string")
+    _check_int(body.get("max_output_tokens"), "max_output_tokens")
+    _check(body, "tools", list, "a list")
+    return BackendRequest(RESPONSES_PATH, body, bool(body.get("stream")), media)
 
 
 def rewrite_model(chunk: dict[str, Any], model: str) -> dict[str, Any]:

@@ -24,6 +24,8 @@ _PREDICTED = b'"predicted_n":'  # llama-server's timings: the tokens it generate
 _COMPLETION = b'"completion_tokens":'  # OpenAI's usage: the same
 _CONTENT = b'"content":"'  # one per generated piece in chat (and llama-server /completion) streams
 _TEXT = b'"text":"'  # the same in /v1/completions streams
+_DELTA = b'"type":"response.output_text.delta"'  # the same in /v1/responses streams
+_OUTPUT = b'"output_tokens":'  # the Responses API's usage: the tokens generated
 _TAIL_KEEP = 2048  # the end of a response kept for its timings/usage (amortised: trimmed past _TAIL_MAX)
 _TAIL_MAX = 8192
 
@@ -113,7 +115,8 @@ class WorkerStats(RequestFigures):
 
     # ------------------------------------------------------------------ per request
     def queued(self, rid: str, path: str, stream: bool) -> None:
-        marker = _TEXT if path.rstrip("/").endswith("/v1/completions") else _CONTENT
+        end = path.rstrip("/")
+        marker = _TEXT if end.endswith("/v1/completions") else _DELTA if end.endswith("/v1/responses") else _CONTENT
         self.live[rid] = _Live(path, stream, time.monotonic(), marker=marker)
         self.waiting.append(rid)
         self._emit(rid, "queued", path=path, stream=stream, position=len(self.waiting))
@@ -169,6 +172,8 @@ class WorkerStats(RequestFigures):
         exact = _last_count(st.tail, _PREDICTED)
         if exact is None:
             exact = _last_count(st.tail, _COMPLETION)
+        if exact is None:
+            exact = _last_count(st.tail, _OUTPUT)
         tokens = st.counted if exact is None else exact
         self.tokens_total += max(0, tokens - st.counted)  # a counter: the exact figure only adds
         self._emit_finished(rid, st, tokens, status, outcome)

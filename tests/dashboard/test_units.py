@@ -219,3 +219,17 @@ def test_a_worker_gone_keeps_its_totals_but_no_process_figures() -> None:
     a = hub.workers["a"]
     assert (a["rss_bytes"], a["uptime_s"], a["tokens_per_s"], a["pid"]) == (0, 0, 0, 0)
     assert a["tokens_total"] == 42 and a["restarts"] == 1
+
+
+def test_a_responses_api_stream_counts_its_tokens() -> None:
+    stats = WorkerStats("m")
+    stats.queued("r", "/v1/responses", True)
+    stats.started("r")
+    delta = b'event: response.output_text.delta\ndata: {"type":"response.output_text.delta","delta":"Hi"}\n\n'
+    assert not stats.data("r", b'event: response.created\ndata: {"type":"response.created"}\n\n')
+    assert stats.data("r", delta * 2)
+    assert stats.ttft_last > 0 and stats.tokens_total == 2
+    stats.data("r", b'event: response.completed\ndata: {"type":"response.completed","response":{"usage":'
+                    b'{"input_tokens":9,"output_tokens":3}}}\n\n')
+    stats.finished("r", 200, "ok")
+    assert stats.tokens_total == 3  # (the exact figure at the end)

@@ -205,3 +205,36 @@ def test_v0_completions_default_model_and_stream_stats(system: System) -> None:
 def test_v0_embeddings(system: System) -> None:
     status, doc, _ = http("POST", base(system) + "/api/v0/embeddings", {"model": EMBED, "input": "Some text"})
     assert status == 200 and doc["object"] == "list" and len(doc["data"][0]["embedding"]) == 576
+
+
+def test_responses_api_with_the_openai_client(system: System) -> None:
+    """OpenAI's Responses API (`client.responses.create`, what new OpenAI code uses), as LM Studio serves it."""
+    c = client(system)
+    r = c.responses.create(model=MODEL, input="Say hello.", max_output_tokens=8, temperature=0)
+    assert r.output_text and r.usage is not None and 0 < r.usage.output_tokens <= 8
+    assert r.model == MODEL and r.status in ("completed", "incomplete")
+    aliased = c.responses.create(model="smollm2-135m-instruct", input="Hi", max_output_tokens=2)
+    assert aliased.model == "smollm2-135m-instruct"  # (answered under the name asked for)
+    kinds: list[str] = []
+    text = ""
+    with c.responses.create(model=MODEL, instructions="Be brief.", max_output_tokens=8, stream=True,
+                            input=[{"role": "user", "content": [{"type": "input_text", "text": "Say hello."}]}]
+                            ) as stream:
+        for ev in stream:
+            kinds.append(ev.type)
+            if ev.type == "response.output_text.delta":
+                text += ev.delta
+    assert kinds[0] == "response.created" and kinds[-1] == "response.completed", kinds
+    assert text and "response.output_text.delta" in kinds
+
+
+def test_responses_api_bad_requests_are_400(system: System) -> None:
+    c = client(system)
+    with pytest.raises(openai.BadRequestError) as err:
+        c.responses.create(model=MODEL, input=[])
+    assert "input" in str(err.value)
+    status, doc, _ = http("POST", base(system) + "/v1/responses", {"model": MODEL})
+    assert status == 400 and doc["error"]["param"] == "input"
+    status, doc, _ = http("POST", base(system) + "/v1/responses", {
+        "model": MODEL, "input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]})
+    assert status == 400 and "image" in doc["error"]["message"], doc  # (a text-only model: before llama-server)
