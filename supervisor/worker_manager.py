@@ -22,6 +22,9 @@ from supervisor.processes import kill_tree, python_module, spawn, terminate
 
 S = WorkerState
 log = structlog.get_logger()
+# A failed worker's last hello (its reason) and its exit race: half the failed loads said "worker exited with
+# code 3" instead of why. Its exit is acted on this much later.
+EXIT_GRACE_S = 0.1
 
 
 class WorkerUnavailable(Exception):
@@ -286,6 +289,8 @@ class WorkerManager:
 
     async def _watch(self, proc: asyncio.subprocess.Process, gen: int) -> None:
         code = await proc.wait()
+        if code != 0:  # a worker that failed said why just before it exited: that hello is taken first
+            await asyncio.sleep(EXIT_GRACE_S)
         self._inbox.put_nowait(_Event("exited", generation=gen, payload=code))
 
     def _begin_stop(self) -> None:

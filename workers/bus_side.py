@@ -27,7 +27,7 @@ from bus.pump import NOBLOCK, Outbox, Reader, sync_view
 from workers.metrics import RequestFigures
 
 log = structlog.get_logger()
-FINAL_LINGER_MS = 200  # the last figures' time to leave at a stop (none when the supervisor is gone)
+FINAL_LINGER_MS = 200  # the last messages' time to leave at a stop (none when the supervisor is gone)
 
 
 class WorkerBus:
@@ -121,9 +121,9 @@ class WorkerBus:
             name=self.launch.name, state=WorkerState.STOPPED, requests_total=self.requests_total,
             errors_total=self.errors_total, tokens_total=self.stats.tokens_total, ttft_last_s=self.stats.ttft_last,
             ttft_p50_s=self.stats.ttft_p50(), model_path=self.launch.model_path))
-        for sock in (self.router, self.control):
-            sock.close(linger=0)
-        self.pub.close(linger=FINAL_LINGER_MS)
+        self.router.close(linger=0)
+        for sock in (self.control, self.pub):  # (a last hello, e.g. why it failed, and the last figures)
+            sock.close(linger=FINAL_LINGER_MS)
         self.ctx.term()
 
     async def hello(self, state: WorkerState, message: str = "", backend_pid: int = 0) -> None:
