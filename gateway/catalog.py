@@ -103,14 +103,14 @@ def require_capability(config: Config, name: str, what: str) -> None:
                        code="model_not_supported", param="model")
 
 
-def require_media(config: Config, name: str, kind: str) -> None:
+def require_media(config: Config, name: str, kind: str, param: str = "messages") -> None:
     """Refuse (400) a chat request with a ``kind`` content part ("image_url", "input_audio"...) for a model whose
     llama-server has no multimodal projector (it would answer 500). Unknown names pass, as above."""
     resolved = config.resolve_model(name)
     if resolved is None or config.models.models[resolved].serves_media:
         return
     raise ApiError(400, f'model "{name}" does not take {kind} content parts, only text (its llama-server needs a '
-                   "multimodal projector, --mmproj in its extra_args)", code="model_not_supported", param="messages")
+                   "multimodal projector, --mmproj in its extra_args)", code="model_not_supported", param=param)
 
 
 async def require_features(config: Config, name: str, needed: dict[str, str]) -> None:

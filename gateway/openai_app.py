@@ -74,14 +74,14 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 
 
 async def responses(request: web.Request) -> web.StreamResponse:
-    """OpenAI's Responses API, served by llama-server itself; its stream's named events pass through as they are
-    (the model name in them is the configured one)."""
+    """OpenAI's Responses API, served by llama-server itself; its stream's named events completed for the openai
+    SDK (tr.ResponsesStream)."""
     req = with_default_model(request, await read_json(request))
     breq = tr.responses_to_backend(req)
     model = request_model(request, req)
     if breq.media:
-        require_media(request.app[CONFIG], model, breq.media)
-    return await relay_openai(request, model, breq.path, breq.body, breq.stream, rename_stream=False)
+        require_media(request.app[CONFIG], model, breq.media, param="input")
+    return await relay_openai(request, model, breq.path, breq.body, breq.stream, events=True)
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
@@ -104,10 +104,10 @@ def pop_ttl(body: dict[str, Any]) -> float | None:
 
 
 async def relay_openai(request: web.Request, model: str, path: str, body: dict[str, Any], stream: bool,
-                       transform: Transform | None = None, rename_stream: bool = True) -> web.StreamResponse:
+                       transform: Transform | None = None, events: bool = False) -> web.StreamResponse:
     """Send an OpenAI-style request to ``model``'s llama-server and relay its answer (JSON or SSE), under
     the model name asked for; ``transform`` may change each reply object / stream chunk (LM Studio's stats);
-    ``rename_stream`` False: a stream goes as it came (a Responses API stream's events carry names)."""
+    ``events``: a Responses API stream (named events)."""
     require_capability(request.app[CONFIG], model, "chat")
     relay = await open_job(request, model, path, body, stream, keep_alive=pop_ttl(body))
     try:
@@ -122,15 +122,23 @@ async def relay_openai(request: web.Request, model: str, path: str, body: dict[s
                     pass
             return web.Response(body=raw, content_type="application/json")
         resp = await open_stream(request, {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
-        parser = SSEParser() if (rename and rename_stream) or transform is not None else None
+        if events:
+            conv = tr.ResponsesStream(model if rename else None)
+            await relay.stream_to(resp, conv.feed, _sse_error, conv.flush)
+            return resp
+        parser = SSEParser() if rename or transform is not None else None
 
         def convert(chunk: bytes) -> bytes:
             return chunk if parser is None else _renamed(parser, chunk, model, transform)
 
-        await relay.stream_to(resp, convert, lambda err: b"data: " + _enc.encode(openai_error_body(err)) + b"\n\n")
+        await relay.stream_to(resp, convert, _sse_error)
         return resp
     finally:
         await relay.close()
+
+
+def _sse_error(err: ApiError) -> bytes:
+    return b"data: " + _enc.encode(openai_error_body(err)) + b"\n\n"
 
 
 def _renamed(parser: SSEParser, chunk: bytes, model: str, transform: Transform | None = None) -> bytes:

@@ -8,14 +8,15 @@ llama.cpp-specific ones included. Pure functions, no I/O; invalid input raises o
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Any
 
 from gateway.errors import ApiError
 from gateway.ollama_translate import CHAT_PATH, COMPLETIONS_PATH, BackendRequest
 
-__all__ = ["RESPONSES_PATH", "BackendRequest", "chat_to_backend", "completions_to_backend", "responses_to_backend",
-           "rewrite_model"]
+__all__ = ["RESPONSES_PATH", "BackendRequest", "ResponsesStream", "chat_to_backend", "completions_to_backend",
+           "responses_to_backend", "rewrite_model"]
 
 RESPONSES_PATH = "/v1/responses"
 
@@ -98,13 +99,18 @@ def completions_to_backend(req: Any) -> BackendRequest:
 
 # The Responses API's input parts that are not text (only a model with a multimodal projector takes them)
 RESPONSES_MEDIA_PARTS = frozenset({"input_image", "input_file", "input_audio"})
-RESPONSES_TEXT_PARTS = frozenset({"input_text", "output_text", "text", "refusal"})
+RESPONSES_TEXT_PARTS = frozenset({"input_text", "output_text", "text"})
+
+
+ROLES = frozenset({"user", "assistant", "system", "developer"})
 
 
 def responses_to_backend(req: Any) -> BackendRequest:
-    """Validate an OpenAI Responses API request (``POST /v1/responses``: llama-server serves it itself):
-    ``input`` is a string or a list of items (messages, whose ``content`` is a string or a list of parts, or
-    other items such as function call outputs, passed on as they are). Media parts are named in ``media``."""
+    """Validate an OpenAI Responses API request (``POST /v1/responses``: llama-server serves it itself) and bring
+    it to what llama-server reads: ``input`` is a string or a list of items; a message item may leave out its
+    ``type`` and give an assistant's content as a string (OpenAI's "easy" input messages: llama-server refused
+    them); ``text.format`` (json_schema / json_object) becomes ``response_format`` (llama-server ignored it). Media
+    parts are named in ``media``."""
     body = _common(req)
     items = body.get("input", _ABSENT)
     if items is _ABSENT or items is None:
@@ -113,25 +119,127 @@ def responses_to_backend(req: Any) -> BackendRequest:
     if isinstance(items, list):
         if not items:
             raise _bad("input", "must be a string or a non-empty list of input items")
+        body["input"] = items = [dict(item) if isinstance(item, dict) else item for item in items]
         for i, item in enumerate(items):
             if not isinstance(item, dict):
                 raise _bad(f"input[{i}]", "must be an input item object")
-            content = item.get("content")
-            if isinstance(content, list):
-                for j, part in enumerate(content):
-                    kind = part.get("type") if isinstance(part, dict) else None
-                    if kind in RESPONSES_MEDIA_PARTS:
-                        media = media or str(kind)
-                    elif kind not in RESPONSES_TEXT_PARTS:
-                        raise _bad(f"input[{i}].content[{j}].type", f"unknown content part type {kind!r}")
-            elif content is not None and not isinstance(content, str):
-                raise _bad(f"input[{i}].content", "must be a string or a list of content parts")
+            if item.get("type", "message") == "message" and "role" in item:
+                media = _message_item(item, f"input[{i}]") or media
     elif not isinstance(items, str):
         raise _bad("input", "must be a string or a list of input items")
     _check(body, "instructions", str, "a string")
     _check_int(body.get("max_output_tokens"), "max_output_tokens")
-    _check(body, "tools", list, "a list")
+    tools = body.get("tools")
+    if tools is not None:
+        if not isinstance(tools, list):
+            raise _bad("tools", "must be a list")
+        for i, tool in enumerate(tools):
+            if not isinstance(tool, dict) or tool.get("type") != "function":
+                raise _bad(f"tools[{i}]", "must be a function tool: {\"type\": \"function\", \"name\": ...}")
+            if not isinstance(tool.get("name"), str) or not tool["name"]:
+                hint = " (the Responses API's tools have name and parameters at the top, not under \"function\")"
+                raise _bad(f"tools[{i}].name", "is required" + (hint if "function" in tool else ""))
+    text = body.get("text")
+    if text is not None:
+        fmt = text.get("format") if isinstance(text, dict) else _ABSENT
+        if fmt is _ABSENT or (fmt is not None and not isinstance(fmt, dict)):
+            raise _bad("text", "must be an object with a format")
+        kind = (fmt or {}).get("type", "text")
+        if kind == "json_schema":
+            schema = fmt.get("schema")  # type: ignore[union-attr]
+            if not isinstance(schema, dict):
+                raise _bad("text.format.schema", "must be a JSON schema object")
+            body.setdefault("response_format", {"type": "json_schema", "json_schema": {
+                "name": fmt.get("name") or "output", "schema": schema, "strict": bool(fmt.get("strict"))}})  # type: ignore[union-attr]
+        elif kind == "json_object":
+            body.setdefault("response_format", {"type": "json_object"})
+        elif kind != "text":
+            raise _bad("text.format.type", f"must be text, json_schema or json_object, not {kind!r}")
     return BackendRequest(RESPONSES_PATH, body, bool(body.get("stream")), media)
+
+
+def _message_item(item: dict[str, Any], where: str) -> str:
+    """Check (and complete, in place) a message input item; returns the type of its first media part."""
+    role = item.get("role")
+    if role not in ROLES:
+        raise _bad(f"{where}.role", f"must be one of {', '.join(sorted(ROLES))}")
+    item["type"] = "message"
+    content = item.get("content")
+    if isinstance(content, str):
+        if role == "assistant":  # (llama-server reads an assistant's words only as output_text parts)
+            item["content"] = [{"type": "output_text", "text": content, "annotations": []}]
+        return ""
+    if not isinstance(content, list):
+        raise _bad(f"{where}.content", "must be a string or a list of content parts")
+    media = ""
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind in RESPONSES_MEDIA_PARTS:
+            media = media or str(kind)
+        elif kind in RESPONSES_TEXT_PARTS:
+            if not isinstance(part.get("text"), str):  # type: ignore[union-attr]
+                raise _bad(f"{where}.content[{j}].text", "must be a string")
+        elif kind != "refusal":
+            raise _bad(f"{where}.content[{j}].type", f"unknown content part type {kind!r}")
+    return media
+
+
+_ITEM_EVENTS = ("response.output_item.", "response.content_part.", "response.output_text.",
+                "response.function_call_arguments.", "response.refusal.", "response.reasoning")
+_PART_EVENTS = ("response.content_part.", "response.output_text.", "response.refusal.")
+
+
+class ResponsesStream:
+    """llama-server's Responses API stream, completed for the openai SDK's accumulator (``responses.stream``
+    crashed on it): the ``sequence_number``, ``output_index`` and ``content_index`` its events leave out, and the
+    model name asked for (``model``; None: as it came). Named events stay named."""
+
+    def __init__(self, model: str | None) -> None:
+        self.model = model
+        self.rest = b""
+        self.seq = 0
+        self.item = -1  # the output item the events are about (output_item.added starts the next)
+        self.part = -1  # its content part (content_part.added starts the next)
+
+    def feed(self, chunk: bytes) -> bytes:
+        data = self.rest + chunk
+        end = data.rfind(b"\n\n")
+        if end < 0:
+            self.rest = data
+            return b""
+        self.rest = data[end + 2:]
+        return b"".join(self._event(block) for block in data[:end].split(b"\n\n") if block.strip())
+
+    def flush(self) -> bytes:
+        rest, self.rest = self.rest, b""
+        return self._event(rest) if rest.strip() else b""
+
+    def _event(self, block: bytes) -> bytes:
+        lines = block.split(b"\n")
+        at = next((i for i, line in enumerate(lines) if line.startswith(b"data:")), None)
+        if at is None:
+            return block + b"\n\n"
+        try:
+            doc = json.loads(lines[at][5:])
+        except ValueError:
+            return block + b"\n\n"
+        if isinstance(doc, dict) and "error" not in doc:
+            kind = str(doc.get("type", ""))
+            doc.setdefault("sequence_number", self.seq)
+            self.seq += 1
+            if kind == "response.output_item.added":
+                self.item, self.part = self.item + 1, -1
+            elif kind == "response.content_part.added":
+                self.part += 1
+            if kind.startswith(_ITEM_EVENTS):
+                doc.setdefault("output_index", max(self.item, 0))
+            if kind.startswith(_PART_EVENTS):
+                doc.setdefault("content_index", max(self.part, 0))
+            response = doc.get("response")
+            if self.model is not None and isinstance(response, dict) and "model" in response:
+                response["model"] = self.model
+            lines[at] = b"data: " + json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode()
+        return b"\n".join(lines) + b"\n\n"
 
 
 def rewrite_model(chunk: dict[str, Any], model: str) -> dict[str, Any]:

@@ -228,6 +228,26 @@ def test_responses_api_with_the_openai_client(system: System) -> None:
     assert text and "response.output_text.delta" in kinds
 
 
+def test_responses_stream_helper_structured_output_and_a_conversation(system: System) -> None:
+    """The SDK's responses.stream crashed (events without output_index/content_index); text.format was ignored
+    (no JSON; responses.parse failed); an assistant's string content was llama-server's 400."""
+    c = client(system)
+    with c.responses.stream(model="smollm2-135m-instruct", input="Say hello.", max_output_tokens=6) as stream:
+        deltas = [ev.delta for ev in stream if ev.type == "response.output_text.delta"]
+        final = stream.get_final_response()
+    assert deltas and final.output_text == "".join(deltas) and final.model == "smollm2-135m-instruct"
+    schema = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+              "required": ["name", "age"], "additionalProperties": False}
+    r = c.responses.create(model=MODEL, input="Make up a person.", max_output_tokens=40, temperature=0,
+                           text={"format": {"type": "json_schema", "name": "person", "schema": schema, "strict": True}})
+    person = json.loads(r.output_text)
+    assert isinstance(person["name"], str) and isinstance(person["age"], int), r.output_text
+    r = c.responses.create(model=MODEL, max_output_tokens=8, input=[
+        {"role": "user", "content": "My name is Bob."}, {"role": "assistant", "content": "Hi Bob!"},
+        {"role": "user", "content": "What is my name?"}])
+    assert r.output_text
+
+
 def test_responses_api_bad_requests_are_400(system: System) -> None:
     c = client(system)
     with pytest.raises(openai.BadRequestError) as err:

@@ -278,3 +278,84 @@ def test_valid_chat_requests_pass(req: dict[str, Any]) -> None:
         expected["max_tokens"] = expected.pop("max_completion_tokens")
     assert out.body == expected and out.stream is req.get("stream", False)
     msgspec.json.encode(out.body)
+
+
+# --------------------------------------------------------------------------- the Responses API
+def test_responses_text_format_becomes_the_grammar_llama_server_reads() -> None:
+    """text.format was passed on as it came and llama-server ignored it: no JSON, responses.parse failed."""
+    from gateway.openai_translate import responses_to_backend
+
+    schema = {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}
+    b = responses_to_backend({"model": "m", "input": "x", "text": {"format": {
+        "type": "json_schema", "name": "person", "schema": schema, "strict": True}}})
+    assert b.path == "/v1/responses" and b.body["response_format"] == {
+        "type": "json_schema", "json_schema": {"name": "person", "schema": schema, "strict": True}}
+    assert responses_to_backend({"model": "m", "input": "x", "text": {"format": {"type": "json_object"}}}
+                                ).body["response_format"] == {"type": "json_object"}
+    assert "response_format" not in responses_to_backend({"model": "m", "input": "x",
+                                                          "text": {"format": {"type": "text"}}}).body
+
+
+def test_responses_easy_messages_are_completed_for_llama_server() -> None:
+    """An assistant's content as a string (OpenAI's EasyInputMessage) was llama-server's 400 "Cannot determine type
+    of 'item'"; the request's own objects are not changed."""
+    from gateway.openai_translate import responses_to_backend
+
+    said = {"role": "assistant", "content": "Hi Bob!"}
+    req = {"model": "m", "input": [{"role": "user", "content": "I am Bob."}, said,
+                                   {"type": "function_call_output", "call_id": "c", "output": "21C"}]}
+    items = responses_to_backend(req).body["input"]
+    assert items[0] == {"type": "message", "role": "user", "content": "I am Bob."}
+    assert items[1] == {"type": "message", "role": "assistant",
+                        "content": [{"type": "output_text", "text": "Hi Bob!", "annotations": []}]}
+    assert items[2]["type"] == "function_call_output" and said == {"role": "assistant", "content": "Hi Bob!"}
+
+
+@pytest.mark.parametrize(("req", "param"), [
+    ({"input": [{"role": "user", "content": [{"type": "input_text", "text": 5}]}]}, "input[0].content[0].text"),
+    ({"input": [{"role": "bogus", "content": "x"}]}, "input[0].role"),
+    ({"input": [{"role": "user", "content": 5}]}, "input[0].content"),
+    ({"input": "x", "tools": [{"type": "function"}]}, "tools[0].name"),
+    ({"input": "x", "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools[0].name"),
+    ({"input": "x", "tools": [{"type": "web_search"}]}, "tools[0]"),
+    ({"input": "x", "text": "json"}, "text"),
+    ({"input": "x", "text": {"format": {"type": "json_schema"}}}, "text.format.schema"),
+    ({"input": "x", "text": {"format": {"type": "xml"}}}, "text.format.type"),
+])
+def test_responses_bad_requests_are_400_naming_the_field(req: dict[str, Any], param: str) -> None:
+    """They were llama-server's 500s ("Failed to parse messages/tools"), counted as server errors."""
+    from gateway.openai_translate import responses_to_backend
+
+    with pytest.raises(ApiError) as err:
+        responses_to_backend({"model": "m", **req})
+    assert err.value.status == 400 and err.value.param == param, err.value.message
+
+
+RESPONSES_SSE = (
+    b'event: response.created\ndata: {"type":"response.created","response":{"id":"r1","status":"in_progress"}}\n\n'
+    b'event: response.output_item.added\ndata: {"type":"response.output_item.added","item":{"type":"message"}}\n\n'
+    b'event: response.content_part.added\ndata: {"type":"response.content_part.added","part":{"text":""}}\n\n'
+    b'event: response.output_text.delta\ndata: {"type":"response.output_text.delta","delta":"H\xc3\xa9"}\n\n'
+    b'event: response.output_text.delta\ndata: {"type":"response.output_text.delta","delta":"llo"}\n\n'
+    b'event: response.completed\ndata: {"type":"response.completed","response":{"id":"r1","model":"smollm2"}}\n\n'
+)
+
+
+def test_a_responses_stream_gets_the_indices_the_sdk_reads_in_any_pieces() -> None:
+    from gateway.openai_translate import ResponsesStream
+
+    def events(out: bytes) -> list[tuple[str, dict[str, Any]]]:
+        blocks = [b.split(b"\n") for b in out.split(b"\n\n") if b]
+        return [(e.decode()[7:], msgspec.json.decode(d[6:])) for e, d in blocks]
+
+    conv = ResponsesStream("alias")
+    whole = conv.feed(RESPONSES_SSE) + conv.flush()
+    evs = events(whole)
+    assert [name for name, _ in evs] == [d["type"] for _, d in evs]  # (named events stay named)
+    assert [d["sequence_number"] for _, d in evs] == list(range(6))
+    assert [(d.get("output_index"), d.get("content_index")) for _, d in evs] == [
+        (None, None), (0, None), (0, 0), (0, 0), (0, 0), (None, None)]
+    assert evs[3][1]["delta"] == "Hé" and evs[-1][1]["response"]["model"] == "alias"
+    for cut in range(1, len(RESPONSES_SSE), 7):
+        conv = ResponsesStream("alias")
+        assert conv.feed(RESPONSES_SSE[:cut]) + conv.feed(RESPONSES_SSE[cut:]) + conv.flush() == whole
