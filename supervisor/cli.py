@@ -147,6 +147,15 @@ def _load(args: argparse.Namespace) -> Config:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    try:
+        return _command(args)
+    except BrokenPipeError:  # (`llama-runner status | head`: the reader is gone, nothing more to say)
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+def _command(args: argparse.Namespace) -> int:
     if args.command == "up":
         return _up(args)
     if args.command == "discover":
@@ -244,10 +253,26 @@ def _running_instance(args: argparse.Namespace, sock: str) -> Path | None:
         except ConfigError:
             config = None
     run_dir = _run_dir(args, config)
-    if not (run_dir / sock).exists() or not _supervisor_alive(run_dir):
+    if not (run_dir / sock).exists() or not _supervisor_alive(run_dir) or not _listening(run_dir / sock):
         print(f"llama-runner: no running instance in {run_dir} (start one with `llama-runner up`)", file=sys.stderr)
         return None
     return run_dir
+
+
+def _listening(path: Path) -> bool:
+    """Does anybody listen on the unix socket ``path``? (A supervisor gone without a pid file left it behind: a
+    client waited 30 s for an answer.)"""
+    import socket
+
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(2)
+        try:
+            s.connect(str(path))
+        except (ConnectionRefusedError, FileNotFoundError):
+            return False
+        except OSError:
+            return True  # (unsure: ask, and time out if need be)
+    return True
 
 
 def _supervisor_alive(run_dir: Path) -> bool:

@@ -164,6 +164,30 @@ def test_cli_without_instance_says_so(tmp_path) -> None:
     assert out.returncode == 1 and "no running instance" in out.stderr
 
 
+def test_cli_with_sockets_left_by_a_gone_instance_says_so_at_once(tmp_path) -> None:
+    """An instance gone without its pid file left its socket files: the CLI waited 30 s for an answer."""
+    import socket
+
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.bind(str(tmp_path / endpoints.CONTROL_SOCK))  # (a socket file nobody listens on)
+    t = time.monotonic()
+    out = subprocess.run([sys.executable, "-m", "supervisor", "status", "--run-dir", str(tmp_path)],
+                         capture_output=True, text=True, timeout=30, cwd=ROOT)
+    assert out.returncode == 1 and "no running instance" in out.stderr and time.monotonic() - t < 10
+
+
+def test_cli_output_into_a_closed_pipe_is_no_traceback(system: System) -> None:
+    """`llama-runner status | head -1` printed a BrokenPipeError traceback."""
+    r, w = os.pipe()
+    os.close(r)
+    try:
+        out = subprocess.run([sys.executable, "-m", "supervisor", "status", "--json", "--run-dir", str(system.run_dir)],
+                             stdout=w, stderr=subprocess.PIPE, text=True, timeout=30, cwd=ROOT)
+    finally:
+        os.close(w)
+    assert out.returncode == 0 and "Traceback" not in out.stderr and "BrokenPipe" not in out.stderr, out.stderr
+
+
 def test_a_taken_port_is_reported_and_retried() -> None:
     import socket
 
