@@ -179,8 +179,21 @@ class ModelConfig(_Cfg):
         if self.memory_bytes is not None:
             return self.memory_bytes
         p = self.parameters
-        cache = max(p.cache_ram_mib, 0) << 20 if self.type == "llama" else 0  # (whisper has no prompt cache)
+        cache = max(self.cache_ram(), 0) << 20 if self.type == "llama" else 0  # (whisper has no prompt cache)
         return file_size + p.ctx_size * p.parallel * kv_bytes_per_token + cache
+
+    def cache_ram(self) -> int:
+        """The prompt cache's MiB its llama-server gets: a --cache-ram/-cram of extra_args, else cache_ram_mib."""
+        args = self.parameters.extra_args
+        for i, arg in enumerate(args):
+            flag, _, value = arg.partition("=")
+            if flag in ("-cram", CACHE_RAM_FLAG):
+                value = value or (args[i + 1] if i + 1 < len(args) else "")
+                try:
+                    return int(value)
+                except ValueError:
+                    break
+        return self.parameters.cache_ram_mib
 
     @property
     def serves_chat(self) -> bool:

@@ -154,7 +154,8 @@ class WorkerManager:
             self._resolve(ev.fut, self.endpoint)
         elif self.state == S.FATAL:
             ev.fut.set_exception(WorkerUnavailable(
-                "load_failed", f"model {self.name!r} failed to start: {self.message}", 503))
+                "load_failed", f"model {self.name!r} failed to start: {self.message}; once it is fixed, start it "
+                f"again: `llama-runner start {self.name}` or the dashboard", 503))
         else:
             self._waiters.append(ev.fut)
             if self.state == S.STOPPING:

@@ -97,6 +97,10 @@ def test_a_models_estimated_footprint_counts_its_prompt_cache() -> None:
     assert ModelConfig(model_path="m.gguf", parameters=unbounded).footprint(100 * mib, 10) == 100 * mib + 20_000
     assert ModelConfig(model_path="m.gguf", memory_bytes=5, parameters=p).footprint(100 * mib, 10) == 5
     assert ModelConfig(model_path="w", type="whisper", parameters=p).footprint(100 * mib, 10) == 100 * mib + 20_000
+    own = ModelParameters(ctx_size=1000, parallel=2, extra_args=["-cram", "64"])  # (what llama-server is given)
+    assert ModelConfig(model_path="m.gguf", parameters=own).footprint(100 * mib, 10) == 100 * mib + 20_000 + 64 * mib
+    own = ModelParameters(ctx_size=1000, parallel=2, extra_args=["--cache-ram=128"])
+    assert ModelConfig(model_path="m.gguf", parameters=own).footprint(100 * mib, 10) == 100 * mib + 20_000 + 128 * mib
 
 
 def test_a_models_size_on_disk_is_its_files_own(tmp_path: Path) -> None:
