@@ -115,12 +115,21 @@ async def ollama_embeddings(request: web.Request) -> web.Response:
     return json_response({"embedding": vectors[0] if vectors else []})
 
 
+def _default_embedding_model(config: Any) -> str | None:
+    """The default model if it embeds, else the first configured model that does (the default is a chat model)."""
+    models = config.models.models
+    default = config.models.default_model
+    if default in models and models[default].serves_embeddings:
+        return str(default)
+    return next((name for name, m in models.items() if m.serves_embeddings), default)
+
+
 async def openai_embeddings(request: web.Request) -> web.Response:
     req = await read_json(request)
     ereq = tr.openai_embeddings_request(req)
     model = req.get("model")
-    if model is None and request.app[LAUNCH].protocol == "openai":  # LM Studio: the default model
-        model = request.app[CONFIG].models.default_model
+    if model is None and request.app[LAUNCH].protocol == "openai":  # LM Studio: the default (embedding) model
+        model = _default_embedding_model(request.app[CONFIG])
     if not isinstance(model, str) or not model:
         raise ApiError(400, "model is required", param="model")
     vectors, tokens, _ = await embed(request, model, ereq)

@@ -148,6 +148,9 @@ def test_image_and_audio_parts_are_400_for_a_text_model(system: System) -> None:
 def test_default_model_answers_a_request_without_model(system: System) -> None:
     status, doc, _ = http("POST", system.openai_url + "/chat/completions", {"messages": MSG, "max_tokens": 2})
     assert status == 200 and doc["choices"][0]["message"]["role"] == "assistant"
+    # embeddings without a model: the embedding model (the default one chats: it was a 400 "does not support")
+    status, doc, _ = http("POST", system.openai_url + "/embeddings", {"input": "Some text"})
+    assert status == 200 and len(doc["data"][0]["embedding"]) == 576 and doc["model"] == EMBED, doc
     # Ollama's port keeps OpenAI's rule: model is required
     status, doc, _ = http("POST", system.ollama_url + "/v1/chat/completions", {"messages": MSG})
     assert status == 400 and doc["error"]["param"] == "model"
