@@ -11,7 +11,7 @@ from aiohttp import web
 from bus.protocol import GatewayLaunch
 from gateway import audio, embed_routes
 from gateway import openai_translate as tr
-from gateway.catalog import require_capability, require_media
+from gateway.catalog import require_capability, require_features, require_media
 from gateway.errors import ApiError, openai_error_body
 from gateway.relay import open_stream
 from gateway.server import CONFIG, LAUNCH, json_response, make_app, model_files, open_job, read_json
@@ -70,6 +70,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     model = request_model(request, req)
     if breq.media:
         require_media(request.app[CONFIG], model, breq.media)
+    if breq.body.get("tools") and request.app[LAUNCH].protocol == "ollama":  # (Ollama's /v1 refuses as its /api does)
+        await require_features(request.app[CONFIG], model, {"tools": "tools"})
     return await relay_openai(request, model, breq.path, breq.body, breq.stream)
 
 

@@ -182,6 +182,11 @@ def test_tools_and_suffix_on_a_model_without_them_are_ollamas_400(system: System
     with pytest.raises(ollama.ResponseError) as err:
         c.chat(model=MODEL, messages=[{"role": "user", "content": "Weather in Paris?"}], tools=[tool])
     assert err.value.status_code == 400 and "does not support tools" in err.value.error
+    # the same under Ollama's /v1 (OpenAI clients pointed at Ollama: the tools were silently ignored)
+    with pytest.raises(openai.BadRequestError) as oerr:
+        openai.OpenAI(base_url=system.ollama_url + "/v1", api_key="ollama", max_retries=0).chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "Weather in Paris?"}], tools=[tool])  # type: ignore[list-item]
+    assert "does not support tools" in str(oerr.value)
     with pytest.raises(ollama.ResponseError) as err:
         c.generate(model=MODEL, prompt="def add(a, b):\n    ", suffix="\n\nprint(add(1, 2))")
     assert err.value.status_code == 400 and "does not support insert" in err.value.error
