@@ -184,6 +184,8 @@ class HttpJob(_Msg, frozen=True, tag="http"):
     body: bytes = b""
     method: str = "POST"
     stream: bool = False
+    route: str = ""  # the client's path at the gateway (e.g. /api/chat), for the request events
+    gateway: str = ""  # the protocol of the gateway it came through: ollama | openai
 
 
 class Cancel(_Msg, frozen=True, tag="cancel"):
@@ -339,6 +341,8 @@ class RequestEvent(_Msg, frozen=True, tag="request"):
     status: int = 0
     outcome: str = ""
     position: int = 0  # place in the model's queue (queued, position), 1 = next to get a slot
+    route: str = ""  # the client's path at the gateway (/api/chat; ``path`` is the backend's); queued, finished
+    gateway: str = ""  # the gateway it came through: ollama | openai; queued, finished
 
 
 class SystemMetrics(_Msg, frozen=True, tag="system_metrics"):

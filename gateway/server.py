@@ -178,8 +178,10 @@ async def open_job(request: web.Request, model: str, path: str, body: dict[str, 
                    keep_alive: float | None = None) -> Relay:
     """Send an HTTP job for ``model``'s llama-server; returns its relay with the backend's head checked (< 400)."""
     payload = msgspec.json.encode(body)
+    route, gateway = request.path, request.app[LAUNCH].protocol
     return await open_relay(request, model, lambda rid: HttpJob(request_id=rid, path=path, body=payload,
-                                                                stream=stream), keep_alive=keep_alive)
+                                                                stream=stream, route=route, gateway=gateway),
+                            keep_alive=keep_alive)
 
 
 async def open_relay(request: web.Request, model: str, make_job: Callable[[str], Job], *, kind: str | None = None,

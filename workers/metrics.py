@@ -48,6 +48,8 @@ class Times(Protocol):
     arrived: float
     started: float
     first: float
+    route: str
+    gateway: str
 
 
 @dataclass
@@ -55,6 +57,8 @@ class _Live:
     path: str
     stream: bool
     arrived: float
+    route: str = ""
+    gateway: str = ""
     started: float = 0.0
     first: float = 0.0
     marker: bytes = _CONTENT
@@ -95,7 +99,7 @@ class RequestFigures:
         now = time.monotonic()
         self._emit(rid, "finished", path=st.path, stream=st.stream, queued_s=(st.started or now) - st.arrived,
                    ttft_s=(st.first - st.arrived) if st.first else 0.0, tokens=tokens, duration_s=now - st.arrived,
-                   status=status, outcome=outcome)
+                   status=status, outcome=outcome, route=st.route, gateway=st.gateway)
 
     def _emit(self, rid: str, phase: str, **fields: Any) -> None:
         """Publish a RequestEvent, built only while somebody subscribes to this model's request events."""
@@ -114,12 +118,13 @@ class WorkerStats(RequestFigures):
     waiting: list[str] = field(default_factory=list)  # request ids waiting for a slot, in order
 
     # ------------------------------------------------------------------ per request
-    def queued(self, rid: str, path: str, stream: bool) -> None:
+    def queued(self, rid: str, path: str, stream: bool, route: str = "", gateway: str = "") -> None:
         end = path.rstrip("/")
         marker = _TEXT if end.endswith("/v1/completions") else _DELTA if end.endswith("/v1/responses") else _CONTENT
-        self.live[rid] = _Live(path, stream, time.monotonic(), marker=marker)
+        self.live[rid] = _Live(path, stream, time.monotonic(), route, gateway, marker=marker)
         self.waiting.append(rid)
-        self._emit(rid, "queued", path=path, stream=stream, position=len(self.waiting))
+        self._emit(rid, "queued", path=path, stream=stream, position=len(self.waiting), route=route,
+                   gateway=gateway)
 
     def _leave_queue(self, rid: str) -> None:
         """``rid`` left the queue (got a slot, was rejected or cancelled): those behind it move up."""

@@ -153,7 +153,7 @@ class LlamaWorker(WorkerBus):
     async def _run_job(self, ident: bytes, job: HttpJob) -> None:
         rid = job.request_id
         self.requests_total += 1
-        self.stats.queued(rid, job.path, job.stream)
+        self.stats.queued(rid, job.path, job.stream, job.route, job.gateway)
         try:
             if self.waiting >= self.launch.queue_size and self.slots.locked():
                 self.stats.finished(rid, 429, "rejected")

@@ -18,6 +18,8 @@ class _Live:
     arrived: float = field(default_factory=time.monotonic)
     started: float = 0.0
     first: float = 0.0
+    route: str = ""  # (the gateway's route is the backend path for speech)
+    gateway: str = ""
 
 
 @dataclass
@@ -30,7 +32,8 @@ class WhisperStats(RequestFigures):
 
     def queued(self, rid: str, task: str, stream: bool) -> None:
         st = self.live[rid] = _Live(self.path(task), stream)
-        self._emit(rid, "queued", path=st.path, stream=stream)
+        st.route = st.path
+        self._emit(rid, "queued", path=st.path, stream=stream, route=st.route)
 
     def started(self, rid: str) -> None:
         st = self.live.get(rid)

@@ -87,6 +87,17 @@ def test_llama_runner_metrics_prints_request_and_worker_events(two_models: Syste
         assert len({e["request_id"] for e in phases.values()}) == 1
         done = phases["finished"]
         assert done["status"] == 200 and done["outcome"] == "ok" and done["v"] == 1
+        # which gateway and route it came through (path is the backend's: /api/chat showed as /v1/chat/completions)
+        for ev in (phases["queued"], done):
+            assert (ev["gateway"], ev["route"], ev["path"]) == ("openai", "/v1/chat/completions",
+                                                                "/v1/chat/completions"), ev
+        body = json.dumps({"model": MODEL_A, "stream": False, "options": {"num_predict": 2},
+                           "messages": [{"role": "user", "content": "Hi"}]}).encode()
+        urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{two_models.ollama_port}/api/chat",
+                                                      data=body), timeout=120).read()
+        ev = lines.until(lambda e: e["type"] == "request" and e["phase"] == "finished" and e.get("route") == "/api/chat",
+                         15, "the Ollama request's end")
+        assert ev["gateway"] == "ollama" and ev["path"] == "/v1/chat/completions", ev
         assert done["tokens"] > 0 and done["duration_s"] >= done["ttft_s"] > 0
         wm = lines.until(lambda e: e["type"] == "worker_metrics" and e["name"] == MODEL_A and e["tokens_total"] > 0,
                          10, "worker metrics counting the tokens")
