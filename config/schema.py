@@ -131,6 +131,7 @@ Pooling = Literal["none", "mean", "cls", "last", "rank"]
 
 
 CACHE_RAM_FLAG = "--cache-ram"
+CACHE_RAM_FLAGS = ("-cram", CACHE_RAM_FLAG)  # (llama-server's short and long names)
 
 
 def llama_server_args(mode: str, pooling: str | None, p: ModelParameters) -> list[str]:
@@ -138,7 +139,7 @@ def llama_server_args(mode: str, pooling: str | None, p: ModelParameters) -> lis
     ``--embeddings``, ``--pooling``, and a batch as large as the context (llama-server embeds an input in one
     batch). Idempotent: flags already there stay."""
     args = list(p.extra_args)
-    if not {"-cram", "--cache-ram"} & {a.split("=", 1)[0] for a in args}:
+    if not set(CACHE_RAM_FLAGS) & {a.split("=", 1)[0] for a in args}:
         args += [CACHE_RAM_FLAG, str(p.cache_ram_mib)]
     if mode == "chat":
         return args
@@ -187,7 +188,7 @@ class ModelConfig(_Cfg):
         args = self.parameters.extra_args
         for i, arg in enumerate(args):
             flag, _, value = arg.partition("=")
-            if flag in ("-cram", CACHE_RAM_FLAG):
+            if flag in CACHE_RAM_FLAGS:
                 value = value or (args[i + 1] if i + 1 < len(args) else "")
                 try:
                     return int(value)

@@ -8,9 +8,10 @@ llama.cpp-specific ones included. Pure functions, no I/O; invalid input raises o
 
 from __future__ import annotations
 
-import json
 import math
 from typing import Any
+
+import msgspec
 
 from gateway.errors import ApiError
 from gateway.ollama_translate import CHAT_PATH, COMPLETIONS_PATH, BackendRequest
@@ -139,23 +140,31 @@ def responses_to_backend(req: Any) -> BackendRequest:
             if not isinstance(tool.get("name"), str) or not tool["name"]:
                 hint = " (the Responses API's tools have name and parameters at the top, not under \"function\")"
                 raise _bad(f"tools[{i}].name", "is required" + (hint if "function" in tool else ""))
-    text = body.get("text")
-    if text is not None:
-        fmt = text.get("format") if isinstance(text, dict) else _ABSENT
-        if fmt is _ABSENT or (fmt is not None and not isinstance(fmt, dict)):
-            raise _bad("text", "must be an object with a format")
-        kind = (fmt or {}).get("type", "text")
-        if kind == "json_schema":
-            schema = fmt.get("schema")  # type: ignore[union-attr]
-            if not isinstance(schema, dict):
-                raise _bad("text.format.schema", "must be a JSON schema object")
-            body.setdefault("response_format", {"type": "json_schema", "json_schema": {
-                "name": fmt.get("name") or "output", "schema": schema, "strict": bool(fmt.get("strict"))}})  # type: ignore[union-attr]
-        elif kind == "json_object":
-            body.setdefault("response_format", {"type": "json_object"})
-        elif kind != "text":
-            raise _bad("text.format.type", f"must be text, json_schema or json_object, not {kind!r}")
+    if body.get("text") is not None:
+        grammar = _response_format(body["text"])
+        if grammar is not None:
+            body.setdefault("response_format", grammar)
     return BackendRequest(RESPONSES_PATH, body, bool(body.get("stream")), media)
+
+
+def _response_format(text: Any) -> dict[str, Any] | None:
+    """The Responses API's ``text.format`` as the ``response_format`` llama-server reads (None: plain text)."""
+    fmt = text.get("format") if isinstance(text, dict) else _ABSENT
+    if fmt is None:
+        return None
+    if not isinstance(fmt, dict):
+        raise _bad("text", "must be an object with a format")
+    kind = fmt.get("type", "text")
+    if kind == "json_schema":
+        if not isinstance(fmt.get("schema"), dict):
+            raise _bad("text.format.schema", "must be a JSON schema object")
+        return {"type": "json_schema", "json_schema": {
+            "name": fmt.get("name") or "output", "schema": fmt["schema"], "strict": bool(fmt.get("strict"))}}
+    if kind == "json_object":
+        return {"type": "json_object"}
+    if kind != "text":
+        raise _bad("text.format.type", f"must be text, json_schema or json_object, not {kind!r}")
+    return None
 
 
 def _message_item(item: dict[str, Any], where: str) -> str:
@@ -220,8 +229,8 @@ class ResponsesStream:
         if at is None:
             return block + b"\n\n"
         try:
-            doc = json.loads(lines[at][5:])
-        except ValueError:
+            doc = msgspec.json.decode(lines[at][5:])
+        except msgspec.DecodeError:
             return block + b"\n\n"
         if isinstance(doc, dict) and "error" not in doc:
             kind = str(doc.get("type", ""))
@@ -238,7 +247,7 @@ class ResponsesStream:
             response = doc.get("response")
             if self.model is not None and isinstance(response, dict) and "model" in response:
                 response["model"] = self.model
-            lines[at] = b"data: " + json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode()
+            lines[at] = b"data: " + msgspec.json.encode(doc)
         return b"\n".join(lines) + b"\n\n"
 
 

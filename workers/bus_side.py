@@ -98,16 +98,21 @@ class WorkerBus:
         with contextlib.suppress(zmq.ZMQError):
             self._pub.send_multipart(frames, NOBLOCK)
 
-    def figures(self, cpu_percent: float, rss_bytes: int, backend_pid: int = 0) -> WorkerMetrics:
-        """This worker's periodic WorkerMetrics (its process figures given: each kind of worker has its own)."""
+    def figures(self, cpu_percent: float = 0.0, rss_bytes: int = 0, backend_pid: int = 0,
+                final: bool = False) -> WorkerMetrics:
+        """This worker's periodic WorkerMetrics (its process figures given: each kind of worker has its own);
+        ``final``: its last, at its stop (state stopped, its totals, no process figures)."""
+        totals: dict[str, Any] = {
+            "name": self.launch.name, "requests_total": self.requests_total, "errors_total": self.errors_total,
+            "tokens_total": self.stats.tokens_total, "ttft_last_s": self.stats.ttft_last,
+            "ttft_p50_s": self.stats.ttft_p50(), "model_path": self.launch.model_path}
+        if final:
+            return WorkerMetrics(state=WorkerState.STOPPED, **totals)
         tps, rps = self.stats.rates(self.requests_total)
         return WorkerMetrics(
-            name=self.launch.name, state=self.state, pid=os.getpid(), backend_pid=backend_pid,
-            cpu_percent=cpu_percent, rss_bytes=rss_bytes, in_flight=self.in_flight, queued=self.waiting,
-            requests_total=self.requests_total, errors_total=self.errors_total,
-            uptime_s=time.monotonic() - self.started, tokens_total=self.stats.tokens_total, tokens_per_s=tps,
-            requests_per_s=rps, ttft_last_s=self.stats.ttft_last, ttft_p50_s=self.stats.ttft_p50(),
-            model_path=self.launch.model_path)
+            state=self.state, pid=os.getpid(), backend_pid=backend_pid, cpu_percent=cpu_percent, rss_bytes=rss_bytes,
+            in_flight=self.in_flight, queued=self.waiting, uptime_s=time.monotonic() - self.started,
+            tokens_per_s=tps, requests_per_s=rps, **totals)
 
     def publish_figures(self, event: WorkerMetrics) -> None:
         self.publish(encode_event(endpoints.topic_worker_metrics(self.launch.name), event))
@@ -117,10 +122,7 @@ class WorkerBus:
         self.outbox.flush()  # the last items (e.g. Fails of a stop) leave before the sockets close
         # The last figures: the totals since the previous periodic event (they were lost), and state "stopped"
         # (a subscriber kept the last periodic one: "ready", its memory and uptime, for a model long stopped).
-        self.publish_figures(WorkerMetrics(
-            name=self.launch.name, state=WorkerState.STOPPED, requests_total=self.requests_total,
-            errors_total=self.errors_total, tokens_total=self.stats.tokens_total, ttft_last_s=self.stats.ttft_last,
-            ttft_p50_s=self.stats.ttft_p50(), model_path=self.launch.model_path))
+        self.publish_figures(self.figures(final=True))
         self.router.close(linger=0)
         for sock in (self.control, self.pub):  # (a last hello, e.g. why it failed, and the last figures)
             sock.close(linger=FINAL_LINGER_MS)

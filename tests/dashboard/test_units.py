@@ -48,16 +48,21 @@ def test_non_stream_tokens_from_usage() -> None:
     assert stats.tokens_total == want > 0
 
 
-def test_only_streamed_tokens_have_a_time_to_first_token() -> None:
-    """A non-streaming answer (or an error, or an embedding) has no first token a client sees: counted as one, its
-    whole time went into the TTFT figures (a 2.5 s answer read as a 2.5 s TTFT)."""
+def _recording_stats() -> tuple[WorkerStats, list[list[bytes]]]:
+    """A worker's figures whose published events are kept (frames, in order)."""
     sent: list[list[bytes]] = []
 
     class FakePub:
         def send_multipart(self, frames: list[bytes], flags: int = 0) -> None:
             sent.append(frames)
 
-    stats = WorkerStats("m", pub=FakePub())  # type: ignore[arg-type]
+    return WorkerStats("m", pub=FakePub()), sent  # type: ignore[arg-type]
+
+
+def test_only_streamed_tokens_have_a_time_to_first_token() -> None:
+    """A non-streaming answer (or an error, or an embedding) has no first token a client sees: counted as one, its
+    whole time went into the TTFT figures (a 2.5 s answer read as a 2.5 s TTFT)."""
+    stats, sent = _recording_stats()
     stats.queued("r", "/v1/chat/completions", False)
     stats.started("r")
     assert stats.data("r", (GOLDEN / "chat.json").read_bytes())  # (the answer flows: its later reads may wait)
@@ -97,13 +102,7 @@ def test_rates_and_unknown_requests_are_harmless() -> None:
 
 
 def test_request_events_are_published_in_order() -> None:
-    sent: list[list[bytes]] = []
-
-    class FakePub:
-        def send_multipart(self, frames: list[bytes], flags: int = 0) -> None:
-            sent.append(frames)
-
-    stats = WorkerStats("m", pub=FakePub())  # type: ignore[arg-type]
+    stats, sent = _recording_stats()
     stats.queued("r", "/v1/chat/completions", True)
     stats.started("r")
     stats.data("r", b'data: {"choices":[{"delta":{"content":"Hi"}}]}\n\n')

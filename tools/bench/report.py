@@ -341,9 +341,20 @@ def _md_status(t: dict[str, Any]) -> str:
     return "**MISS**" if st == "MISS" else f"n/a: {t['why_na']}" if st == "n/a" else st
 
 
+def _before_after_rows(before: dict[str, Any], after: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
+    """(upstream, target, before, after, limit) for each target of this run, beside a previous run's."""
+    old = {(t["upstream"], t["target"]): t for t in before.get("targets", [])}
+    rows = []
+    for t in after["targets"]:
+        b = old.get((t["upstream"], t["target"]))
+        bv = f"{_f(b['value'])} {t['unit']} {status(b)}" if b else "–"
+        rows.append((t["upstream"], t["target"], bv, f"{_f(t['value'])} {t['unit']} {status(t)}",
+                     f"{t['op']} {_f(t['limit'])}"))
+    return rows
+
+
 def before_after(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
     """The targets of a previous run (``--baseline``) next to this run's."""
-    old = {(t["upstream"], t["target"]): t for t in before.get("targets", [])}
     lines = [
         "## Before / after",
         "",
@@ -354,13 +365,7 @@ def before_after(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
         "| Upstream | Target | Before | After | Limit |",
         "|---|---|---|---|---|",
     ]
-    for t in after["targets"]:
-        b = old.get((t["upstream"], t["target"]))
-        bv = f"{_f(b['value'])} {t['unit']} {status(b)}" if b else "–"
-        lines.append(
-            f"| {t['upstream']} | {t['target']} | {bv} | {_f(t['value'])} {t['unit']} "
-            f"{status(t)} | {t['op']} {_f(t['limit'])} |"
-        )
+    lines += ["| " + " | ".join(row) + " |" for row in _before_after_rows(before, after)]
     return lines + [""]
 
 
@@ -451,8 +456,6 @@ def console(doc: dict[str, Any], before: dict[str, Any] | None = None, quick: bo
         lines.append("  (--quick: few runs and requests, so PASS/MISS only hint; the full run is what counts)")
     if before:
         lines.append("== before / after ==")
-        for row in before_after(before, doc)[6:]:
-            if row.startswith("|"):
-                cells = [c.strip() for c in row.strip("|").split("|")]
-                lines.append(f"  [{cells[0]}] {cells[1]}: {cells[2]} -> {cells[3]} ({cells[4]})")
+        for upstream, target, was, now, limit in _before_after_rows(before, doc):
+            lines.append(f"  [{upstream}] {target}: {was} -> {now} ({limit})")
     return "\n".join(lines)
