@@ -75,6 +75,9 @@ class WorkerManager:
     # Started by an operator or a preload (not by a request): a failed load is retried with backoff. A load a
     # request asked for is not retried once that request had its error: the next request tries again.
     _keep_up: bool = False
+    # Why the worker is exiting, from its last hello: shown once its exit is acted on (shown at once, a
+    # READY worker read "llama-server exited unexpectedly" without its state or what happens next)
+    _last_words: str = ""
     _timer: asyncio.TimerHandle | None = None
     _tasks: set[asyncio.Task[Any]] = field(default_factory=set)
     task: asyncio.Task[Any] | None = None  # the owner task (set by the supervisor)
@@ -213,7 +216,7 @@ class WorkerManager:
             for fut in waiters:
                 self._resolve(fut, self.endpoint)
         elif msg.state == S.FATAL:
-            self.message = msg.message  # the process exits next; _on_exited acts on it
+            self._last_words = msg.message  # the process exits next; _on_exited acts on it
 
     async def _on_exited(self, ev: _Event) -> None:
         if ev.generation != self._generation:
@@ -235,7 +238,7 @@ class WorkerManager:
             return
         # a crash (or a failed start)
         was = self.state
-        reason = self.message or f"worker exited with code {code}"  # (a worker says why in its last hello)
+        reason = self._last_words or f"worker exited with code {code}"  # (a worker says why in its last hello)
         if was == S.STARTING:
             self._reject_waiters(WorkerUnavailable("load_failed", f"model {self.name!r} failed to load: {reason}"))
             if not self._keep_up:  # its requests had their error; the next one tries again (as Ollama does)
@@ -268,13 +271,14 @@ class WorkerManager:
     async def _spawn(self) -> None:
         self._cancel_timer()
         self._set(S.STARTING, "")
+        self._last_words = ""
         self._generation += 1
         gen = self._generation
         argv = python_module("workers", msgspec.json.encode(self.launch).decode())
         try:
             self._proc = await spawn(argv, self.log_path)
         except OSError as exc:
-            self.message = f"cannot spawn worker: {exc}"
+            self._last_words = f"cannot spawn worker: {exc}"
             self._inbox.put_nowait(_Event("exited", generation=gen, payload=-1))
             return
         self.pid = self._proc.pid
