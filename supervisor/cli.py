@@ -114,7 +114,7 @@ def _discover(args: argparse.Namespace) -> int:
         print(f"llama-runner: the models root {root} is not a directory (--models-root, or models_root in "
               "app_config.json)", file=sys.stderr)
         return 1
-    added = discover(config.config_dir / MODELS_FILE, root, write=not args.dry_run)
+    added = discover(config.config_dir / MODELS_FILE, root, config_root=config.models_root, write=not args.dry_run)
     for f in added:
         print(f"{'would add' if args.dry_run else 'added'} {f.kind} model {f.name!r}: {f.path}")
     if not added:

@@ -97,3 +97,62 @@ def test_discover_on_a_missing_root_says_so(tmp_path: Path) -> None:
                           "--models-root", str(tmp_path / "nowhere")], capture_output=True, text=True, cwd=ROOT,
                          timeout=60)
     assert out.returncode == 1 and "not a directory" in out.stderr
+
+
+def _gguf(path: Path, arch: str) -> None:
+    """A minimal GGUF v3 file: no tensors, one key (general.architecture)."""
+    import struct
+
+    def s(text: str) -> bytes:
+        return struct.pack("<Q", len(text)) + text.encode()
+
+    path.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + s("general.architecture") + struct.pack("<I", 8)
+                     + s(arch))
+
+
+def test_projectors_by_any_name_are_no_models(tmp_path: Path) -> None:
+    (tmp_path / "Vendor").mkdir()
+    _gguf(tmp_path / "Vendor" / "Big-Model-mmproj-f16.gguf", "clip")  # (was added as a chat model)
+    _gguf(tmp_path / "vision-projector.gguf", "clip")  # named like nothing: its architecture says
+    _gguf(tmp_path / "chat.gguf", "llama")
+    assert [p.name for _, p in scan(tmp_path)] == ["chat.gguf"]
+
+
+def test_links_out_of_the_root_are_not_read_links_within_are(tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    make_tree(outside)
+    root = tmp_path / "root"
+    (root / "store").mkdir(parents=True)
+    (root / "store" / "blob").write_bytes(b"GGUF")
+    os.symlink(outside / "Qwen2.5 0.5B-Instruct.Q4_K_M.gguf", root / "link-out.gguf")
+    os.symlink(outside / "whisper-small", root / "whisper-linked")  # (was taken: a linked folder read)
+    os.symlink(root / "store" / "blob", root / "within.gguf")  # (as Hugging Face's cache links its files)
+    assert [p.name for _, p in scan(root)] == ["within.gguf"]
+
+
+def test_discover_from_another_root_writes_paths_that_resolve(tmp_path: Path) -> None:
+    configured = tmp_path / "configured"
+    make_tree(configured)
+    other = tmp_path / "other"
+    make_tree(other)
+    (other / "inside").mkdir()
+    cfg = tmp_path / "cfg"
+    cfg.mkdir()
+    (cfg / "app_config.json").write_text(json.dumps({"models_root": str(configured)}))
+    (cfg / "models_config.json").write_text(json.dumps(
+        {"models": {"known": {"type": "whisper", "model_path": "whisper-small"}}}))
+    # a root outside the configured one: its models are written with absolute paths (they were written relative to
+    # the root scanned, and so resolved under the configured one, where they are not)
+    added = discover(cfg / "models_config.json", other, config_root=configured)
+    assert {f.name for f in added} == {"qwen2.5-0.5b-instruct.q4_k_m", "big", "whisper-small"}
+    config = load_config(cfg)
+    for f in added:
+        assert Path(f.path).is_absolute() and config.model_path(config.models.models[f.name]).exists(), f
+    # a folder within the configured root: relative to it; and what the config has (relative to the configured
+    # root) is known as such (it was compared against the root scanned)
+    (cfg / "models_config.json").write_text(json.dumps(
+        {"models": {"known": {"type": "whisper", "model_path": "sub/../whisper-small"}}}))
+    added = discover(cfg / "models_config.json", configured / "sub", config_root=configured)
+    assert [(f.name, f.path) for f in added] == [("big", "sub/big-00001-of-00002.gguf")]
+    added = discover(cfg / "models_config.json", configured, config_root=configured)
+    assert "whisper-small" not in {f.name for f in added} and "big" not in {f.name for f in added}
