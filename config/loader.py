@@ -11,7 +11,7 @@ from pathlib import Path
 import msgspec
 
 from config import runtime
-from config.schema import AppConfig, ModelConfig, ModelsConfig
+from config.schema import AppConfig, ModelConfig, ModelName, ModelsConfig
 
 DEFAULT_CONFIG_DIR = Path(__file__).resolve().parent
 APP_FILE = "app_config.json"
@@ -88,15 +88,23 @@ def _decode(path: Path, kind: type[msgspec.Struct]) -> msgspec.Struct:
 
 
 def _name_dict_keys(raw: bytes, message: str) -> str:
-    """msgspec says ``$.models[...]`` for a dict key: find which model entry is wrong and name it."""
-    if "$.models[...]" not in message:
+    """msgspec says ``$.models[...]`` for a dict value and ``key in $.models`` for a key: find which model entry
+    (or name) is wrong and name it."""
+    bad_key = "at `key` in `$.models`" in message
+    if "$.models[...]" not in message and not bad_key:
         return message
     try:
         doc = msgspec.json.decode(raw)
         for name, entry in (doc.get("models") or {}).items():
             try:
-                msgspec.convert(entry, ModelConfig)
+                if bad_key:
+                    msgspec.convert(name, ModelName)
+                else:
+                    msgspec.convert(entry, ModelConfig)
             except msgspec.ValidationError:
+                if bad_key:
+                    return (f"model name {name!r} is not valid: {message.split(' - at ')[0]} (1 to 128 letters, "
+                            "digits and . _ : @ + -, starting with a letter or digit) - at $.models")
                 return message.replace("$.models[...]", f"$.models.{name}")
     except Exception:
         pass
@@ -108,17 +116,26 @@ def load_config(config_dir: Path | str | None = None) -> Config:
     app = _decode(cdir / APP_FILE, AppConfig)
     models = _decode(cdir / MODELS_FILE, ModelsConfig)
     assert isinstance(app, AppConfig) and isinstance(models, ModelsConfig)
-    _check_models(cdir / MODELS_FILE, models)
+    _check_models(cdir / MODELS_FILE, models, app)
     return Config(app=app, models=models, config_dir=cdir)
 
 
-def _check_models(path: Path, models: ModelsConfig) -> None:
-    seen: dict[str, str] = {}
+def _check_models(path: Path, models: ModelsConfig, app: AppConfig) -> None:
+    seen: dict[str, tuple[str, str]] = {}  # a name as clients' names match it -> (model, the name as written)
     for name, model in models.models.items():
         for alias in [name, *model.aliases]:
-            if alias in seen and seen[alias] != name:
-                raise ConfigError(f"{path}: name `{alias}` is used by both `{seen[alias]}` and `{name}` - at $.models")
-            seen[alias] = name
+            # (clients' names match regardless of case and of ":latest", as Ollama's: "smolC" and "SMOLC:latest"
+            # would be one name, and one of the two models out of reach)
+            key = alias.casefold().removesuffix(":latest")
+            if key in seen and seen[key][0] != name:
+                other, written = seen[key]
+                same = f"`{alias}`" if written == alias else f"`{alias}` (as `{written}`: names are matched " \
+                    "regardless of case and of `:latest`)"
+                raise ConfigError(f"{path}: name {same} is used by both `{other}` and `{name}` - at $.models")
+            seen[key] = (name, alias)
+    if len(models.preload) > app.limits.max_loaded_models:
+        raise ConfigError(f"{path}: preload lists {len(models.preload)} models, more than limits.max_loaded_models "
+                          f"({app.limits.max_loaded_models}) can be loaded at once - at $.preload")
     for i, name in enumerate(models.preload):
         if name not in models.models:
             raise ConfigError(f"{path}: preload `{name}` is not a configured model - at $.preload[{i}]")

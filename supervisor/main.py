@@ -324,8 +324,9 @@ class Supervisor:
         self._track(self._system_metrics())
         for proc in self.processes:
             self._track(proc.run())
-        for name in self.config.models.preload:
-            self.workers[name].start()
+        assert self.scheduler is not None
+        for name in self.config.models.preload:  # (no more than max_loaded_models: the config's check)
+            self.scheduler.start(name)
         log.info("supervisor_up", run_dir=str(self.run_dir), llama_server=str(self.llama_server),
                  models=list(self.workers))
         if self.config.app.host not in ("127.0.0.1", "localhost", "::1"):
@@ -423,6 +424,8 @@ class Supervisor:
             await self.control.send_multipart([ident, REPLIES.encode(reply)])
 
     def _worker(self, request_id: str, name: str) -> WorkerManager:
+        if not name.strip():  # (resolve_model gives the default model for "": a command names its model)
+            raise WorkerUnavailable("bad_request", "a model name is required", 400)
         resolved = self.config.resolve_model(name)
         if resolved is None or resolved not in self.workers:
             raise WorkerUnavailable("unknown_model", f"model {name!r} not found", 404)
@@ -459,7 +462,8 @@ class Supervisor:
         if isinstance(cmd, Reload):
             return Ok(request_id=rid, message=await self.reload())
         if isinstance(cmd, StartWorker):
-            await self._worker(rid, cmd.name).start()
+            assert self.scheduler is not None
+            await self.scheduler.start(self._worker(rid, cmd.name).name)
             return Ok(request_id=rid, message=f"starting {cmd.name}")
         if isinstance(cmd, StopWorker):
             mgr = self._worker(rid, cmd.name)
@@ -470,7 +474,8 @@ class Supervisor:
             await asyncio.wait_for(stopping, self.policy.grace_s + 10)
             return Ok(request_id=rid, message=f"stopped {cmd.name}")
         if isinstance(cmd, RestartWorker):
-            await self._worker(rid, cmd.name).restart()
+            assert self.scheduler is not None
+            await self.scheduler.start(self._worker(rid, cmd.name).name, restart=True)
             return Ok(request_id=rid, message=f"restarting {cmd.name}")
         return ErrorReply(request_id=rid, code="bad_request", message=f"unknown command {type(cmd).__name__}",
                           status=400)

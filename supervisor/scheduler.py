@@ -35,6 +35,7 @@ class _Pending:
     lease: str
     mgr: WorkerManager
     fut: asyncio.Future[str]
+    begin: Callable[[], asyncio.Future[Any]] | None = None  # an operator's start / restart (else: an acquire)
 
 
 @dataclass
@@ -61,6 +62,14 @@ class Scheduler:
         if owner:
             self._owners[lease] = owner
         self._inbox.put_nowait(("acquire", (lease, name, keep_alive, fut)))
+        return fut
+
+    def start(self, name: str, restart: bool = False) -> asyncio.Future[str]:
+        """An operator's (or a preload's) start or restart of ``name``, within ``max_loaded_models`` and the
+        memory budget as a request's load is: an idle model makes room; with every loaded model busy it is
+        refused (WorkerUnavailable 409). Resolves once the start is under way."""
+        fut: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self._inbox.put_nowait(("start", (name, restart, fut)))
         return fut
 
     def release_owner(self, owner: bytes) -> None:
@@ -95,7 +104,11 @@ class Scheduler:
         return time.time() + ka if self._count[name] > 0 and ka > 0 else 0.0
 
     def clamp(self, keep_alive: float | None, name: str) -> float:
-        value = self.default_ttl(name) if keep_alive is None else keep_alive
+        """The keep-alive a request asked for, within the server's cap; none asked: the model's own (the
+        operator's idle TTL is not capped: the cap is on what clients may ask for)."""
+        if keep_alive is None:
+            return self.default_ttl(name)
+        value = keep_alive
         cap = self.max_keep_alive
         if cap is not None and cap >= 0 and (value < 0 or value > cap):
             value = cap
@@ -122,16 +135,29 @@ class Scheduler:
         self._expires.pop(name, None)  # (busy: it expires its keep-alive after the last release, see expires_at)
         self._try(_Pending(lease, mgr, fut))
 
+    def _on_start(self, arg: tuple[str, bool, asyncio.Future[str]]) -> None:
+        name, restart, fut = arg
+        mgr = self.managers[name]
+        self._try(_Pending("", mgr, fut, mgr.restart if restart else mgr.start))
+
     def _try(self, p: _Pending) -> bool:
         """Grant now if the model is loaded or there is room; else make room (evict) and wait."""
-        if p.mgr.state != S.STOPPED or self._fits(p.mgr.name):
-            self._chain(p.mgr.acquire(), p.fut)
+        loaded = p.mgr.state in LOADED if p.begin is not None else p.mgr.state != S.STOPPED
+        if loaded or self._fits(p.mgr.name):
+            self._chain(p.begin() if p.begin is not None else p.mgr.acquire(), p.fut)
             return True
         if not any(m.state == S.STOPPING for m in self.managers.values()):
             victim = self._victim(exclude=p.mgr.name)
             if victim is not None:
                 log.info("evict", worker=victim.name, for_model=p.mgr.name)
                 victim.stop()
+            elif p.begin is not None:  # (an operator's start does not wait for a request to finish)
+                p.fut.set_exception(WorkerUnavailable(
+                    "no_room", f"cannot start {p.mgr.name!r}: {self._loaded()} model(s) loaded "
+                    f"(limits.max_loaded_models {self.max_loaded}"
+                    f"{', or the memory budget' if self.memory_budget is not None else ''}), each serving a "
+                    "request; stop one, or try again once one is idle", 409))
+                return False
         if p not in self._pending:
             self._pending.append(p)
         return False

@@ -50,6 +50,15 @@ def test_app_errors_name_file_and_key(tmp_path: Path, app: dict[str, object], ne
     ({"models": {"../etc": {"model_path": "x"}}}, "$.models"),
     ({"default_model": "nope", "models": {"m": {"model_path": "x"}}}, "$.default_model"),
     ({"models": {"a": {"model_path": "x", "aliases": ["b"]}, "b": {"model_path": "y"}}}, "`b`"),
+    # the names clients' names reach regardless of case and of ":latest" (one of the two was out of reach)
+    ({"models": {"smolC": {"model_path": "x"}, "smolC:latest": {"model_path": "y"}}}, "`smolC:latest` (as `smolC`"),
+    ({"models": {"smolC": {"model_path": "x"}, "SMOLC": {"model_path": "y"}}}, "used by both `smolC` and `SMOLC`"),
+    ({"models": {"a": {"model_path": "x", "aliases": ["Q"]}, "q:latest": {"model_path": "y"}}}, "`q:latest`"),
+    # which name is wrong (it said "at `key` in `$.models`")
+    ({"models": {"m": {"model_path": "x"}, "My Model": {"model_path": "y"}}}, "model name 'My Model' is not valid"),
+    # preloads beyond what may be loaded at once (all were started)
+    ({"preload": ["a", "b", "c"], "models": {k: {"model_path": k} for k in "abc"}},
+     "more than limits.max_loaded_models (2)"),
 ])
 def test_model_errors_name_file_and_key(tmp_path: Path, models: dict[str, object], needle: str) -> None:
     with pytest.raises(ConfigError) as err:

@@ -92,6 +92,8 @@ def test_stop_and_start_commands(system: System) -> None:
     ready_pid(system)
     unknown = system.cli("restart", "no-such-model")
     assert unknown.returncode == 1 and "not found" in unknown.stderr
+    empty = system.cli("start", "")  # (started the default model, said "starting ")
+    assert empty.returncode == 1 and "a model name is required" in empty.stderr, empty
 
 
 def test_supervisor_kill_9_leaves_no_process_behind() -> None:

@@ -19,6 +19,7 @@ class FakeWorker:
         self.state = S.STOPPED
         self.last_used = 0.0
         self.stops = 0
+        self.starts = 0
         self._waiters: list[asyncio.Future[str]] = []
         self._sched = sched
 
@@ -31,6 +32,16 @@ class FakeWorker:
             if self.state == S.STOPPED:
                 self.state = S.STARTING
         return fut
+
+    def start(self) -> asyncio.Future[str]:
+        fut: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self.starts += 1
+        if self.state in (S.STOPPED, S.FATAL, S.BACKOFF):
+            self.state = S.STARTING
+        fut.set_result(self.state.value)
+        return fut
+
+    restart = start
 
     def become_ready(self) -> None:
         self.state = S.READY
@@ -180,6 +191,41 @@ async def test_server_cap_wins_over_client_keep_alive() -> None:
     assert sched.clamp(3600, "x") == 600.0
     assert sched.clamp(10, "x") == 10
     assert sched.clamp(None, "x") == 300.0
+
+
+async def test_the_cap_is_on_clients_not_on_the_operators_idle_ttl() -> None:
+    ttl = {"long": 900.0, "kept": -1.0}
+    sched = Scheduler({}, max_loaded=1, default_ttl=lambda n: ttl[n], max_keep_alive=3.0)
+    assert sched.clamp(None, "long") == 900.0  # (was 3: the model's own idle_ttl_s capped too)
+    assert sched.clamp(None, "kept") == -1.0
+
+
+async def test_an_operators_start_makes_room_as_a_request_does(world: Any) -> None:
+    sched, w, _ = world
+    await load(sched, w["a"], "1")
+    await load(sched, w["b"], "2")
+    sched.release("1")
+    await settle()
+    fut = sched.start("c")  # two loaded (the cap): the idle one makes room first (all three were loaded)
+    await settle()
+    assert w["a"].state == S.STOPPING and w["c"].state == S.STOPPED and w["c"].starts == 0 and not fut.done()
+    w["a"].finish_stop()
+    await settle()
+    assert w["c"].state == S.STARTING and await asyncio.wait_for(fut, 1) == "starting"
+    assert w["b"].stops == 0
+
+
+async def test_an_operators_start_with_every_loaded_model_busy_is_refused(world: Any) -> None:
+    from supervisor.worker_manager import WorkerUnavailable
+
+    sched, w, _ = world
+    await load(sched, w["a"], "1")
+    await load(sched, w["b"], "2")
+    with pytest.raises(WorkerUnavailable) as err:
+        await asyncio.wait_for(sched.start("c"), 1)
+    assert err.value.status == 409 and "max_loaded_models 2" in err.value.message
+    assert w["c"].state == S.STOPPED and w["a"].stops == w["b"].stops == 0
+    assert await asyncio.wait_for(sched.start("a", restart=True), 1) == "ready"  # a loaded one: no room needed
 
 
 async def test_client_gone_during_load_stops_the_load(world: Any) -> None:
