@@ -248,8 +248,11 @@ def cut_front(text: str, prompt_tokens: int, ctx: int, others: int = 0) -> str |
     if ctx <= 0 or prompt_tokens <= 0 or not text:
         return None
     per_token = (len(text) + others) / prompt_tokens
-    cut = int((prompt_tokens - 0.9 * ctx) * per_token * 1.1) + 1
-    return text[cut:] if 0 < cut < len(text) - 16 else None
+    # what is kept, not what is cut: a cut figured from the excess (with a margin) outgrew the text for an input
+    # ten times the context, and nothing was cut at all. 0.81: 90% of the context, less a 10% margin for the
+    # estimate (the characters a token takes vary through a text; the caller tries again if it was not enough)
+    keep = int(0.81 * ctx * per_token) - others
+    return text[len(text) - keep:] if 16 < keep < len(text) else None
 
 
 def fit_to_context(body: dict[str, Any], prompt_tokens: int, ctx: int) -> dict[str, Any] | None:

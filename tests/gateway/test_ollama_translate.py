@@ -1000,4 +1000,10 @@ def test_fit_to_context_cuts_the_front_of_a_lone_long_message_or_prompt() -> Non
     raw = fit_to_context({"prompt": doc}, prompt_tokens=2636, ctx=2048)
     assert raw is not None and raw["prompt"].endswith("\nSummarize.") and len(raw["prompt"]) < len(doc)
     assert fit_to_context({"prompt": "short"}, prompt_tokens=2636, ctx=2048) is None
+    # an input many times the context is cut too (one ten times it was not cut at all: a 400)
+    huge = "The quick brown fox. " * 5000 + "\nSummarize."
+    for prompt_tokens in (22260, 60000):
+        cut = fit_to_context({"prompt": huge}, prompt_tokens=prompt_tokens, ctx=2048)
+        assert cut is not None and cut["prompt"].endswith("\nSummarize.")
+        assert len(cut["prompt"]) / len(huge) * prompt_tokens < 0.9 * 2048
     assert fit_to_context({"messages": [{"role": "user", "content": [{"type": "text"}]}]}, 2636, 2048) is None
