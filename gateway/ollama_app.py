@@ -138,11 +138,12 @@ async def _generate(request: web.Request, kind: Literal["chat", "generate"]) -> 
                 body = msgspec.json.decode(await relay.body())
             except msgspec.DecodeError:
                 raise ApiError(502, "llama-server sent an answer that is not JSON", source="backend") from None
-            make = tr.chat_response if kind == "chat" else tr.generate_response
-            return json_response(make(model, body, t0, relay.load_ns))
+            if kind == "chat":
+                return json_response(tr.chat_response(model, body, t0, relay.load_ns, echo=tr.prefill(req)))
+            return json_response(tr.generate_response(model, body, t0, relay.load_ns))
         resp = await open_stream(request, {"Content-Type": NDJSON})
         parser = SSEParser()
-        conv = tr.OllamaStream(model, kind, t0, relay.load_ns)
+        conv = tr.OllamaStream(model, kind, t0, relay.load_ns, echo=tr.prefill(req) if kind == "chat" else "")
         await relay.stream_to(resp, lambda chunk: conv.feed_sse(parser, chunk),
                               lambda err: _ndjson([ollama_error_body(err)]),  # Ollama's clients read an {"error"} line
                               lambda: _ndjson([conv.finish()]))

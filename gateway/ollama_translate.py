@@ -586,6 +586,7 @@ class OllamaStream:
         "_timings",
         "_usage",
         "_tools",
+        "_echo",
     )
 
     def __init__(
@@ -595,7 +596,10 @@ class OllamaStream:
         started_ns: int,
         load_ns: int = 0,
         clock: Callable[[], int] = time.monotonic_ns,
+        echo: str = "",
     ) -> None:
+        """``echo``: a chat's closing assistant message (a prefill, continued), which llama-server repeats at the
+        start of its answer and Ollama does not: taken off the text (see :func:`prefill`)."""
         if kind not in ("chat", "generate"):
             raise ValueError(f"kind must be 'chat' or 'generate', not {kind!r}")
         self.model = model
@@ -607,6 +611,7 @@ class OllamaStream:
         self._timings: dict[str, Any] | None = None
         self._usage: dict[str, Any] | None = None
         self._tools: dict[Any, dict[str, str]] = {}  # streamed tool-call fragments by index
+        self._echo = echo  # what is still to be taken off the text's start
 
     @property
     def finish_reason(self) -> str | None:
@@ -654,6 +659,8 @@ class OllamaStream:
         Hottest path: the run of whole plain text deltas among the events completed (all but a stream's first
         and last few) is turned into lines by a few whole-buffer operations, the content's JSON string literals
         copied as they are (``_plain_texts``); the events around it, or a run refused, go through ``feed_raw``."""
+        if self._echo:  # (the first few chunks of a continued answer: through the dicts)
+            return self._feed_unechoed(parser.feed(data))
         whole = parser.whole_events(data)
         if whole is None:
             return self.feed_raw(parser.feed(data))
@@ -759,6 +766,24 @@ class OllamaStream:
             lines.extend(encode(o) + b"\n" for o in self.feed(obj))
         return b"".join(lines)
 
+    def _feed_unechoed(self, payloads: list[bytes]) -> bytes:
+        lines: list[bytes] = []
+        for payload in payloads:
+            try:
+                obj = msgspec.json.decode(payload)
+            except msgspec.DecodeError:
+                continue
+            if isinstance(obj, dict) and "error" in obj:
+                raise error_from_backend(obj["error"])
+            for piece in self.feed(obj):
+                holder, key = (piece["message"], "content") if self.kind == "chat" else (piece, "response")
+                if self._echo and holder.get(key):
+                    holder[key], self._echo = unecho(holder[key], self._echo)
+                    if not holder[key] and not holder.get("thinking") and not holder.get("tool_calls"):
+                        continue
+                lines.append(_enc.encode(piece) + b"\n")
+        return b"".join(lines)
+
     def _line_prefix(self) -> bytes:
         head = b'{"model":' + _enc.encode(self.model) + b',"created_at":"' + created_at().encode() + b'",'
         return head + (b'"message":{"role":"assistant","content":' if self.kind == "chat" else b'"response":')
@@ -828,18 +853,40 @@ class OllamaStream:
         return {"model": self.model, "created_at": created_at(), "response": "", "done": False}
 
 
+def prefill(req: dict[str, Any]) -> str:
+    """The text of a chat's closing assistant message (the answer's start, given to be continued), or ""."""
+    messages = req.get("messages")
+    last = messages[-1] if isinstance(messages, list) and messages else None
+    if isinstance(last, dict) and last.get("role") == "assistant" and isinstance(last.get("content"), str):
+        return str(last["content"])
+    return ""
+
+
+def unecho(text: str, echo: str) -> tuple[str, str]:
+    """``text`` without the start of it that repeats ``echo``, and what of ``echo`` is left to come (a text that
+    does not repeat it: as it is, nothing left)."""
+    if text.startswith(echo):
+        return text[len(echo):], ""
+    if echo.startswith(text):
+        return "", echo[len(text):]
+    return text, ""
+
+
 def chat_response(
     model: str,
     body: Any,
     started_ns: int,
     load_ns: int = 0,
     clock: Callable[[], int] = time.monotonic_ns,
+    echo: str = "",
 ) -> dict[str, Any]:
-    """A non-streamed ``/v1/chat/completions`` reply -> one Ollama ``/api/chat`` object."""
+    """A non-streamed ``/v1/chat/completions`` reply -> one Ollama ``/api/chat`` object (``echo``: see
+    :class:`OllamaStream`)."""
     choice, timings, usage = _unpack_reply(body)
     message = choice.get("message")
     message = message if isinstance(message, dict) else {}
     content = message.get("content")
+    content = unecho(content, echo)[0] if isinstance(content, str) and echo else content
     out_msg: dict[str, Any] = {"role": "assistant", "content": content if isinstance(content, str) else ""}
     thinking = message.get("reasoning_content")
     if isinstance(thinking, str) and thinking:

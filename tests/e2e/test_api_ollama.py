@@ -271,3 +271,16 @@ def test_openai_routes_on_the_ollama_port(system: System) -> None:
     assert err.value.code == "model_not_found"  # OpenAI's error shape under /v1, Ollama's elsewhere
     status, doc, _ = http("GET", system.ollama_url + "/v1/nope")
     assert status == 404 and isinstance(doc["error"], dict) and doc["error"]["message"]
+
+
+def test_a_continued_chat_answers_only_what_is_new(system: System) -> None:
+    """A chat that ends with an assistant message is continued; the answer is the new text only, as Ollama's
+    (llama-server repeats the message first: a client appending the answer doubled it)."""
+    c = ollama.Client(system.ollama_url)
+    messages = [{"role": "user", "content": "Tell me about zebras"},
+                {"role": "assistant", "content": "QQXYZ zebras are"}]
+    r = c.chat(model=MODEL, messages=messages, options=OPTS)
+    assert r.message.content and "QQXYZ" not in r.message.content, r.message.content
+    streamed = "".join(part.message.content or "" for part in c.chat(model=MODEL, messages=messages, options=OPTS,
+                                                                      stream=True))
+    assert streamed == r.message.content

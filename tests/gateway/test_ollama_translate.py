@@ -1007,3 +1007,34 @@ def test_fit_to_context_cuts_the_front_of_a_lone_long_message_or_prompt() -> Non
         assert cut is not None and cut["prompt"].endswith("\nSummarize.")
         assert len(cut["prompt"]) / len(huge) * prompt_tokens < 0.9 * 2048
     assert fit_to_context({"messages": [{"role": "user", "content": [{"type": "text"}]}]}, 2636, 2048) is None
+
+
+def _sse(*contents: str) -> bytes:
+    return b"".join(b"data: " + msgspec.json.encode(
+        {"choices": [{"index": 0, "finish_reason": None, "delta": {"content": c}}], "object": "chat.completion.chunk"})
+        + b"\n\n" for c in contents)
+
+
+@pytest.mark.parametrize("chunks", [
+    ["QQXYZ zebras are a", " breed"],  # as llama-server sends it: the prefill with the first token
+    ["QQXYZ ", "zebras are", " a", " breed"],  # (in pieces)
+])
+def test_a_continued_chat_answers_only_what_is_new(chunks: list[str]) -> None:
+    """A chat ending with an assistant message is continued; llama-server repeats that message at the start of
+    its answer, Ollama does not (a client that appends the answer, Open WebUI's continue, doubled the text)."""
+    from gateway.ollama_translate import chat_response, prefill
+
+    req = {"messages": [{"role": "user", "content": "zebras?"}, {"role": "assistant", "content": "QQXYZ zebras are"}]}
+    echo = prefill(req)
+    assert echo == "QQXYZ zebras are" and prefill({"messages": [{"role": "user", "content": "x"}]}) == ""
+    conv, parser = OllamaStream("m", "chat", 0, echo=echo), SSEParser()
+    lines = [msgspec.json.decode(line) for c in chunks for line in conv.feed_sse(parser, _sse(c)).splitlines()]
+    assert "".join(o["message"]["content"] for o in lines) == " a breed" and all(o["message"]["content"] for o in lines)
+    after = OllamaStream("m", "chat", 0, echo=echo)  # the stream after: the fast paths again, text as it is
+    after.feed_sse(parser, _sse("QQXYZ zebras are a"))
+    assert b"QQXYZ" in after.feed_sse(SSEParser(), _sse("QQXYZ again"))
+    body = {"choices": [{"index": 0, "finish_reason": "length", "message": {"role": "assistant",
+                                                                         "content": "QQXYZ zebras are a breed"}}]}
+    assert chat_response("m", body, 0, echo=echo)["message"]["content"] == " a breed"
+    body["choices"][0]["message"]["content"] = "Other text"  # (a backend that does not repeat it: as it is)
+    assert chat_response("m", body, 0, echo=echo)["message"]["content"] == "Other text"
