@@ -40,9 +40,21 @@ def chat_to_backend(req: Any) -> BackendRequest:
         role = msg.get("role")
         if not isinstance(role, str) or not role:
             raise _bad(f"messages[{i}].role", "must be a non-empty string")
+        if role not in CHAT_ROLES:
+            raise _bad(f"messages[{i}].role", f"{role!r} is not a role ({', '.join(sorted(CHAT_ROLES))})")
+        for field in ("name", "tool_call_id"):
+            if msg.get(field) is not None and not isinstance(msg[field], str):
+                raise _bad(f"messages[{i}].{field}", "must be a string")
+        if role == "tool" and not isinstance(msg.get("tool_call_id"), str):
+            raise _missing(f"messages[{i}].tool_call_id", " (a tool message answers a tool call: name it)")
         content = msg.get("content")
         if isinstance(content, list):
-            media = _check_parts(content, f"messages[{i}].content") or media
+            if not content:
+                raise _bad(f"messages[{i}].content", "must not be an empty list")
+            media = _check_parts(content, f"messages[{i}].content", role) or media
+            if role == "assistant" and any(p.get("type") == "refusal" for p in content):  # (llama-server: text)
+                messages[i] = msg = {**msg, "content": [
+                    {"type": "text", "text": p["refusal"]} if p.get("type") == "refusal" else p for p in content]}
         elif content is not None and not isinstance(content, str):
             raise _bad(f"messages[{i}].content", "must be a string or a list of content parts")
     max_completion = body.pop("max_completion_tokens", None)
@@ -51,16 +63,63 @@ def chat_to_backend(req: Any) -> BackendRequest:
         body["max_tokens"] = max_completion
     for field in ("tools", "functions"):
         _check(body, field, list, "a list")
-    _check(body, "response_format", dict, "an object")
+    for j, tool in enumerate(body.get("tools") or []):
+        _check_tool(tool, f"tools[{j}]")
+    for j, fn in enumerate(body.get("functions") or []):
+        _check_function(fn, f"functions[{j}]")
     _check(body, "tool_choice", str | dict, "a string or an object")
-    return BackendRequest(CHAT_PATH, body, bool(body.get("stream")), media)
+    _check_response_format(body.get("response_format"))
+    return BackendRequest(CHAT_PATH, {**body, "messages": messages}, bool(body.get("stream")), media)
+
+
+CHAT_ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
+
+
+def _check_tool(tool: Any, where: str) -> None:
+    """A chat tool: ``{"type": "function", "function": {"name", ...}}`` (llama-server's 500s otherwise)."""
+    if not isinstance(tool, dict):
+        raise _bad(where, "must be an object")
+    if tool.get("type") != "function":
+        raise _bad(f"{where}.type", f"unsupported tool type {tool.get('type')!r} (function)")
+    _check_function(tool.get("function"), f"{where}.function")
+
+
+def _check_function(fn: Any, where: str) -> None:
+    if not isinstance(fn, dict):
+        raise _missing(where) if fn is None else _bad(where, "must be an object with a name")
+    name = fn.get("name")
+    if not isinstance(name, str) or not name:
+        raise _missing(f"{where}.name") if name is None else _bad(f"{where}.name", "must be a non-empty string")
+    for field, kind, what in (("description", str, "a string"), ("parameters", dict, "an object (a JSON schema)")):
+        if fn.get(field) is not None and not isinstance(fn[field], kind):
+            raise _bad(f"{where}.{field}", f"must be {what}")
+
+
+RESPONSE_FORMATS = ("text", "json_object", "json_schema")
+
+
+def _check_response_format(fmt: Any) -> None:
+    if fmt is None:
+        return
+    if not isinstance(fmt, dict):
+        raise _bad("response_format", "must be an object")
+    kind = fmt.get("type")
+    if kind not in RESPONSE_FORMATS:
+        raise _bad("response_format.type", f"must be one of {', '.join(RESPONSE_FORMATS)}")
+    if kind == "json_schema":
+        spec = fmt.get("json_schema")
+        if not isinstance(spec, dict):
+            raise _missing("response_format.json_schema") if spec is None else \
+                _bad("response_format.json_schema", "must be an object")
+        if spec.get("schema") is not None and not isinstance(spec["schema"], dict):
+            raise _bad("response_format.json_schema.schema", "must be an object (a JSON schema)")
 
 
 # Content parts that are not text: only a model with a multimodal projector takes them (catalog.py checks).
 MEDIA_PARTS = frozenset({"image_url", "input_audio", "file"})
 
 
-def _check_parts(parts: list[Any], field: str) -> str:
+def _check_parts(parts: list[Any], field: str, role: str = "user") -> str:
     """Check a message's content parts; returns the type of its first media part ("" when all are text)."""
     media = ""
     for j, part in enumerate(parts):
@@ -73,6 +132,9 @@ def _check_parts(parts: list[Any], field: str) -> str:
                 raise _bad(f"{where}.text", "must be a string")
         elif kind in MEDIA_PARTS:
             media = media or kind
+        elif kind == "refusal" and role == "assistant":  # (an assistant's earlier refusal, given back)
+            if not isinstance(part.get("refusal"), str):
+                raise _bad(f"{where}.refusal", "must be a string")
         else:
             raise _bad(f"{where}.type", f"unknown content part type {kind!r} (text, {', '.join(sorted(MEDIA_PARTS))})")
     return media
@@ -274,17 +336,44 @@ def _common(req: Any) -> dict[str, Any]:
     body = dict(req)
     _check(body, "stream", bool, "a boolean")
     _check(body, "stream_options", dict, "an object")
+    if body.get("stream_options") is not None and not body.get("stream"):
+        raise _bad("stream_options", "is only allowed with stream: true")
     for field in ("max_tokens", "n", "seed", "top_k", "top_logprobs"):
         _check_int(body.get(field), field)
     if not isinstance(body.get("logprobs"), bool):  # chat: a boolean; completions: an integer
         _check_int(body.get("logprobs"), "logprobs")
     for field in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repeat_penalty"):
         _check_number(body.get(field), field)
+    for field, low, high in _RANGES:  # (OpenAI's; llama-server took any, and wrapped big integers to 32 bits)
+        value = body.get(field)
+        if isinstance(value, int | float) and not isinstance(value, bool) and not low <= value <= high:
+            raise _bad(field, f"must be between {low} and {high}, got {value}")
+    _check_logit_bias(body.get("logit_bias"))
     stop = body.get("stop")
     if stop is not None and not isinstance(stop, str):
         if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
             raise _bad("stop", "must be a string or a list of strings")
     return body
+
+
+_INT32 = 2**31 - 1
+# (max_tokens -1: no limit, as llama-server and LM Studio take it)
+_RANGES = (("temperature", 0, 2), ("top_p", 0, 1), ("presence_penalty", -2, 2), ("frequency_penalty", -2, 2),
+           ("n", 1, 128), ("top_logprobs", 0, 20), ("max_tokens", -1, _INT32), ("top_k", -_INT32, _INT32),
+           ("seed", -2**63, 2**64 - 1))
+
+
+def _check_logit_bias(bias: Any) -> None:
+    """OpenAI's ``{"token id": bias}`` (-100 to 100); llama.cpp's ``[[token, bias], ...]`` goes on as it is."""
+    if bias is None or isinstance(bias, list):
+        return
+    if not isinstance(bias, dict):
+        raise _bad("logit_bias", "must be an object of token ids to numbers between -100 and 100")
+    for key, value in bias.items():
+        if not key.lstrip("-").isdigit():
+            raise _bad("logit_bias", f"{key!r} is not a token id")
+        if isinstance(value, bool) or not isinstance(value, int | float) or not -100 <= value <= 100:
+            raise _bad("logit_bias", f"the bias of {key} must be a number between -100 and 100")
 
 
 def _check(body: dict[str, Any], field: str, kind: Any, what: str) -> None:

@@ -18,6 +18,8 @@ import hmac
 from collections.abc import Callable, Sequence
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
 
 from gateway.errors import ApiError
 
@@ -103,7 +105,16 @@ def add_cors_headers(request: web.Request, resp: web.StreamResponse, origins: Se
 
 async def read_body(request: web.Request, timeout: float, limit: int) -> bytes:
     """The whole body, within ``timeout`` seconds (408 after it) and at most ``limit`` bytes (413, refused
-    from Content-Length before reading, else as soon as the running total passes it, chunked bodies too)."""
+    from Content-Length before reading, else as soon as the running total passes it, chunked bodies too); a
+    body that cannot be read as sent (a Content-Encoding it is not in, broken chunks) is a 400 (it was a 500)."""
+    try:
+        return await _read_body(request, timeout, limit)
+    except (RequestPayloadError, HttpProcessingError) as exc:
+        message = str(exc).split("message:", 1)[-1].strip() or "malformed"
+        raise ApiError(400, f"the request body cannot be read: {message}", code="bad_body") from None
+
+
+async def _read_body(request: web.Request, timeout: float, limit: int) -> bytes:
     length = request.content_length
     if length is not None and length > limit:
         raise _too_large(limit)

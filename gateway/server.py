@@ -47,15 +47,52 @@ async def read_json(request: web.Request) -> dict[str, Any]:
     try:
         doc = msgspec.json.decode(raw)
     except msgspec.DecodeError as exc:
-        raise ApiError(400, f"invalid JSON in request body: {exc}") from None
-    except UnicodeDecodeError as exc:  # msgspec's answer to invalid UTF-8 inside a string
-        raise ApiError(400, f"invalid UTF-8 in request body at byte {exc.start}") from None
+        doc = _with_lone_surrogates(raw)
+        if doc is None:
+            raise ApiError(400, f"invalid JSON in request body: {exc}") from None
+    except UnicodeDecodeError:  # msgspec's answer to invalid UTF-8 inside a string (its offset: in the string)
+        try:
+            raw.decode()
+            at = "?"
+        except UnicodeDecodeError as exc:
+            at = str(exc.start)
+        raise ApiError(400, f"invalid UTF-8 in request body at byte {at}") from None
     except RecursionError:
         raise ApiError(400, "JSON in request body is nested too deeply") from None
     if not isinstance(doc, dict):
         raise ApiError(400, "request body must be a JSON object")
     request_limits.check(doc, limits)
     return doc
+
+
+def _with_lone_surrogates(raw: bytes) -> Any:
+    """JSON whose strings escape half a surrogate pair (``"\\ud800"``: Python's json.dumps writes them for a
+    string so made), each read as U+FFFD, as Ollama's and OpenAI's JSON readers read them; None: it is not."""
+    if b"\\u" not in raw.lower():
+        return None
+    import json
+
+    def no_constant(name: str) -> Any:  # (NaN, Infinity: not JSON, as msgspec reads it)
+        raise ValueError(name)
+
+    try:
+        doc = json.loads(raw, parse_constant=no_constant)
+    except (ValueError, RecursionError):
+        return None
+
+    def fix(v: Any) -> Any:
+        if isinstance(v, str):
+            return v.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+        if isinstance(v, list):
+            return [fix(x) for x in v]
+        if isinstance(v, dict):
+            return {fix(k): fix(x) for k, x in v.items()}
+        return v
+
+    try:
+        return fix(doc)
+    except RecursionError:
+        return None
 
 
 def json_response(doc: Any, status: int = 200) -> web.Response:

@@ -10,6 +10,17 @@ from typing import Any
 import structlog
 
 
+def _no_request_bytes(record: logging.LogRecord) -> bool:
+    """aiohttp's own errors about a request it could not parse carry the request's bytes (a prompt, a key) in
+    their exception: the log keeps the exception's type only (the client had its 400)."""
+    if record.exc_info and record.exc_info[1] is not None:
+        record.msg = f"{record.getMessage()} ({type(record.exc_info[1]).__name__})"
+        record.args = None
+        record.exc_info = None
+        record.exc_text = None
+    return True
+
+
 def setup_logging(process: str, logs_dir: Path | str, *, level: str = "info", console: bool = False) -> None:
     logs = Path(logs_dir)
     logs.mkdir(parents=True, exist_ok=True)
@@ -41,6 +52,7 @@ def setup_logging(process: str, logs_dir: Path | str, *, level: str = "info", co
     root.handlers = handlers
     root.setLevel(lvl)
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    logging.getLogger("aiohttp.server").addFilter(_no_request_bytes)
     structlog.configure(
         processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
         logger_factory=structlog.stdlib.LoggerFactory(),

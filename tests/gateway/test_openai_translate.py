@@ -52,6 +52,19 @@ def test_chat_content_parts_and_tool_messages_pass() -> None:
     assert out.body["messages"] == messages and out.stream is False
 
 
+def test_what_openai_and_llama_server_take_passes() -> None:
+    ok = chat_to_backend({"model": "m", "max_tokens": -1, "logit_bias": {"15": -100, "-1": 2.5}, "messages": [
+        {"role": "user", "content": "hi", "name": "ann"},
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function",
+                                                               "function": {"name": "f", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "42"},
+        {"role": "assistant", "content": [{"type": "refusal", "refusal": "no"}]}],  # (was a 400: an unknown part)
+        "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
+        "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}})
+    assert ok.body["messages"][3]["content"] == [{"type": "text", "text": "no"}]  # (what llama-server reads)
+    assert chat_to_backend({"model": "m", "messages": [{"role": "user"}], "logit_bias": [[15, -1]]})  # llama.cpp's
+
+
 def test_max_completion_tokens_becomes_max_tokens() -> None:
     out = chat_to_backend({"model": "m", "messages": [{"role": "user"}], "max_completion_tokens": 7})
     assert out.body["max_tokens"] == 7 and "max_completion_tokens" not in out.body
@@ -109,6 +122,31 @@ def test_bad_content_parts_get_400(part: Any, param: str) -> None:
         ({"model": "m", "messages": [{"role": "user"}], "stop": [1]}, "stop"),
         ({"model": "m", "messages": [{"role": "user"}], "tools": {}}, "tools"),
         ({"model": "m", "messages": [{"role": "user"}], "response_format": "json"}, "response_format"),
+        # OpenAI's 400s that llama-server answered with a 500 ("Failed to parse tools") or took as they were
+        ({"model": "m", "messages": [{"role": "user"}], "tools": [{"type": "function"}]}, "tools[0].function"),
+        ({"model": "m", "messages": [{"role": "user"}], "tools": [{"type": "web_search"}]}, "tools[0].type"),
+        ({"model": "m", "messages": [{"role": "user"}], "tools": [{"type": "function", "function": {"name": ""}}]},
+         "tools[0].function.name"),
+        ({"model": "m", "messages": [{"role": "user"}], "functions": [{"description": "x"}]}, "functions[0].name"),
+        ({"model": "m", "messages": [{"role": "user", "content": "hi", "name": 5}]}, "messages[0].name"),
+        ({"model": "m", "messages": [{"role": "wizard", "content": "hi"}]}, "messages[0].role"),
+        ({"model": "m", "messages": [{"role": "tool", "content": "42"}]}, "messages[0].tool_call_id"),
+        ({"model": "m", "messages": [{"role": "user", "content": []}]}, "messages[0].content"),
+        ({"model": "m", "messages": [{"role": "user"}], "temperature": 5}, "temperature"),
+        ({"model": "m", "messages": [{"role": "user"}], "temperature": -1}, "temperature"),
+        ({"model": "m", "messages": [{"role": "user"}], "top_p": 2}, "top_p"),
+        ({"model": "m", "messages": [{"role": "user"}], "presence_penalty": 5}, "presence_penalty"),
+        ({"model": "m", "messages": [{"role": "user"}], "top_logprobs": 30}, "top_logprobs"),
+        ({"model": "m", "messages": [{"role": "user"}], "max_tokens": 10**12}, "max_tokens"),  # (wrapped: -727379968)
+        ({"model": "m", "messages": [{"role": "user"}], "n": 2**40}, "n"),
+        ({"model": "m", "messages": [{"role": "user"}], "n": 0}, "n"),
+        ({"model": "m", "messages": [{"role": "user"}], "logit_bias": "x"}, "logit_bias"),
+        ({"model": "m", "messages": [{"role": "user"}], "logit_bias": {"abc": -100}}, "logit_bias"),
+        ({"model": "m", "messages": [{"role": "user"}], "logit_bias": {"15": 500}}, "logit_bias"),
+        ({"model": "m", "messages": [{"role": "user"}], "response_format": {"type": "json_schema"}},
+         "response_format.json_schema"),
+        ({"model": "m", "messages": [{"role": "user"}], "response_format": {"type": "xml"}}, "response_format.type"),
+        ({"model": "m", "messages": [{"role": "user"}], "stream_options": {"include_usage": True}}, "stream_options"),
     ],
 )
 def test_chat_validation(req: dict[str, Any], param: str) -> None:

@@ -224,3 +224,21 @@ async def test_deeply_nested_json_is_a_400_not_a_crash(gateway: Factory) -> None
     r = await c.post("/v1/chat/completions", data=b'{"messages": ' + b"[" * depth + b"]" * depth + b"}")
     doc = await r.json()
     assert r.status == 400 and "nested too deeply" in doc["error"]["message"]
+
+
+async def test_a_body_not_in_its_content_encoding_is_a_400(gateway: Factory) -> None:
+    for port, path in (("openai", "/v1/chat/completions"), ("ollama", "/api/chat")):
+        c = await gateway(port)
+        r = await c.post(path, data=b"{}", headers={"Content-Encoding": "gzip"})  # (a 500, a traceback logged)
+        assert r.status == 400 and "cannot be read" in (await r.text()), await r.text()
+
+
+async def test_utf8_errors_say_where_and_lone_surrogates_read_as_replacement_characters(gateway: Factory) -> None:
+    c = await gateway("ollama")
+    r = await c.post("/api/chat", data=b'{"model": "m", "messages": [], "x": "ab\xff"}')
+    assert r.status == 400 and "at byte 39" in (await r.json())["error"]  # (said byte 2: in the string)
+    # what Python's json.dumps writes for a string with half a surrogate pair: Ollama (Go) reads U+FFFD; it was a 400
+    r = await c.post("/api/show", data=b'{"model": "nope\\ud800"}')
+    assert r.status == 404 and "nope\ufffd" in (await r.json())["error"], await r.text()
+    r = await c.post("/api/show", data=b'{"model": "x\\u0041", "verbose": NaN}')  # (still not JSON)
+    assert r.status == 400 and "invalid JSON" in (await r.json())["error"]
