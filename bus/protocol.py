@@ -414,3 +414,4 @@ class GatewayLaunch(msgspec.Struct, frozen=True, kw_only=True):
     config_dir: str = ""
     request_timeout_s: float = 600.0
     load_timeout_s: float = 120.0
+    shutdown_grace_s: float = 5.0  # at a stop: answers under way get this long (less a margin) before their error

@@ -237,6 +237,12 @@ class GatewayBus:
         self._events: asyncio.Task[None] | None = None
         self.on_config_reloaded: Callable[[], None] | None = None
 
+    def fail_all(self, status: int, code: str, message: str) -> None:
+        """Every request under way (queued at its worker, or streaming) gets ``Fail``: its client an error in
+        its protocol's shape (a shutdown's, once its grace is over)."""
+        for link in self.links.values():
+            link.fail_all(status, code, message)
+
     def start(self) -> None:
         self._events = asyncio.create_task(self._watch_states())
         if self.name:  # so that the supervisor releases our leases if we die

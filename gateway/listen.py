@@ -17,17 +17,27 @@ log = structlog.get_logger()
 KEEPALIVE_S = 75.0  # an idle kept-alive connection is closed after this long, on either path (aiohttp's run_app)
 
 
-def make_runner(app: web.Application) -> web.AppRunner:
+def make_runner(app: web.Application, shutdown_timeout: float = 60.0) -> web.AppRunner:
     """The app's runner: handlers cancelled when their client goes away, no access log, idle keep-alive
     connections closed after KEEPALIVE_S (aiohttp's own server default is an hour: idle connections piled up)."""
-    return web.AppRunner(app, handler_cancellation=True, access_log=None, keepalive_timeout=KEEPALIVE_S)
+    return web.AppRunner(app, handler_cancellation=True, access_log=None, keepalive_timeout=KEEPALIVE_S,
+                         shutdown_timeout=shutdown_timeout)
+
+
+def drain_times(grace: float) -> tuple[float, float]:
+    """At a stop, with ``grace`` seconds before the supervisor kills the process: how long answers under way
+    may go on before they are cut short (with an error in their protocol's shape: the app's on_shutdown hook),
+    and how long they are waited for in all (the error's time to go out)."""
+    margin = min(0.5, grace / 4)
+    return grace - 2 * margin, grace - margin
 
 
 async def serve(app: web.Application, launch: GatewayLaunch) -> int:
     stop = asyncio.Event()
     install_stop_signals(stop.set)
     parent = asyncio.create_task(watch_parent(launch.supervisor_pid, stop.set))
-    runner = make_runner(app)
+    _, wait_s = drain_times(launch.shutdown_grace_s)
+    runner = make_runner(app, wait_s)
     await runner.setup()
     fast = None
     try:
@@ -56,7 +66,7 @@ async def serve(app: web.Application, launch: GatewayLaunch) -> int:
     if fast is not None:
         from gateway.fast_http import shutdown
 
-        stops.append(shutdown(*fast))
+        stops.append(shutdown(*fast, timeout=wait_s))
     await asyncio.gather(*stops)  # answers under way finish, on either path
     await runner.cleanup()
     return 0

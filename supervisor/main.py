@@ -295,6 +295,7 @@ class Supervisor:
                 protocol=proto, host=app.host, port=proxy.port, run_dir=str(self.run_dir),
                 logs_dir=str(self.logs_dir), supervisor_pid=os.getpid(), config_dir=str(self.config.config_dir),
                 request_timeout_s=app.limits.request_timeout_s, load_timeout_s=app.limits.load_timeout_s,
+                shutdown_grace_s=app.limits.shutdown_grace_s,
             )
             argv = python_module("gateway", msgspec.json.encode(launch).decode())
             self.processes.append(ManagedProcess(f"gateway-{proto}", argv, self.logs_dir / f"gateway-{proto}.out",
@@ -303,6 +304,7 @@ class Supervisor:
             launch = GatewayLaunch(
                 protocol="dashboard", host=app.host, port=app.dashboard.port, run_dir=str(self.run_dir),
                 logs_dir=str(self.logs_dir), supervisor_pid=os.getpid(), config_dir=str(self.config.config_dir),
+                shutdown_grace_s=app.limits.shutdown_grace_s,
             )
             argv = python_module("dashboard", msgspec.json.encode(launch).decode())
             self.processes.append(ManagedProcess("dashboard", argv, self.logs_dir / "dashboard.out", self,

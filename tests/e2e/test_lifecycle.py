@@ -127,6 +127,62 @@ def test_sigterm_shuts_down_cleanly_with_no_orphans() -> None:
     assert not list(sysm.run_dir.glob("*.sock"))  # its socket files went with it
 
 
+def test_a_shutdown_cuts_what_outlasts_its_grace_with_an_error_in_each_protocol(tmp_path) -> None:
+    """Streams get their grace, then an error line / event; a request queued behind them a 503 in its shape (the
+    streams ended without either, "incomplete chunked read"; the queued request got no answer at all)."""
+    import concurrent.futures
+
+    import httpx
+
+    cfg = tmp_path / "cfg"
+    cfg.mkdir()
+    app = json.loads((ROOT / "config" / "app_config.json").read_text())
+    app["limits"]["shutdown_grace_s"] = 3
+    models = json.loads((ROOT / "config" / "models_config.json").read_text())
+    models["models"][MODEL]["parameters"]["parallel"] = 1
+    (cfg / "app_config.json").write_text(json.dumps(app))
+    (cfg / "models_config.json").write_text(json.dumps(models))
+    sysm = start_system(cfg)
+    try:
+        ask(sysm)
+
+        import threading
+
+        flowing = threading.Event()
+
+        def ollama_stream() -> list[dict]:
+            body = {"model": MODEL, "messages": [{"role": "user", "content": "Tell a long story."}],
+                    "options": {"num_predict": 100000}}
+            lines = []
+            with httpx.stream("POST", sysm.ollama_url + "/api/chat", json=body, timeout=60) as r:
+                for line in r.iter_lines():
+                    if line:
+                        lines.append(json.loads(line))
+                        flowing.set()
+            return lines
+
+        def openai_queued() -> httpx.Response:
+            body = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
+            return httpx.post(sysm.openai_url + "/chat/completions", json=body, timeout=60)
+
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            stream = pool.submit(ollama_stream)
+            assert flowing.wait(20), "the stream under way"
+            queued = pool.submit(openai_queued)
+            time.sleep(1)  # (queued at the worker behind the stream: one slot)
+            t0 = time.monotonic()
+            sysm.proc.send_signal(signal.SIGINT)
+            lines, answer = stream.result(30), queued.result(30)
+            waited = time.monotonic() - t0
+        assert "shutting down" in lines[-1].get("error", ""), lines[-3:]
+        assert answer.status_code == 503 and "shutting down" in answer.json()["error"]["message"], answer.text
+        assert waited < 3 + 1, waited
+        assert sysm.proc.wait(30) == 0
+    finally:
+        if sysm.proc.poll() is None:
+            stop_system(sysm)
+
+
 def test_a_dashboard_page_left_open_does_not_hold_up_a_shutdown() -> None:
     """The live event stream and a log tail never end by themselves: a stop ends them (it waited for them until
     the supervisor killed the dashboard after its grace, and a dashboard orphaned by a supervisor killed -9
