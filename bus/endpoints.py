@@ -15,6 +15,18 @@ SUPERVISOR_PID = "supervisor.pid"
 UNIX_PATH_MAX = 104  # sun_path is 108 bytes on Linux, 104 on macOS (with its terminating NUL)
 
 
+def is_loopback(host: str) -> bool:
+    """Is ``host`` (a listen address) this machine's loopback only?"""
+    if host in ("localhost", "localhost.localdomain"):
+        return True
+    import ipaddress
+
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def default_run_dir() -> Path:
     """A short private directory (ipc paths are limited to ~100 bytes)."""
     base = os.environ.get("XDG_RUNTIME_DIR")

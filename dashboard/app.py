@@ -340,7 +340,7 @@ def build(launch: GatewayLaunch, token: str | None = None) -> web.Application:
         token = auth.dashboard_token(launch.host, configured)
         if token and not auth.is_loopback(launch.host) and not configured:
             log.warning("dashboard_token_generated")  # printed by `llama-runner up`, never logged
-    app = web.Application(middlewares=[auth.guard(token, _protected)])
+    app = web.Application(middlewares=[auth.guard(token, _protected, launch.host)])
     app[LAUNCH] = launch
     app[TOKEN] = token
     app[CONTROL] = ControlClient(launch.run_dir, zmq.asyncio.Context.instance())

@@ -7,11 +7,12 @@ but a state-changing request from a page of another origin is always refused (no
 
 from __future__ import annotations
 
-import ipaddress
 import os
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
+
+from bus.endpoints import is_loopback
 
 if TYPE_CHECKING:  # the supervisor imports this module for the token alone: no aiohttp in its process
     from aiohttp import web
@@ -20,15 +21,6 @@ if TYPE_CHECKING:  # the supervisor imports this module for the token alone: no 
 
 ENV_TOKEN = "LLAMA_RUNNER_DASHBOARD_TOKEN"
 HEADER = "X-Llama-Runner-Token"
-
-
-def is_loopback(host: str) -> bool:
-    if host in ("localhost", "localhost.localdomain"):
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def dashboard_token(host: str, configured: str | None, *, generate: bool = True) -> str | None:
@@ -65,12 +57,19 @@ def same_origin(request: web.Request) -> bool:
     return urlsplit(origin).netloc == request.host
 
 
-def guard(token: str | None, protected: Callable[[web.Request], bool]) -> Callable[..., Awaitable[web.StreamResponse]]:
-    """Middleware: ``protected(request)`` requests need the token; any non-GET needs the same origin."""
+def guard(token: str | None, protected: Callable[[web.Request], bool],
+          listen_host: str = "127.0.0.1") -> Callable[..., Awaitable[web.StreamResponse]]:
+    """Middleware: on loopback, only this machine's names in Host (DNS rebinding: a page of another site would
+    be "same origin"); ``protected(request)`` requests need the token; any non-GET needs the same origin."""
     from aiohttp import web
+
+    from gateway.security import host_refusal
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        foreign = host_refusal(request, listen_host)
+        if foreign is not None:
+            return web.json_response({"error": foreign.message, "code": foreign.code}, status=403)
         if request.method not in ("GET", "HEAD", "OPTIONS") and not same_origin(request):
             return web.json_response({"error": "cross-origin request refused"}, status=403)
         if protected(request) and not check(request, token):

@@ -14,16 +14,21 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
+import ipaddress
+import socket
 from collections.abc import Callable, Sequence
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 
+from bus.endpoints import is_loopback
 from gateway.errors import ApiError
 
-__all__ = ["add_cors_headers", "bearer_key", "key_matches", "preflight_answer", "read_body", "refusal"]
+__all__ = ["add_cors_headers", "bearer_key", "host_refusal", "key_matches", "local_host_header", "preflight_answer",
+           "read_body", "refusal"]
 
 Getter = Callable[[web.Request], Sequence[str]]
 
@@ -45,6 +50,45 @@ def key_matches(given: str, keys: Sequence[str]) -> bool:
     for key in keys:
         ok |= hmac.compare_digest(raw, key.encode())
     return ok and bool(raw)
+
+
+LOCAL_SUFFIXES = (".localhost", ".local", ".internal")
+
+
+@functools.cache
+def _hostname() -> str:
+    return socket.gethostname().lower()
+
+
+def local_host_header(host: str) -> bool:
+    """May a request naming ``host`` (its Host header) reach a server that listens on loopback? Its own names
+    only: an IP literal that is local (loopback, private, unspecified, link-local), ``localhost``, this machine's
+    name, ``*.localhost`` / ``*.local`` / ``*.internal`` (as Ollama's guard). A page of any other site whose name
+    was made to resolve to 127.0.0.1 (DNS rebinding) names its own: refused."""
+    host = host.strip().lower()
+    if host.startswith("["):  # [::1]:port
+        host = host[1:].partition("]")[0]
+    elif host.count(":") == 1:
+        host = host.partition(":")[0]
+    if host in ("", "localhost", _hostname()) or host.endswith(LOCAL_SUFFIXES):
+        return True
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return ip.is_loopback or ip.is_private or ip.is_unspecified or ip.is_link_local
+
+
+def host_refusal(request: web.Request, listen_host: str) -> ApiError | None:
+    """403 for a request to a loopback listener whose Host header is not a local name (see local_host_header)."""
+    if not is_loopback(listen_host):
+        return None
+    host = request.headers.get("Host", "")
+    if local_host_header(host):
+        return None
+    return ApiError(403, f"Host {host!r} is not this machine's: refused (llama-runner listens on {listen_host} "
+                    "only; a web page under another name reaches it through DNS rebinding). Set `host` in "
+                    "app_config.json to listen beyond loopback.", code="forbidden_host")
 
 
 def is_preflight(request: web.Request) -> bool:

@@ -162,7 +162,8 @@ def error_middleware(shape: ErrorShape, path_shapes: dict[str, ErrorShape] | Non
 
 
 def gateway_answer(stats: gateway_metrics.GatewayStats, origins: security.Getter, keys: security.Getter,
-                   shape_for: Callable[[str], ErrorShape], open_paths: frozenset[str]) -> Answer:
+                   shape_for: Callable[[str], ErrorShape], open_paths: frozenset[str],
+                   listen_host: str = "127.0.0.1") -> Answer:
     """What stands before every route, in one function of plain checks (each layer of aiohttp middleware costs
     a coroutine and a wrapper per request: four of them were ~10-15% of a gateway's CPU for a tiny request).
 
@@ -176,7 +177,8 @@ def gateway_answer(stats: gateway_metrics.GatewayStats, origins: security.Getter
         stats.begin()
         status = 500
         try:
-            early = security.preflight_answer(request, origins(request))
+            foreign = security.host_refusal(request, listen_host)
+            early = unauthorized(request, foreign) if foreign else security.preflight_answer(request, origins(request))
             if early is None:
                 early = security.refusal(request, keys(request), unauthorized, open_paths)
             resp = early if early is not None else await shaped(request, handler, shape_for)
@@ -280,7 +282,8 @@ def make_app(launch: GatewayLaunch, shape: ErrorShape,
         return proxy_config(request.app[CONFIG], launch.protocol).cors_origins
 
     stats = gateway_metrics.GatewayStats(launch)
-    answer = gateway_answer(stats, origins, keys, shape_for, OPEN_PATHS.get(launch.protocol, frozenset()))
+    answer = gateway_answer(stats, origins, keys, shape_for, OPEN_PATHS.get(launch.protocol, frozenset()),
+                            launch.host)
     # client_max_size guards aiohttp's own readers too (read_json reads with the live limit itself).
     app = web.Application(middlewares=[gateway_middleware(answer)], client_max_size=config.app.limits.max_body_bytes)
     app[LAUNCH] = launch

@@ -46,3 +46,16 @@ async def test_cross_origin_actions_are_refused_even_on_loopback(tmp_path: Path)
         r = await client.post("/api/workers/smollm2/frobnicate",
                               headers={"Origin": f"http://{client.host}:{client.port}"})
         assert r.status == 404  # same origin passes the guard (and meets the unknown verb)
+
+
+async def test_a_foreign_host_header_is_refused_on_loopback(tmp_path: Path) -> None:
+    """DNS rebinding: a page of attacker.example resolving to 127.0.0.1 is "same origin" with itself: its actions
+    (stop a model, discover, read logs) were let in on a loopback dashboard without a token."""
+    async with TestClient(TestServer(build(_launch(tmp_path, "127.0.0.1")))) as client:
+        evil = {"Host": "attacker.example:8585", "Origin": "http://attacker.example:8585"}
+        for method, url in (("POST", "/api/workers/smollm2/stop"), ("GET", "/api/logs/supervisor"),
+                            ("GET", "/api/info")):
+            r = await client.request(method, url, headers=evil)
+            assert r.status == 403 and "DNS rebinding" in (await r.json())["error"], url
+        r = await client.get("/api/info", headers={"Host": "localhost:8585"})
+        assert r.status == 200

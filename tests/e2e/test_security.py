@@ -100,3 +100,13 @@ def test_no_key_reaches_a_log(locked: System) -> None:
     text += (locked.run_dir / "up.err").read_text(errors="replace")
     for key in (OLLAMA_KEY, LMSTUDIO_KEY, WRONG_KEY, SECRET_PROMPT):
         assert key not in text
+
+
+def test_a_foreign_host_header_is_refused_on_every_path(locked: System) -> None:
+    """DNS rebinding (see tests/gateway/test_security.py), on the fast front of the hot routes too."""
+    evil = {"Host": "attacker.example", "Authorization": f"Bearer {OLLAMA_KEY}"}
+    body = {"model": "smollm2", "messages": [{"role": "user", "content": "hi"}], "stream": False}
+    r = httpx.post(locked.ollama_url + "/api/chat", json=body, headers=evil)
+    assert r.status_code == 403 and "DNS rebinding" in r.json()["error"]
+    r = httpx.get(f"http://127.0.0.1:{locked.dashboard_port}/api/status", headers={"Host": "attacker.example"})
+    assert r.status_code == 403

@@ -242,3 +242,26 @@ async def test_utf8_errors_say_where_and_lone_surrogates_read_as_replacement_cha
     assert r.status == 404 and "nope\ufffd" in (await r.json())["error"], await r.text()
     r = await c.post("/api/show", data=b'{"model": "x\\u0041", "verbose": NaN}')  # (still not JSON)
     assert r.status == 400 and "invalid JSON" in (await r.json())["error"]
+
+
+async def test_a_foreign_host_header_is_refused_on_loopback(gateway: Factory) -> None:
+    """DNS rebinding: a web page of another site, its name made to resolve to 127.0.0.1, reaches a loopback port
+    with its own name in Host (a browser sends it so): refused, as Ollama refuses it; this machine's names pass."""
+    for protocol, path, shape in (("ollama", "/api/tags", "error"), ("openai", "/v1/models", "error")):
+        c = await gateway(protocol)
+        r = await c.get(path, headers={"Host": "attacker.example:1234"})
+        doc = await r.json()
+        assert r.status == 403 and "DNS rebinding" in (doc[shape] if protocol == "ollama" else doc[shape]["message"])
+        for host in ("localhost:11434", "127.0.0.1", "[::1]:1234", "box.local", "host.docker.internal",
+                     "192.168.1.20:1234", "app.localhost"):
+            r = await c.get(path, headers={"Host": host})
+            assert r.status == 200, host
+
+
+def test_local_host_names() -> None:
+    from gateway.security import local_host_header
+
+    assert local_host_header("LOCALHOST:80") and local_host_header("10.0.0.1") and local_host_header("")
+    for host in ("attacker.example", "127.0.0.1.attacker.example", "localhost.attacker.example:80", "8.8.8.8",
+                 "[2606:4700::1111]:80"):
+        assert not local_host_header(host), host
