@@ -211,6 +211,8 @@ class TranscribeJob(_Msg, frozen=True, tag="transcribe"):
     word_timestamps: bool = False
     beam_size: int | None = None
     stream: bool = False
+    route: str = ""  # the client's path at the gateway, for the request events (as HttpJob's)
+    gateway: str = ""  # the protocol of the gateway it came through: ollama | openai
 
 
 Job = HttpJob | Cancel | TranscribeJob

@@ -20,7 +20,7 @@ from gateway import audio_format as fmt
 from gateway.audio_upload import AudioRequest, describe, parse_request, read_upload
 from gateway.errors import ApiError, openai_error_body
 from gateway.relay import Relay
-from gateway.server import CONFIG, json_response, open_relay
+from gateway.server import CONFIG, LAUNCH, json_response, open_relay
 
 log = structlog.get_logger()
 
@@ -96,20 +96,21 @@ async def _handle(request: web.Request, task: str) -> web.StreamResponse:
         await relay.close()
 
 
-def _job(config: Config, model: str, req: AudioRequest) -> Callable[[str], TranscribeJob]:
+def _job(config: Config, model: str, req: AudioRequest, route: str, gateway: str) -> Callable[[str], TranscribeJob]:
     w = config.models.models[model].whisper
 
     def make(rid: str) -> TranscribeJob:
         return TranscribeJob(request_id=rid, audio=req.audio, task=req.task, language=req.language or w.language,
                              prompt=req.prompt, temperature=req.temperature, word_timestamps=req.word_timestamps,
-                             beam_size=w.beam_size, stream=req.stream)
+                             beam_size=w.beam_size, stream=req.stream, route=route, gateway=gateway)
 
     return make
 
 
 async def _open(request: web.Request, model: str, req: AudioRequest) -> Relay:
     """Send the job; returns its relay once the worker answered its head (retried if the worker vanished)."""
-    return await open_relay(request, model, _job(request.app[CONFIG], model, req), kind="whisper")
+    make = _job(request.app[CONFIG], model, req, request.path, request.app[LAUNCH].protocol)
+    return await open_relay(request, model, make, kind="whisper")
 
 
 async def _stream(request: web.Request, relay: Relay) -> web.StreamResponse:

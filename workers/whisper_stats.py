@@ -18,7 +18,7 @@ class _Live:
     arrived: float = field(default_factory=time.monotonic)
     started: float = 0.0
     first: float = 0.0
-    route: str = ""  # (the gateway's route is the backend path for speech)
+    route: str = ""  # the client's path (the backend path when the gateway did not say)
     gateway: str = ""
 
 
@@ -30,10 +30,10 @@ class WhisperStats(RequestFigures):
     def path(task: str) -> str:
         return "/v1/audio/translations" if task == "translate" else "/v1/audio/transcriptions"
 
-    def queued(self, rid: str, task: str, stream: bool) -> None:
+    def queued(self, rid: str, task: str, stream: bool, route: str = "", gateway: str = "") -> None:
         st = self.live[rid] = _Live(self.path(task), stream)
-        st.route = st.path
-        self._emit(rid, "queued", path=st.path, stream=stream, route=st.route)
+        st.route, st.gateway = route or st.path, gateway
+        self._emit(rid, "queued", path=st.path, stream=stream, route=st.route, gateway=gateway)
 
     def started(self, rid: str) -> None:
         st = self.live.get(rid)

@@ -151,9 +151,8 @@ class WhisperWorker(WorkerBus):
             log.warning("duplicate_request_id", request_id=job.request_id)
             return
         self.requests_total += 1
-        self.stats.queued(job.request_id, job.task, job.stream)
+        self.stats.queued(job.request_id, job.task, job.stream, job.route, job.gateway)
         if len(self.jobs) >= self.parallel + self.launch.queue_size:  # running + queued, counted right now
-            self.errors_total += 1
             self.stats.finished(job.request_id, 429, "rejected")
             self.send_item(ident, Fail(request_id=job.request_id, status=429, code="busy",
                                          message=f"model {self.launch.name!r} is busy: queue is full"))
@@ -188,8 +187,7 @@ class WhisperWorker(WorkerBus):
             status, outcome = (j.fail.status, "error") if j.fail is not None else (499, "cancelled")
             if j.fail is not None:
                 self.send_item(j.ident, j.fail)
-        except engine.AudioError as exc:
-            self.errors_total += 1
+        except engine.AudioError as exc:  # (the client's: not counted in errors_total, 5xx ones only)
             status, outcome = 400, "error"
             bad_language = isinstance(exc, engine.BadLanguage)
             self.send_item(j.ident, Fail(request_id=rid, status=400, message=str(exc),

@@ -37,6 +37,7 @@ from bus.protocol import (
     TranscribeJob,
     WorkerHello,
     WorkerLaunch,
+    WorkerMetrics,
     WorkerState,
 )
 from tests.conftest import ROOT
@@ -72,6 +73,15 @@ class Worker:
             if isinstance(ev, RequestEvent) and ev.request_id == rid:
                 out.append(ev)
         return out
+
+    def next_metrics(self, timeout: float = 5) -> WorkerMetrics:
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0 and self.events.poll(int(left * 1000)):
+            topic, body = self.events.recv_multipart()
+            ev = EVENTS.decode(body)
+            if isinstance(ev, WorkerMetrics):
+                return ev
+        raise AssertionError("no worker_metrics event")
 
     def hello(self, timeout: float = 60) -> WorkerHello:
         if not self.control.poll(int(timeout * 1000)):
@@ -181,15 +191,20 @@ def test_transcribes_as_ndjson_lines(gw: zmq.Socket[bytes], audio: dict[str, byt
 
 
 def test_request_events_for_the_dashboard(worker: Worker, gw: zmq.Socket[bytes], audio: dict[str, bytes]) -> None:
-    assert isinstance(transcribe(gw, "ev-1", audio["short"])[-1], End)
+    gw.send(JOBS.encode(TranscribeJob(request_id="ev-1", audio=audio["short"], route="/v1/audio/transcriptions",
+                                      gateway="ollama")))
+    assert isinstance(list(items(gw, "ev-1"))[-1], End)
     evs = worker.request_events("ev-1")
     assert [e.phase for e in evs] == ["queued", "started", "first_token", "finished"]
     done = evs[-1]
     assert done.path == "/v1/audio/transcriptions" and done.status == 200 and done.outcome == "ok"
     assert done.tokens > 3 and 0 < done.ttft_s <= done.duration_s
+    assert done.gateway == "ollama" and evs[0].gateway == "ollama"  # (where it came in: it was "")
     (fail,) = transcribe(gw, "ev-2", b"not audio" * 30)
     assert isinstance(fail, Fail)
     assert worker.request_events("ev-2")[-1].status == 400
+    # a client's bad audio is no error of the worker's (errors: 5xx, as llama workers count them)
+    assert worker.next_metrics().errors_total == 0
 
 
 def test_bad_audio_is_a_400_and_the_worker_carries_on(gw: zmq.Socket[bytes], audio: dict[str, bytes]) -> None:
