@@ -34,6 +34,7 @@ from bus.protocol import (
     StopWorker,
 )
 from config.loader import Config, ConfigError, load_config
+from config.schema import ModelConfig
 from dashboard import auth, logtail
 from dashboard.hub import Hub
 
@@ -224,6 +225,18 @@ def _config(request: web.Request) -> Config:
                                           content_type="application/json") from None
 
 
+def _shown_parameters(m: ModelConfig) -> dict[str, Any]:
+    """A model's settings as the models table shows them: a whisper model's own (no context; its threads,
+    decoding settings), not the llama ones it ignores."""
+    params = msgspec.to_builtins(m.parameters)
+    if m.type != "whisper":
+        return params  # type: ignore[no-any-return]
+    w = m.whisper
+    return {**params, "ctx_size": None, "threads": w.cpu_threads,
+            "extra_args": [f"beam_size={w.beam_size}", f"compute_type={w.compute_type}", f"device={w.device}"]
+            + ([f"language={w.language}"] if w.language else [])}
+
+
 async def models(request: web.Request) -> web.Response:
     config = _config(request)
     loaded: dict[str, Any] = {}
@@ -233,13 +246,10 @@ async def models(request: web.Request) -> web.Response:
     for name, m in config.models.models.items():
         w = loaded.get(name)
         path = config.model_path(m)
-        size = 0
-        with contextlib.suppress(OSError):
-            size = path.stat().st_size
         out.append({
             "name": name, "type": m.type, "mode": m.mode, "chat": m.serves_chat,
-            "model_path": str(path), "exists": path.exists(), "size_bytes": size,
-            "aliases": list(m.aliases), "parameters": msgspec.to_builtins(m.parameters),
+            "model_path": str(path), "exists": path.exists(), "size_bytes": config.model_size(m),
+            "aliases": list(m.aliases), "parameters": _shown_parameters(m),
             "idle_ttl_s": m.idle_ttl_s if m.idle_ttl_s is not None else config.app.limits.idle_ttl_s,
             "default": name == config.models.default_model, "preload": name in config.models.preload,
             "state": w.state.value if w else "unknown", "loaded": bool(w and w.state.value == "ready"),

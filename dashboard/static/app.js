@@ -293,7 +293,7 @@ const ModelsView = {
       <el-table-column label="file" min-width="260"><template #default="{ row }"><span :class="row.exists ? '' : 'muted'">{{ row.model_path }}</span>
         <span class="muted"> {{ row.exists ? fmt.mb(row.size_bytes) : '(missing)' }}</span></template></el-table-column>
       <el-table-column label="aliases" min-width="100"><template #default="{ row }">{{ row.aliases.join(', ') || '–' }}</template></el-table-column>
-      <el-table-column label="ctx" width="70"><template #default="{ row }">{{ row.parameters.ctx_size }}</template></el-table-column>
+      <el-table-column label="ctx" width="70"><template #default="{ row }">{{ row.parameters.ctx_size ?? '–' }}</template></el-table-column>
       <el-table-column label="threads" width="70"><template #default="{ row }">{{ row.parameters.threads }}</template></el-table-column>
       <el-table-column label="parallel" width="70"><template #default="{ row }">{{ row.parameters.parallel }}</template></el-table-column>
       <el-table-column label="idle TTL" width="80"><template #default="{ row }">{{ row.idle_ttl_s < 0 ? 'never' : row.idle_ttl_s + ' s' }}</template></el-table-column>

@@ -232,3 +232,26 @@ def test_a_responses_api_stream_counts_its_tokens() -> None:
                     b'{"input_tokens":9,"output_tokens":3}}}\n\n')
     stats.finished("r", 200, "ok")
     assert stats.tokens_total == 3  # (the exact figure at the end)
+
+
+def test_the_models_table_shows_a_whisper_model_as_it_is(tmp_path: Path) -> None:
+    """Its size is its files' (it showed 4096 bytes: the folder's, "0 MB") and its settings its own (it showed
+    llama settings it ignores: ctx 2048, ...)."""
+    import json as _json
+
+    from config.loader import load_config
+    from dashboard.app import _shown_parameters
+
+    model_dir = tmp_path / "w"
+    model_dir.mkdir()
+    (model_dir / "model.bin").write_bytes(b"x" * 10_000)
+    cfg = tmp_path / "cfg"
+    cfg.mkdir()
+    (cfg / "app_config.json").write_text("{}")
+    (cfg / "models_config.json").write_text(_json.dumps({"models": {"w": {
+        "type": "whisper", "model_path": str(model_dir), "whisper": {"cpu_threads": 2, "beam_size": 3}}}}))
+    config = load_config(cfg)
+    m = config.models.models["w"]
+    assert config.model_size(m) == 10_000
+    shown = _shown_parameters(m)
+    assert shown["ctx_size"] is None and shown["threads"] == 2 and "beam_size=3" in shown["extra_args"]
