@@ -71,6 +71,9 @@ async def read_upload(request: web.Request, max_bytes: int) -> Upload:
             if part.name == "file":
                 up.file = await _read_capped(part, max_bytes, _too_large(max_bytes))
                 up.filename = part.filename or ""
+            elif part.filename:  # a file under another name (`audio`, `upload`): said so (not "too long a field")
+                raise ApiError(400, f"the audio goes in the `file` field (a file came in `{part.name}`)",
+                               code="invalid_request", param="file")
             elif part.name:
                 over = ApiError(400, f"form field `{part.name}` is longer than {FIELD_MAX} bytes",
                                 code="invalid_request", param=part.name)
@@ -151,6 +154,9 @@ def parse_request(up: Upload, task: str) -> AudioRequest:
                     raise ApiError(400, f"timestamp_granularities: {g!r} is not 'word' or 'segment'",
                                    code="invalid_value", param="timestamp_granularities")
                 grans.append(g)
+    if grans and fmt != "verbose_json":  # (OpenAI's rule: only verbose_json carries timestamps)
+        raise ApiError(400, f"timestamp_granularities need response_format verbose_json (not {fmt!r})",
+                       code="invalid_value", param="timestamp_granularities")
     return AudioRequest(
         model=(up.get("model") or "").strip(), audio=up.file, task=task, response_format=fmt, language=language,
         prompt=(up.get("prompt") or None), temperature=temperature, word_timestamps="word" in grans,

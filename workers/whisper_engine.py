@@ -64,6 +64,9 @@ def load_model(path: str | Path, params: WhisperParams, num_workers: int = 1) ->
                         cpu_threads=params.cpu_threads, num_workers=max(1, num_workers), local_files_only=True)
 
 
+MIN_SECONDS = 0.1
+
+
 def decode(audio: bytes, sampling_rate: int = 16000) -> Any:
     """The upload as a mono float32 array at ``sampling_rate``; AudioError when it is not usable audio."""
     if not audio:
@@ -76,8 +79,11 @@ def decode(audio: bytes, sampling_rate: int = 16000) -> Any:
         why = getattr(exc, "strerror", None) or str(exc)  # (FFmpeg's words, without its errno)
         raise AudioError("the file is not audio in a format that can be decoded (wav, mp3, ogg, flac, m4a, webm, "
                          f"...): {why}") from None
-    if getattr(samples, "size", 0) == 0:
+    size = getattr(samples, "size", 0)
+    if size == 0:
         raise AudioError("the file holds no audio samples")
+    if size < MIN_SECONDS * sampling_rate:  # (as OpenAI's: "Audio file is too short")
+        raise AudioError(f"the audio is too short: {size / sampling_rate:.3f} s (at least {MIN_SECONDS} s)")
     return samples
 
 

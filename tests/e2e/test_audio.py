@@ -184,11 +184,37 @@ def test_missing_file_and_bad_fields_are_400(system: System, speech: dict[str, P
     # a real language the English-only model does not speak (faster-whisper would transcribe English silently)
     status, body = post_form(url, {"model": MODEL, "language": "fr"}, ("a.wav", speech["hello"].read_bytes()))
     assert status == 400 and body["error"]["param"] == "language" and "English only" in body["error"]["message"]
+    # a file in another field: said so (it was "form field `audio` is longer than 65536 bytes")
+    status, body = httpx_form(url, {"model": MODEL}, "audio", ("a.wav", speech["hello"].read_bytes() * 2))
+    assert status == 400 and "the audio goes in the `file` field" in body["error"]["message"], body
+    # word timestamps come with verbose_json only (OpenAI's rule; they were left out silently)
+    status, body = post_form(url, {"model": MODEL, "response_format": "json", "timestamp_granularities[]": "word"},
+                             ("a.wav", speech["hello"].read_bytes()))
+    assert status == 400 and body["error"]["param"] == "timestamp_granularities", body
+    # under 0.1 s: OpenAI's "too short" (it was a 200 with no text)
+    import io
+    import wave
+
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(16000)
+        w.writeframes(b"\x00\x01" * 100)
+    status, body = post_form(url, {"model": MODEL}, ("short.wav", buf.getvalue()))
+    assert status == 400 and "too short" in body["error"]["message"], body
     req = urllib.request.Request(url, data=b'{"model": "whisper-1"}', method="POST",
                                  headers={"Content-Type": "application/json"})
     with pytest.raises(urllib.error.HTTPError) as err:
         urllib.request.urlopen(req, timeout=30)
     assert err.value.code == 400 and "multipart/form-data" in json.loads(err.value.read())["error"]["message"]
+
+
+def httpx_form(url: str, fields: dict[str, str], name: str, file: tuple[str, bytes]) -> tuple[int, dict]:
+    import httpx
+
+    r = httpx.post(url, data=fields, files={name: file}, timeout=60)
+    return r.status_code, r.json()
 
 
 def test_unknown_model_is_404(client: openai.OpenAI, speech: dict[str, Path]) -> None:
@@ -284,7 +310,7 @@ def test_whisper_worker_is_evicted_like_llama_workers(small_limit: System, speec
 
 def test_stalled_upload_is_408(small_limit: System) -> None:
     with socket.create_connection(("127.0.0.1", small_limit.openai_port), timeout=30) as sock:
-        sock.sendall(b"POST /v1/audio/transcriptions HTTP/1.1\r\nHost: x\r\nContent-Length: 30000\r\n"
+        sock.sendall(b"POST /v1/audio/transcriptions HTTP/1.1\r\nHost: localhost\r\nContent-Length: 30000\r\n"
                      b"Content-Type: multipart/form-data; boundary=lrb\r\n\r\n"
                      b'--lrb\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\n\r\nRIFF')
         t0 = time.monotonic()

@@ -257,7 +257,7 @@ def test_slow_body_holds_no_worker_slot_and_is_refused_after_the_read_timeout(fu
 
     assert generate().status_code == 200  # loaded: the next answer takes well under READ_TIMEOUT_S
     body_ = json.dumps({"model": MODEL, "prompt": "Hi", "stream": False}).encode()
-    slow = _raw_request(fuzzed.ollama_port, b"POST /api/generate HTTP/1.1\r\nHost: x\r\nContent-Type: "
+    slow = _raw_request(fuzzed.ollama_port, b"POST /api/generate HTTP/1.1\r\nHost: localhost\r\nContent-Type: "
                         b"application/json\r\nContent-Length: " + str(len(body_)).encode() + b"\r\n\r\n" + body_[:10])
     try:
         t0 = time.monotonic()

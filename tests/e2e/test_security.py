@@ -92,7 +92,7 @@ def test_no_key_reaches_a_log(locked: System) -> None:
     url = urlsplit(locked.ollama_url)
     body = b'{"model": "smollm2", "prompt": "' + SECRET_PROMPT.encode() + b'"}'
     with socket.create_connection((url.hostname, url.port), timeout=10) as sock:
-        sock.sendall(b"POST /api/generate HTTP/1.1\nHost: x\nAuthorization: Bearer " + OLLAMA_KEY.encode()
+        sock.sendall(b"POST /api/generate HTTP/1.1\nHost: localhost\nAuthorization: Bearer " + OLLAMA_KEY.encode()
                      + b"\nContent-Length: " + str(len(body)).encode() + b"\n\n" + body)
         assert b" 400 " in sock.recv(4096).split(b"\r\n")[0]
     time.sleep(0.5)

@@ -188,6 +188,7 @@ def test_parse_all_fields() -> None:
     (up(temperature="1.5"), "temperature", 400),
     (up(stream="maybe"), "stream", 400),
     (up(**{"timestamp_granularities[]": "char"}), "timestamp_granularities", 400),
+    (up(response_format="json", **{"timestamp_granularities[]": "word"}), "timestamp_granularities", 400),
 ])
 def test_parse_rejects(upload: Upload, param: str, status: int) -> None:
     with pytest.raises(ApiError) as err:

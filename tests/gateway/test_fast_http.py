@@ -132,7 +132,7 @@ async def served_once(served: Any, monkeypatch: pytest.MonkeyPatch) -> AsyncIter
 
 def post(path: str, doc: Any, extra: str = "", version: str = "1.1") -> bytes:
     body = json.dumps(doc).encode()
-    return (f"POST {path} HTTP/{version}\r\nHost: x\r\nContent-Type: application/json\r\n{extra}"
+    return (f"POST {path} HTTP/{version}\r\nHost: localhost\r\nContent-Type: application/json\r\n{extra}"
             f"Content-Length: {len(body)}\r\n\r\n").encode() + body
 
 
@@ -196,10 +196,10 @@ async def test_pipelined_requests_are_answered_in_order_and_connection_close_is_
 
 # --------------------------------------------------------------------------- handed to aiohttp
 @pytest.mark.parametrize("raw,status,then", [
-    (b"GET /api/version HTTP/1.1\r\nHost: x\r\n\r\n", 200, True),
-    (b"HEAD / HTTP/1.1\r\nHost: x\r\n\r\n", 200, True),
+    (b"GET /api/version HTTP/1.1\r\nHost: localhost\r\n\r\n", 200, True),
+    (b"HEAD / HTTP/1.1\r\nHost: localhost\r\n\r\n", 200, True),
     (post("/api/chat", {"messages": []}, "Expect: 100-continue\r\n"), 100, False),
-    (b"POST /api/chat HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n", 400, True),
+    (b"POST /api/chat HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n", 400, True),
     (post("/api/chat?x=1", {"messages": []}), 400, True),
     (post("/api/chat", {"messages": []}, version="1.0"), 400, False),  # (aiohttp closes an HTTP/1.0 exchange)
     (post("/api/chat", {"messages": []}, "Bad Header\r\n"), 400, False),  # (and a malformed one)
@@ -213,7 +213,7 @@ async def test_pipelined_requests_are_answered_in_order_and_connection_close_is_
 async def test_anything_else_is_answered_by_aiohttp_then_and_after(served: Any, raw: bytes, status: int,
                                                                    then: bool) -> None:
     s = await served("ollama")
-    version = b"GET /api/version HTTP/1.1\r\nHost: x\r\n\r\n"
+    version = b"GET /api/version HTTP/1.1\r\nHost: localhost\r\n\r\n"
     answer = await s.exchange(raw + version, answers=2) if then else await s.exchange(raw, answers=1)
     assert answer.startswith(b"HTTP/1.1 %d " % status) or answer.startswith(b"HTTP/1.0 %d " % status), answer[:200]
     if then:
@@ -225,7 +225,7 @@ async def test_a_compressed_body_is_read_by_aiohttp(served: Any) -> None:
     """aiohttp decodes a Content-Encoding; the fast path reads bodies as they come, so it hands such a one over."""
     s = await served("ollama")
     body = gzip.compress(json.dumps({"messages": []}).encode())
-    raw = (b"POST /api/chat HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Encoding: gzip\r\n"
+    raw = (b"POST /api/chat HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Encoding: gzip\r\n"
            b"Content-Length: %d\r\n\r\n" % len(body)) + body
     answer = await s.exchange(raw)
     assert answer.startswith(b"HTTP/1.1 400 ") and "model is required" in json.loads(body_of(answer))["error"]
@@ -239,7 +239,7 @@ async def test_an_idle_connection_is_closed_after_an_aiohttp_answer_too(served: 
     s = await served("ollama")
     reader, writer = await asyncio.open_connection("127.0.0.1", s.port)
     try:
-        writer.write(b"GET /api/version HTTP/1.1\r\nHost: x\r\n\r\n")
+        writer.write(b"GET /api/version HTTP/1.1\r\nHost: localhost\r\n\r\n")
         assert (await asyncio.wait_for(read_answers(reader, 1), 10)).startswith(b"HTTP/1.1 200 ")
         assert await asyncio.wait_for(reader.read(), 5) == b""  # closed by the server once idle
     finally:
@@ -364,7 +364,7 @@ async def test_any_request_is_answered_or_refused_and_the_server_goes_on(
     """Whatever the request line, headers and body: an answer, a close, or (a body shorter than its length) a
     wait for the rest; never an error of the fast path itself, and the next client is answered."""
     s = served_once
-    head = f"{method} {path} {version}\r\nHost: x\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers)
+    head = f"{method} {path} {version}\r\nHost: localhost\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers)
     if with_length:
         head += f"Content-Length: {len(body)}\r\n"
     raw = head.encode("latin-1") + b"\r\n" + body
