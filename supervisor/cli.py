@@ -30,14 +30,38 @@ from bus.protocol import (
 from config.loader import Config, ConfigError, load_config
 
 
+def _port(text: str) -> int:
+    """A TCP port (1-65535): 89071 listened on 23535 (wrapped), -1 was retried for ever."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a port (1-65535)")
+    return port
+
+
+def _positive(kind: type[int] | type[float], zero: bool = False) -> Any:
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if value < 0 or (value == 0 and not zero):
+            raise argparse.ArgumentTypeError(f"must be {'0 or more' if zero else 'more than 0'}, not {text}")
+        return value
+
+    return parse
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="llama-runner", description="Local model runner and proxy.")
     sub = p.add_subparsers(dest="command", required=True)
     up = sub.add_parser("up", help="run llama-runner in the foreground")
     up.add_argument("--config-dir", help="folder holding app_config.json and models_config.json")
-    up.add_argument("--ollama-port", type=int)
-    up.add_argument("--lmstudio-port", type=int)
-    up.add_argument("--dashboard-port", type=int)
+    up.add_argument("--ollama-port", type=_port)
+    up.add_argument("--lmstudio-port", type=_port)
+    up.add_argument("--dashboard-port", type=_port)
     up.add_argument("--run-dir", help="private folder for the bus sockets (one per instance)")
     up.add_argument("--logs-dir")
     for name, help_ in (("status", "show the state of every worker and process"),
@@ -51,7 +75,7 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--config-dir")
         sp.add_argument("--run-dir")
         sp.add_argument("--json", action="store_true", help="print the raw reply as JSON")
-        sp.add_argument("--timeout", type=float, default=30.0)
+        sp.add_argument("--timeout", type=_positive(float), default=30.0)
     disc = sub.add_parser("discover", help="add the models found under the models root to models_config.json")
     disc.add_argument("--config-dir")
     disc.add_argument("--models-root", help="folder to scan (default: models_root of app_config.json)")
@@ -60,7 +84,8 @@ def _parser() -> argparse.ArgumentParser:
     met.add_argument("--topic", action="append", default=[],
                      help="topic prefix to follow, e.g. metrics/worker/ or request/smollm2/ (repeatable; "
                      "default: everything)")
-    met.add_argument("--count", type=int, default=0, help="exit after N events (default: run until Ctrl-C)")
+    met.add_argument("--count", type=_positive(int, zero=True), default=0,
+                     help="exit after N events (default, 0: run until Ctrl-C)")
     met.add_argument("--with-topic", action="store_true", help='print {"topic": ..., "event": ...} per line')
     met.add_argument("--config-dir")
     met.add_argument("--run-dir")
@@ -247,16 +272,34 @@ def _dashboard_token(config: Config) -> None:
 def _running_instance(args: argparse.Namespace, sock: str) -> Path | None:
     """The run dir of the instance a client command talks to (None, after saying so, when none runs there)."""
     config = None
+    broken = ""
     if args.config_dir or not args.run_dir:
         try:
             config = load_config(args.config_dir)
-        except ConfigError:
-            config = None
+        except ConfigError as exc:  # (a reload's very reason, often: the run dir is read from the file as it is)
+            broken = str(exc)
     run_dir = _run_dir(args, config)
+    if broken and not args.run_dir:
+        run_dir = _raw_run_dir(args.config_dir) or run_dir
     if not (run_dir / sock).exists() or not _supervisor_alive(run_dir) or not _listening(run_dir / sock):
         print(f"llama-runner: no running instance in {run_dir} (start one with `llama-runner up`)", file=sys.stderr)
+        if broken:
+            print(f"llama-runner: and the config does not load: {broken}", file=sys.stderr)
         return None
     return run_dir
+
+
+def _raw_run_dir(config_dir: str | None) -> Path | None:
+    """``run_dir`` of an app_config.json that does not load as a whole, if it can be read at all."""
+    from config.loader import APP_FILE, DEFAULT_CONFIG_DIR
+
+    try:
+        doc = json.loads((Path(config_dir).expanduser() if config_dir else DEFAULT_CONFIG_DIR).joinpath(APP_FILE)
+                         .read_text())
+    except (OSError, ValueError):
+        return None
+    value = doc.get("run_dir") if isinstance(doc, dict) else None
+    return Path(value).expanduser() if isinstance(value, str) and value else None
 
 
 def _listening(path: Path) -> bool:

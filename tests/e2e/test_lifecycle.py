@@ -235,6 +235,30 @@ def test_cli_with_sockets_left_by_a_gone_instance_says_so_at_once(tmp_path) -> N
     assert out.returncode == 1 and "no running instance" in out.stderr and time.monotonic() - t < 10
 
 
+def test_cli_finds_the_instance_a_broken_config_names(system: System, tmp_path) -> None:
+    """`reload --config-dir D` after an edit that broke D: the instance D's run_dir names is still found (it said
+    "no running instance in /tmp/llama-runner-0", the default), and the config error is said."""
+    cfg = tmp_path / "cfg"
+    cfg.mkdir()
+    (cfg / "app_config.json").write_text(json.dumps({"run_dir": str(system.run_dir), "limits": {"queue_size": "x"}}))
+    (cfg / "models_config.json").write_text("{}")
+    out = subprocess.run([sys.executable, "-m", "supervisor", "status", "--config-dir", str(cfg)], capture_output=True,
+                         text=True, timeout=60, cwd=ROOT)
+    assert out.returncode == 0 and MODEL in out.stdout, out
+    (cfg / "app_config.json").write_text(json.dumps({"run_dir": str(tmp_path / "none"), "limits": {"queue_size": "x"}}))
+    out = subprocess.run([sys.executable, "-m", "supervisor", "status", "--config-dir", str(cfg)], capture_output=True,
+                         text=True, timeout=60, cwd=ROOT)
+    assert out.returncode == 1 and "no running instance" in out.stderr and "queue_size" in out.stderr, out
+
+
+def test_cli_refuses_bad_numbers_at_once(tmp_path) -> None:
+    for args, said in ((("up", "--ollama-port", "89071"), "is not a port"), (("up", "--dashboard-port", "-1"), "port"),
+                       (("metrics", "--count", "-1"), "0 or more"), (("status", "--timeout", "0"), "more than 0")):
+        out = subprocess.run([sys.executable, "-m", "supervisor", *args, "--run-dir", str(tmp_path)],
+                             capture_output=True, text=True, timeout=60, cwd=ROOT)
+        assert out.returncode == 2 and said in out.stderr, (args, out)
+
+
 def test_cli_output_into_a_closed_pipe_is_no_traceback(system: System) -> None:
     """`llama-runner status | head -1` printed a BrokenPipeError traceback."""
     r, w = os.pipe()
