@@ -259,9 +259,14 @@ class Supervisor:
                 mgr.task.cancel()
 
     def _overrides(self, config: Config) -> Config:
-        """Keep what `up` was told on the command line (ports, logs dir) across reloads."""
+        """Keep what `up` was told on the command line (ports, logs dir) across reloads; a port's keys and CORS
+        origins are the file's (the gateways apply them at once)."""
+        old, new = self.config.app.proxies, config.app.proxies
+        proxies = msgspec.structs.replace(new, **{
+            proto: msgspec.structs.replace(getattr(new, proto), port=getattr(old, proto).port,
+                                           enabled=getattr(old, proto).enabled) for proto in ("ollama", "lmstudio")})
         return Config(app=msgspec.structs.replace(
-            config.app, proxies=self.config.app.proxies, dashboard=self.config.app.dashboard,
+            config.app, proxies=proxies, dashboard=self.config.app.dashboard,
             logs_dir=self.config.app.logs_dir), models=config.models, config_dir=config.config_dir)
 
     def _footprint(self, name: str) -> int:

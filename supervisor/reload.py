@@ -11,6 +11,7 @@ from config.loader import Config
 
 # App settings that only take effect at the next `llama-runner up` (listeners, paths).
 RESTART_ONLY = ("host", "proxies", "dashboard", "metrics", "run_dir", "logs_dir", "llama_server_path")
+HOT_PROXY_SETTINGS = ("api_keys", "cors_origins")  # (of proxies: the rest, ports, need a restart)
 
 
 @dataclass
@@ -40,6 +41,13 @@ def plan(old: Config, new: Config, old_launches: dict[str, WorkerLaunch],
             p.changed.append(name)
     p.removed = [n for n in old_launches if n not in new_launches]
     for key in msgspec.structs.fields(new.app):
-        if getattr(old.app, key.name) != getattr(new.app, key.name):
+        if key.name == "proxies":  # a port's keys and CORS origins apply at once (the gateways re-read them)
+            for proto in ("ollama", "lmstudio"):
+                was, now = getattr(old.app.proxies, proto), getattr(new.app.proxies, proto)
+                for f in msgspec.structs.fields(now):
+                    if getattr(was, f.name) != getattr(now, f.name):
+                        (p.settings if f.name in HOT_PROXY_SETTINGS else p.needs_restart).append(
+                            f"proxies.{proto}.{f.name}")
+        elif getattr(old.app, key.name) != getattr(new.app, key.name):
             (p.needs_restart if key.name in RESTART_ONLY else p.settings).append(key.name)
     return p

@@ -22,9 +22,24 @@ def test_settings_that_apply_now_and_those_that_need_a_restart(tmp_path: Path) -
     old = config(tmp_path, {})
     new = config(tmp_path, {"limits": {"max_restarts": 2}, "proxies": {"ollama": {"port": 11999}}})
     p = plan(old, new, {}, {})
-    assert p.settings == ["limits"] and p.needs_restart == ["proxies"]
+    assert p.settings == ["limits"] and p.needs_restart == ["proxies.ollama.port"]
     assert "settings: limits" in p.summary() and "needs a restart" in p.summary()
     assert plan(old, old, {}, {}).summary() == "no change"
+
+
+async def test_a_ports_keys_are_a_change_that_applies_now(tmp_path: Path) -> None:
+    """Keys and CORS origins apply at once (the gateways re-read them): a reload that added keys said "no change"
+    (the supervisor kept the proxies of `up` whole, for its ports)."""
+    old = config(tmp_path, {})
+    sup = Supervisor(old, tmp_path / "run", tmp_path / "logs")
+    try:
+        new = sup._overrides(config(tmp_path, {"proxies": {"lmstudio": {"api_keys": ["k1"], "port": 4321},
+                                                           "ollama": {"cors_origins": ["*"]}}}))
+    finally:
+        sup.ctx.term()
+    assert new.app.proxies.lmstudio.port == old.app.proxies.lmstudio.port  # (`up`'s ports stay)
+    p = plan(old, new, {}, {})
+    assert p.settings == ["proxies.ollama.cors_origins", "proxies.lmstudio.api_keys"] and not p.needs_restart
 
 
 async def test_a_reload_changes_the_restart_policy_every_worker_shares(tmp_path: Path) -> None:
