@@ -86,7 +86,8 @@ async def entry(config: Config, name: str, dialect: str = "model") -> ModelEntry
 
 
 def require_capability(config: Config, name: str, what: str) -> None:
-    """Refuse (400) a request for ``what`` ("chat" or "embeddings") that the named model does not serve.
+    """Refuse (400) a request for ``what`` ("chat", "embeddings", or "load": any but speech) that the named model
+    does not serve.
     Unknown names pass: the supervisor answers them with its own 404."""
     resolved = config.resolve_model(name)
     if resolved is None:

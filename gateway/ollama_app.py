@@ -118,6 +118,7 @@ async def _generate(request: web.Request, kind: Literal["chat", "generate"]) -> 
         if keep_alive == 0:
             await bus.unload(model)
             return json_response(tr.load_response(model, kind, "unload"))
+        catalog.require_capability(request.app[CONFIG], model, "load")  # (a whisper model is no Ollama model)
         bus.release((await bus.acquire(model, keep_alive)).request_id)
         return json_response(tr.load_response(model, kind, "load"))
     catalog.require_capability(request.app[CONFIG], model, "chat")

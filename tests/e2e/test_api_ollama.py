@@ -203,7 +203,9 @@ def test_a_speech_model_on_the_chat_and_embed_routes_is_a_400_that_loads_nothing
     c = ollama.Client(system.ollama_url)
     for call in (lambda: c.chat(model="whisper-tiny.en", messages=[{"role": "user", "content": "Hi"}]),
                  lambda: c.generate(model="whisper-tiny.en", prompt="Hi"),
-                 lambda: c.embed(model="whisper-tiny.en", input="Hi")):
+                 lambda: c.embed(model="whisper-tiny.en", input="Hi"),
+                 lambda: c.generate(model="whisper-1"),  # a load alone (it loaded it: 200, done_reason "load")
+                 lambda: c.chat(model="whisper-1", messages=[])):
         t0 = time.monotonic()
         with pytest.raises(ollama.ResponseError) as err:
             call()
