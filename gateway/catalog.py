@@ -104,6 +104,15 @@ def require_capability(config: Config, name: str, what: str) -> None:
                        code="model_not_supported", param="model")
 
 
+def context_size(config: Config, name: str) -> int:
+    """A model's context (per request: its ctx_size over its parallel slots); 0 for an unknown name."""
+    resolved = config.resolve_model(name)
+    if resolved is None:
+        return 0
+    params = config.models.models[resolved].parameters
+    return max(1, params.ctx_size // max(1, params.parallel))
+
+
 def require_media(config: Config, name: str, kind: str, param: str = "messages") -> None:
     """Refuse (400) a chat request with a ``kind`` content part ("image_url", "input_audio"...) for a model whose
     llama-server has no multimodal projector (it would answer 500). Unknown names pass, as above."""

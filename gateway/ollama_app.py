@@ -123,6 +123,8 @@ async def _generate(request: web.Request, kind: Literal["chat", "generate"]) -> 
         return json_response(tr.load_response(model, kind, "load"))
     catalog.require_capability(request.app[CONFIG], model, "chat")
     breq = tr.chat_to_backend(req) if kind == "chat" else tr.generate_to_backend(req)
+    if breq.body.get("repeat_last_n") == -1:  # Ollama's "-1 = num_ctx" (llama-server takes no -1)
+        breq.body["repeat_last_n"] = catalog.context_size(request.app[CONFIG], model)
     needed = {}
     if tr.thinking_asked(req) not in (None, False):
         needed["thinking"] = "think"

@@ -343,6 +343,8 @@ def map_options(options: Any) -> dict[str, Any]:
             out[target] = _int_option(name, value, limit=False) % 2**32
         elif kind == _INT:
             out[target] = _int_option(name, value)
+            if name == "repeat_last_n" and out[target] < -1:  # (-1: the context, set by the caller, who knows it)
+                raise _bad("options.repeat_last_n", "must be -1 (the context), 0 (off) or more")
         elif kind == _FLOAT:
             out[target] = _float_option(name, value)
         else:

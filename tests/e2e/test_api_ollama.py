@@ -286,3 +286,12 @@ def test_a_continued_chat_answers_only_what_is_new(system: System) -> None:
     streamed = "".join(part.message.content or "" for part in c.chat(model=MODEL, messages=messages, options=OPTS,
                                                                       stream=True))
     assert streamed == r.message.content
+
+
+def test_repeat_last_n_minus_one_is_the_context(system: System) -> None:
+    """Ollama documents -1 as "num_ctx"; llama-server takes no -1 (it was its 400)."""
+    r = ollama.Client(system.ollama_url).generate(model=MODEL, prompt="Hi", options={**OPTS, "repeat_last_n": -1})
+    assert r.done
+    with pytest.raises(ollama.ResponseError) as err:
+        ollama.Client(system.ollama_url).generate(model=MODEL, prompt="Hi", options={"repeat_last_n": -2})
+    assert err.value.status_code == 400 and "repeat_last_n" in err.value.error
