@@ -47,6 +47,9 @@ def capabilities(model: ModelConfig, facts: ModelFacts) -> list[str]:
     out = []
     if model.serves_chat:
         out.append("completion")
+        template = template_override(model)
+        if template is not None:  # (the operator's template, in extra_args, is the one llama-server uses)
+            facts = ModelFacts(chat_template=template or "tools <think>")  # (a built-in by name: not refused)
         if facts.supports_tools:
             out.append("tools")
         if facts.supports_thinking:
@@ -54,6 +57,25 @@ def capabilities(model: ModelConfig, facts: ModelFacts) -> list[str]:
     if model.serves_embeddings:
         out.append("embedding")
     return out
+
+
+def template_override(model: ModelConfig) -> str | None:
+    """The chat template a model's ``extra_args`` give llama-server instead of its GGUF's: a file's text
+    (``--chat-template-file``), a template itself (``--chat-template '{% ... %}'``), "" for a built-in one by
+    name (what it takes is not known here); None: the GGUF's."""
+    args = list(model.parameters.extra_args)
+    for i, arg in enumerate(args):
+        flag, eq, inline = arg.partition("=")
+        if flag not in ("--chat-template-file", "--chat-template"):
+            continue
+        value = inline if eq else (args[i + 1] if i + 1 < len(args) else "")
+        if flag == "--chat-template":
+            return value if "{%" in value or "{{" in value else ""
+        try:
+            return Path(value).expanduser().read_text(errors="replace")
+        except OSError:
+            return ""
+    return None
 
 
 def _stat(path: Path) -> tuple[float, int]:

@@ -70,8 +70,10 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     model = request_model(request, req)
     if breq.media:
         require_media(request.app[CONFIG], model, breq.media)
-    if breq.body.get("tools") and request.app[LAUNCH].protocol == "ollama":  # (Ollama's /v1 refuses as its /api does)
-        await require_features(request.app[CONFIG], model, {"tools": "tools"})
+    if breq.body.get("tools") or breq.body.get("functions"):  # (llama-server ignores them for a model without them:
+        # a plain answer where a tool call was asked for, "required" or not; Ollama refuses so, on its /v1 too)
+        await require_features(request.app[CONFIG], model,
+                               {"tools": "tools" if breq.body.get("tools") else "functions"})
     return await relay_openai(request, model, breq.path, breq.body, breq.stream)
 
 

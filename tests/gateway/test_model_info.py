@@ -229,6 +229,25 @@ def test_capabilities() -> None:
     assert capabilities(ModelConfig(model_path="x"), ModelFacts(chat_template=qwen3)) == ["completion", "thinking"]
 
 
+def test_capabilities_of_a_template_given_in_extra_args(tmp_path: Path) -> None:
+    """The operator's chat template (extra_args) is the one llama-server uses: its tools count, not the GGUF's
+    (a model given a tool template was refused "does not support tools")."""
+    from config.schema import ModelParameters as ModelParams
+
+    tpl = tmp_path / "tools.jinja"
+    tpl.write_text("{% if tools %}{{ tools | tojson }}{% endif %}{% for m in messages %}{{ m.content }}{% endfor %}")
+    plain = ModelFacts(chat_template="{% for m in messages %}{{ m.content }}{% endfor %}")
+
+    def with_args(*args: str) -> ModelConfig:
+        return ModelConfig(model_path="x", parameters=ModelParams(extra_args=list(args)))
+
+    assert capabilities(with_args("--jinja", "--chat-template-file", str(tpl)), plain) == ["completion", "tools"]
+    assert capabilities(with_args(f"--chat-template-file={tpl}"), plain) == ["completion", "tools"]
+    assert "tools" in capabilities(with_args("--chat-template", "chatml"), plain)  # (a built-in: not refused)
+    assert capabilities(with_args("--chat-template", "{{ messages }}"), ModelFacts(chat_template="tools")) == [
+        "completion"]  # (one given inline, without tools)
+
+
 def test_tags_and_show_bodies() -> None:
     e = _entry()
     tag = om.tags_entry(e)
