@@ -91,7 +91,9 @@ async def responses(request: web.Request) -> web.StreamResponse:
 async def completions(request: web.Request) -> web.StreamResponse:
     req = with_default_model(request, await read_json(request))
     breq = tr.completions_to_backend(req)
-    return await relay_openai(request, request_model(request, req), breq.path, breq.body, breq.stream)
+    legacy = tr.LegacyCompletion(req) if req.get("echo") or req.get("logprobs") else None
+    return await relay_openai(request, request_model(request, req), breq.path, breq.body, breq.stream,
+                              legacy.convert if legacy is not None else None)
 
 
 Transform = Callable[[dict[str, Any]], dict[str, Any]]

@@ -17,7 +17,7 @@ from gateway.errors import ApiError
 from gateway.ollama_translate import CHAT_PATH, COMPLETIONS_PATH, BackendRequest
 
 __all__ = ["RESPONSES_PATH", "BackendRequest", "ResponsesStream", "chat_to_backend", "completions_to_backend",
-           "responses_to_backend", "rewrite_model"]
+           "responses_to_backend", "rewrite_model", "LegacyCompletion"]
 
 RESPONSES_PATH = "/v1/responses"
 
@@ -311,6 +311,56 @@ class ResponsesStream:
                 response["model"] = self.model
             lines[at] = b"data: " + msgspec.json.encode(doc)
         return b"\n".join(lines) + b"\n\n"
+
+
+class LegacyCompletion:
+    """A ``/v1/completions`` answer (or each chunk of its stream) in the legacy shape OpenAI's clients read where
+    llama-server differs: ``logprobs`` as ``tokens`` / ``token_logprobs`` / ``top_logprobs`` / ``text_offset``
+    (it sends the chat shape, ``{"content": [...]}``: the client's fields were all None), ``echo`` (the prompt
+    before the text: llama-server ignores it), and a ``cmpl-`` id. One per request: offsets run on across chunks."""
+
+    def __init__(self, req: dict[str, Any]) -> None:
+        prompt = req.get("prompt")
+        self.prompts = [prompt] if isinstance(prompt, str) else [p if isinstance(p, str) else "" for p in prompt] \
+            if isinstance(prompt, list) else [""]
+        self.echo = bool(req.get("echo"))
+        self.echoed: set[int] = set()
+        self.offsets: dict[int, int] = {}  # choice index -> text offset of its next token
+
+    def _prompt(self, index: int) -> str:
+        return self.prompts[index] if 0 <= index < len(self.prompts) else ""
+
+    def convert(self, doc: dict[str, Any]) -> dict[str, Any]:
+        rid = doc.get("id")
+        if isinstance(rid, str) and rid.startswith("chatcmpl-"):
+            doc["id"] = "cmpl-" + rid.removeprefix("chatcmpl-")
+        for choice in doc.get("choices") or []:
+            if not isinstance(choice, dict):
+                continue
+            raw_index = choice.get("index")
+            index = raw_index if isinstance(raw_index, int) else 0
+            prompt = self._prompt(index)
+            if self.echo and index not in self.echoed and isinstance(choice.get("text"), str):
+                self.echoed.add(index)
+                choice["text"] = prompt + choice["text"]
+            lp = choice.get("logprobs")
+            if isinstance(lp, dict) and isinstance(lp.get("content"), list):
+                at = self.offsets.get(index, len(prompt))
+                tokens, token_lps, tops, offsets = [], [], [], []
+                for t in lp["content"]:
+                    if not isinstance(t, dict):
+                        continue
+                    token = str(t.get("token", ""))
+                    tokens.append(token)
+                    token_lps.append(t.get("logprob"))
+                    tops.append({str(x.get("token", "")): x.get("logprob") for x in t.get("top_logprobs") or []
+                                 if isinstance(x, dict)})
+                    offsets.append(at)
+                    at += len(token)
+                self.offsets[index] = at
+                choice["logprobs"] = {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops,
+                                      "text_offset": offsets}
+        return doc
 
 
 def rewrite_model(chunk: dict[str, Any], model: str) -> dict[str, Any]:

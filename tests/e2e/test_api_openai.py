@@ -265,3 +265,20 @@ def test_responses_api_bad_requests_are_400(system: System) -> None:
     status, doc, _ = http("POST", base(system) + "/v1/responses", {
         "model": MODEL, "input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]})
     assert status == 400 and "image" in doc["error"]["message"], doc  # (a text-only model: before llama-server)
+
+
+def test_legacy_completions_logprobs_and_echo_in_openais_shape(system: System) -> None:
+    """The openai client reads legacy logprobs as tokens / token_logprobs / top_logprobs / text_offset (all were
+    None: llama-server sends the chat shape) and echo puts the prompt first (llama-server ignored it)."""
+    c = client(system)
+    r = c.completions.create(model=MODEL, prompt="Once upon", max_tokens=3, logprobs=2, echo=True, temperature=0)
+    choice = r.choices[0]
+    assert r.id.startswith("cmpl-") and choice.text.startswith("Once upon")
+    lp = choice.logprobs
+    assert lp is not None and lp.tokens and len(lp.tokens) == len(lp.token_logprobs or []) == len(lp.top_logprobs or [])
+    assert lp.text_offset and lp.text_offset[0] == len("Once upon") and all(len(t) <= 2 for t in lp.top_logprobs or [])
+    assert choice.text == "Once upon" + "".join(lp.tokens)
+    chunks = list(c.completions.create(model=MODEL, prompt="Once upon", max_tokens=3, logprobs=1, stream=True,
+                                       temperature=0))
+    tokens = [t for ch in chunks for choice in ch.choices if choice.logprobs for t in choice.logprobs.tokens or []]
+    assert "".join(tokens) == "".join(lp.tokens)
