@@ -196,6 +196,14 @@ def _up(args: argparse.Namespace) -> int:
 
     config = _load(args)
     app = config.app
+    import socket
+
+    try:  # (a host that names nothing was retried for ever, "in use by another program?")
+        socket.getaddrinfo(app.host, None)
+    except (socket.gaierror, UnicodeError) as exc:
+        print(f"llama-runner: config error: host {app.host!r} in app_config.json is not an address of this machine "
+              f"({exc})", file=sys.stderr)
+        return 2
     overrides: dict[str, Any] = {}
     proxies = app.proxies
     if args.ollama_port is not None:

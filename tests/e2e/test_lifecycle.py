@@ -251,6 +251,16 @@ def test_cli_finds_the_instance_a_broken_config_names(system: System, tmp_path) 
     assert out.returncode == 1 and "no running instance" in out.stderr and "queue_size" in out.stderr, out
 
 
+def test_up_refuses_a_host_that_names_nothing(tmp_path) -> None:
+    cfg = tmp_path / "cfg"
+    cfg.mkdir()
+    (cfg / "app_config.json").write_text(json.dumps({"host": "not a host!"}))
+    (cfg / "models_config.json").write_text("{}")
+    out = subprocess.run([sys.executable, "-m", "supervisor", "up", "--config-dir", str(cfg), "--run-dir",
+                          str(tmp_path / "run")], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert out.returncode == 2 and "host 'not a host!'" in out.stderr, out
+
+
 def test_cli_refuses_bad_numbers_at_once(tmp_path) -> None:
     for args, said in ((("up", "--ollama-port", "89071"), "is not a port"), (("up", "--dashboard-port", "-1"), "port"),
                        (("metrics", "--count", "-1"), "0 or more"), (("status", "--timeout", "0"), "more than 0")):
