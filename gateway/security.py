@@ -60,6 +60,7 @@ def _hostname() -> str:
     return socket.gethostname().lower()
 
 
+@functools.lru_cache(maxsize=256)  # (per request on the hot path: a client sends the same Host every time)
 def local_host_header(host: str) -> bool:
     """May a request naming ``host`` (its Host header) reach a server that listens on loopback? Its own names
     only: an IP literal that is local (loopback, private, unspecified, link-local), ``localhost``, this machine's
