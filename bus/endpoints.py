@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import stat
 import tempfile
@@ -15,6 +16,7 @@ SUPERVISOR_PID = "supervisor.pid"
 UNIX_PATH_MAX = 104  # sun_path is 108 bytes on Linux, 104 on macOS (with its terminating NUL)
 
 
+@functools.cache  # (asked per request by the gateways' Host check)
 def is_loopback(host: str) -> bool:
     """Is ``host`` (a listen address) this machine's loopback only?"""
     if host in ("localhost", "localhost.localdomain"):
