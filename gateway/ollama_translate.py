@@ -759,25 +759,23 @@ class OllamaStream:
                         if c.finish_reason:
                             self._finish_reason = c.finish_reason
                         continue
-            try:
-                obj = msgspec.json.decode(payload)
-            except msgspec.DecodeError:
-                continue
-            if isinstance(obj, dict) and "error" in obj:
-                raise error_from_backend(obj["error"])
-            lines.extend(encode(o) + b"\n" for o in self.feed(obj))
+            lines.extend(encode(o) + b"\n" for o in self._objects(payload))
         return b"".join(lines)
+
+    def _objects(self, payload: bytes) -> list[dict[str, Any]]:
+        """The Ollama objects of one SSE payload, the slow way (``feed``); an error chunk raises."""
+        try:
+            obj = msgspec.json.decode(payload)
+        except msgspec.DecodeError:
+            return []
+        if isinstance(obj, dict) and "error" in obj:
+            raise error_from_backend(obj["error"])
+        return self.feed(obj)
 
     def _feed_unechoed(self, payloads: list[bytes]) -> bytes:
         lines: list[bytes] = []
         for payload in payloads:
-            try:
-                obj = msgspec.json.decode(payload)
-            except msgspec.DecodeError:
-                continue
-            if isinstance(obj, dict) and "error" in obj:
-                raise error_from_backend(obj["error"])
-            for piece in self.feed(obj):
+            for piece in self._objects(payload):
                 holder, key = (piece["message"], "content") if self.kind == "chat" else (piece, "response")
                 if self._echo and holder.get(key):
                     holder[key], self._echo = unecho(holder[key], self._echo)
