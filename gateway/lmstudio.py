@@ -133,8 +133,12 @@ async def _completion(request: web.Request, chat: bool) -> web.StreamResponse:
     catalog.require_capability(config, name, "chat")
     if breq.media:
         catalog.require_media(config, name, breq.media)
+    await openai_app.require_tools(request, name, breq.body)
     e = await catalog.entry(config, name)
-    return await openai_app.relay_openai(request, name, breq.path, breq.body, breq.stream, V0Extras(e))
+    extras, echo = V0Extras(e), tr.prefill(req) if chat else ""
+    unecho = tr.Unecho(echo).convert if echo else None
+    return await openai_app.relay_openai(request, name, breq.path, breq.body, breq.stream,
+                                         extras if unecho is None else lambda doc: extras(unecho(doc)))
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:

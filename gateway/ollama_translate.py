@@ -569,6 +569,25 @@ def _plain_run(buf: bytes) -> tuple[int, int, tuple[bytes, bytes]] | None:
     return None
 
 
+def prefill(req: dict[str, Any]) -> str:
+    """The text of a chat's closing assistant message (the answer's start, given to be continued), or ""."""
+    messages = req.get("messages")
+    last = messages[-1] if isinstance(messages, list) and messages else None
+    if isinstance(last, dict) and last.get("role") == "assistant" and isinstance(last.get("content"), str):
+        return str(last["content"])
+    return ""
+
+
+def unecho(text: str, echo: str) -> tuple[str, str]:
+    """``text`` without the start of it that repeats ``echo``, and what of ``echo`` is left to come (a text that
+    does not repeat it: as it is, nothing left)."""
+    if text.startswith(echo):
+        return text[len(echo):], ""
+    if echo.startswith(text):
+        return "", echo[len(text):]
+    return text, ""
+
+
 class OllamaStream:
     """Turns parsed llama-server OpenAI-style chunks (dicts) into Ollama NDJSON objects (dicts).
 
@@ -851,25 +870,6 @@ class OllamaStream:
             message = {"role": "assistant", "content": "", "tool_calls": calls}
             return {"model": self.model, "created_at": created_at(), "message": message, "done": False}
         return {"model": self.model, "created_at": created_at(), "response": "", "done": False}
-
-
-def prefill(req: dict[str, Any]) -> str:
-    """The text of a chat's closing assistant message (the answer's start, given to be continued), or ""."""
-    messages = req.get("messages")
-    last = messages[-1] if isinstance(messages, list) and messages else None
-    if isinstance(last, dict) and last.get("role") == "assistant" and isinstance(last.get("content"), str):
-        return str(last["content"])
-    return ""
-
-
-def unecho(text: str, echo: str) -> tuple[str, str]:
-    """``text`` without the start of it that repeats ``echo``, and what of ``echo`` is left to come (a text that
-    does not repeat it: as it is, nothing left)."""
-    if text.startswith(echo):
-        return text[len(echo):], ""
-    if echo.startswith(text):
-        return "", echo[len(text):]
-    return text, ""
 
 
 def chat_response(

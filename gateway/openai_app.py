@@ -70,11 +70,18 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     model = request_model(request, req)
     if breq.media:
         require_media(request.app[CONFIG], model, breq.media)
-    if breq.body.get("tools") or breq.body.get("functions"):  # (llama-server ignores them for a model without them:
-        # a plain answer where a tool call was asked for, "required" or not; Ollama refuses so, on its /v1 too)
-        await require_features(request.app[CONFIG], model,
-                               {"tools": "tools" if breq.body.get("tools") else "functions"})
-    return await relay_openai(request, model, breq.path, breq.body, breq.stream)
+    await require_tools(request, model, breq.body)
+    echo = tr.prefill(req)
+    return await relay_openai(request, model, breq.path, breq.body, breq.stream,
+                              tr.Unecho(echo).convert if echo else None)
+
+
+async def require_tools(request: web.Request, model: str, body: dict[str, Any]) -> None:
+    """Tools (or functions) for a model whose chat template takes none are a 400: llama-server ignores them (a
+    plain answer where a tool call was asked for, "required" or not); Ollama refuses so, on its /v1 too."""
+    field = "tools" if body.get("tools") else "functions" if body.get("functions") else ""
+    if field:
+        await require_features(request.app[CONFIG], model, {"tools": field})
 
 
 async def responses(request: web.Request) -> web.StreamResponse:
@@ -85,6 +92,7 @@ async def responses(request: web.Request) -> web.StreamResponse:
     model = request_model(request, req)
     if breq.media:
         require_media(request.app[CONFIG], model, breq.media, param="input")
+    await require_tools(request, model, breq.body)
     return await relay_openai(request, model, breq.path, breq.body, breq.stream, events=True)
 
 
@@ -129,7 +137,7 @@ async def relay_openai(request: web.Request, model: str, path: str, body: dict[s
             return web.Response(body=raw, content_type="application/json")
         resp = await open_stream(request, {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         if events:
-            conv = tr.ResponsesStream(model if rename else None)
+            conv = tr.ResponsesStream(model if rename else None, model)
             await relay.stream_to(resp, conv.feed, _sse_error, conv.flush)
             return resp
         parser = SSEParser() if rename or transform is not None else None

@@ -9,15 +9,16 @@ llama.cpp-specific ones included. Pure functions, no I/O; invalid input raises o
 from __future__ import annotations
 
 import math
+import time
 from typing import Any
 
 import msgspec
 
 from gateway.errors import ApiError
-from gateway.ollama_translate import CHAT_PATH, COMPLETIONS_PATH, BackendRequest
+from gateway.ollama_translate import CHAT_PATH, COMPLETIONS_PATH, BackendRequest, prefill, unecho
 
 __all__ = ["RESPONSES_PATH", "BackendRequest", "ResponsesStream", "chat_to_backend", "completions_to_backend",
-           "responses_to_backend", "rewrite_model", "LegacyCompletion"]
+           "responses_to_backend", "rewrite_model", "LegacyCompletion", "Unecho", "prefill", "unecho"]
 
 RESPONSES_PATH = "/v1/responses"
 
@@ -257,6 +258,7 @@ def _message_item(item: dict[str, Any], where: str) -> str:
 
 _ITEM_EVENTS = ("response.output_item.", "response.content_part.", "response.output_text.",
                 "response.function_call_arguments.", "response.refusal.", "response.reasoning")
+_LIFECYCLE_EVENTS = ("response.created", "response.in_progress", "response.queued")
 _PART_EVENTS = ("response.content_part.", "response.output_text.", "response.refusal.")
 
 
@@ -265,8 +267,10 @@ class ResponsesStream:
     crashed on it): the ``sequence_number``, ``output_index`` and ``content_index`` its events leave out, and the
     model name asked for (``model``; None: as it came). Named events stay named."""
 
-    def __init__(self, model: str | None) -> None:
+    def __init__(self, model: str | None, name: str = "", created: int | None = None) -> None:
         self.model = model
+        self.name = model or name  # the model's name where llama-server gives none (response.created)
+        self.created = int(time.time()) if created is None else created
         self.rest = b""
         self.seq = 0
         self.item = -1  # the output item the events are about (output_item.added starts the next)
@@ -309,8 +313,37 @@ class ResponsesStream:
             response = doc.get("response")
             if self.model is not None and isinstance(response, dict) and "model" in response:
                 response["model"] = self.model
+            if kind in _LIFECYCLE_EVENTS and isinstance(response, dict):
+                # (llama-server's carry id, object and status only: the openai SDK 2.x builds its snapshot from
+                # response.created, and its output None crashed responses.stream: "NoneType has no append")
+                response.setdefault("object", "response")
+                response.setdefault("created_at", self.created)
+                response.setdefault("model", self.name)
+                response.setdefault("output", [])
             lines[at] = b"data: " + msgspec.json.encode(doc)
         return b"\n".join(lines) + b"\n\n"
+
+
+class Unecho:
+    """A continued chat (its last message the assistant's: a prefill) answered with the new text only, as Ollama
+    answers it under its ``/v1`` too: llama-server repeats the prefill first (a client that appends the answer
+    doubled it). Each reply, or each chunk of its stream (``delta``), per choice."""
+
+    def __init__(self, echo: str) -> None:
+        self.echo = echo
+        self.left: dict[int, str] = {}  # choice index -> what of the prefill is still to be taken off
+
+    def convert(self, doc: dict[str, Any]) -> dict[str, Any]:
+        for choice in doc.get("choices") or []:
+            if not isinstance(choice, dict):
+                continue
+            raw_index = choice.get("index")
+            index = raw_index if isinstance(raw_index, int) else 0
+            holder = choice.get("message") if isinstance(choice.get("message"), dict) else choice.get("delta")
+            left = self.left.get(index, self.echo)
+            if left and isinstance(holder, dict) and isinstance(holder.get("content"), str) and holder["content"]:
+                holder["content"], self.left[index] = unecho(holder["content"], left)
+        return doc
 
 
 class LegacyCompletion:
@@ -353,8 +386,10 @@ class LegacyCompletion:
                     token = str(t.get("token", ""))
                     tokens.append(token)
                     token_lps.append(t.get("logprob"))
-                    tops.append({str(x.get("token", "")): x.get("logprob") for x in t.get("top_logprobs") or []
-                                 if isinstance(x, dict)})
+                    top = {str(x.get("token", "")): x.get("logprob") for x in t.get("top_logprobs") or []
+                                 if isinstance(x, dict)}
+                    top.setdefault(token, t.get("logprob"))  # (OpenAI's: the sampled token is always among them)
+                    tops.append(top)
                     offsets.append(at)
                     at += len(token)
                 self.offsets[index] = at

@@ -276,9 +276,42 @@ def test_legacy_completions_logprobs_and_echo_in_openais_shape(system: System) -
     assert r.id.startswith("cmpl-") and choice.text.startswith("Once upon")
     lp = choice.logprobs
     assert lp is not None and lp.tokens and len(lp.tokens) == len(lp.token_logprobs or []) == len(lp.top_logprobs or [])
-    assert lp.text_offset and lp.text_offset[0] == len("Once upon") and all(len(t) <= 2 for t in lp.top_logprobs or [])
+    assert lp.text_offset and lp.text_offset[0] == len("Once upon") and all(len(t) <= 3 for t in lp.top_logprobs or [])
+    assert all(tok in top for tok, top in zip(lp.tokens, lp.top_logprobs or [], strict=True))  # (the sampled one too)
     assert choice.text == "Once upon" + "".join(lp.tokens)
     chunks = list(c.completions.create(model=MODEL, prompt="Once upon", max_tokens=3, logprobs=1, stream=True,
                                        temperature=0))
     tokens = [t for ch in chunks for choice in ch.choices if choice.logprobs for t in choice.logprobs.tokens or []]
     assert "".join(tokens) == "".join(lp.tokens)
+
+
+def test_a_continued_chat_answers_only_what_is_new_on_every_openai_route(system: System) -> None:
+    """The last message the assistant's (a prefill): llama-server repeats it first; Ollama's /v1 answers the new
+    text only, and so do the LM Studio routes (a client appending the answer doubled it)."""
+    import httpx
+
+    msgs = [{"role": "user", "content": "Count from 1 to 10."}, {"role": "assistant", "content": "1, 2, 3, 4,"}]
+    for base in (system.openai_url, system.ollama_url + "/v1"):
+        c = openai.OpenAI(base_url=base, api_key="x", max_retries=0)
+        r = c.chat.completions.create(model=MODEL, messages=msgs, max_tokens=4, temperature=0)  # type: ignore[arg-type]
+        text = r.choices[0].message.content or ""
+        assert text and not text.startswith("1, 2, 3, 4,"), (base, text)
+        streamed = "".join(ch.choices[0].delta.content or "" for ch in c.chat.completions.create(
+            model=MODEL, messages=msgs, max_tokens=4, temperature=0, stream=True) if ch.choices)  # type: ignore[arg-type]
+        assert streamed == text, (base, streamed, text)
+    v0 = httpx.post(system.openai_url.removesuffix("/v1") + "/api/v0/chat/completions", timeout=60,
+                    json={"model": MODEL, "messages": msgs, "max_tokens": 4, "temperature": 0}).json()
+    assert v0["choices"][0]["message"]["content"] == text
+
+
+def test_tools_for_a_model_without_them_are_a_400_on_the_responses_and_v0_routes(system: System) -> None:
+    import httpx
+
+    tool = {"type": "function", "name": "get_weather", "parameters": {"type": "object", "properties": {}}}
+    with pytest.raises(openai.BadRequestError) as err:
+        client(system).responses.create(model=MODEL, input="Weather?", tools=[tool])  # type: ignore[list-item]
+    assert "does not support tools" in err.value.message
+    r = httpx.post(system.openai_url.removesuffix("/v1") + "/api/v0/chat/completions", timeout=60, json={
+        "model": MODEL, "messages": [{"role": "user", "content": "Weather?"}],
+        "tools": [{"type": "function", "function": {"name": "get_weather"}}]})
+    assert r.status_code == 400 and "does not support tools" in r.json()["error"]["message"]

@@ -1022,7 +1022,8 @@ def _sse(*contents: str) -> bytes:
 def test_a_continued_chat_answers_only_what_is_new(chunks: list[str]) -> None:
     """A chat ending with an assistant message is continued; llama-server repeats that message at the start of
     its answer, Ollama does not (a client that appends the answer, Open WebUI's continue, doubled the text)."""
-    from gateway.ollama_translate import chat_response, prefill
+    from gateway.ollama_translate import chat_response
+    from gateway.openai_translate import prefill
 
     req = {"messages": [{"role": "user", "content": "zebras?"}, {"role": "assistant", "content": "QQXYZ zebras are"}]}
     echo = prefill(req)

@@ -386,7 +386,7 @@ def test_a_responses_stream_gets_the_indices_the_sdk_reads_in_any_pieces() -> No
         blocks = [b.split(b"\n") for b in out.split(b"\n\n") if b]
         return [(e.decode()[7:], msgspec.json.decode(d[6:])) for e, d in blocks]
 
-    conv = ResponsesStream("alias")
+    conv = ResponsesStream("alias", created=1700000000)
     whole = conv.feed(RESPONSES_SSE) + conv.flush()
     evs = events(whole)
     assert [name for name, _ in evs] == [d["type"] for _, d in evs]  # (named events stay named)
@@ -394,6 +394,9 @@ def test_a_responses_stream_gets_the_indices_the_sdk_reads_in_any_pieces() -> No
     assert [(d.get("output_index"), d.get("content_index")) for _, d in evs] == [
         (None, None), (0, None), (0, 0), (0, 0), (0, 0), (None, None)]
     assert evs[3][1]["delta"] == "Hé" and evs[-1][1]["response"]["model"] == "alias"
+    # the response skeleton the openai SDK 2.x builds its snapshot from (its output None crashed .stream)
+    assert evs[0][1]["response"] == {"id": "r1", "status": "in_progress", "object": "response",
+                                     "created_at": 1700000000, "model": "alias", "output": []}
     for cut in range(1, len(RESPONSES_SSE), 7):
-        conv = ResponsesStream("alias")
+        conv = ResponsesStream("alias", created=1700000000)
         assert conv.feed(RESPONSES_SSE[:cut]) + conv.feed(RESPONSES_SSE[cut:]) + conv.flush() == whole
