@@ -55,6 +55,11 @@ class Scheduler:
     _timers: dict[str, asyncio.TimerHandle] = field(default_factory=dict)
     _pending: list[_Pending] = field(default_factory=list)
     _owners: dict[str, bytes] = field(default_factory=dict)  # lease -> control socket identity of its holder
+    # Loads and stops asked of managers that their state does not show yet (a manager acts on its own task, later):
+    # counted as loaded / stopping meanwhile. Without them, requests for several models arriving together all saw
+    # the same free room (three models loaded under a cap of 2) and chose the same victim.
+    _launching: set[str] = field(default_factory=set)
+    _evicting: set[str] = field(default_factory=set)
 
     # ------------------------------------------------------------------ API (any task)
     def acquire(self, lease: str, name: str, keep_alive: float | None, owner: bytes = b"") -> asyncio.Future[str]:
@@ -142,15 +147,21 @@ class Scheduler:
 
     def _try(self, p: _Pending) -> bool:
         """Grant now if the model is loaded or there is room; else make room (evict) and wait."""
+        name = p.mgr.name
         loaded = p.mgr.state in LOADED if p.begin is not None else p.mgr.state != S.STOPPED
-        if loaded or self._fits(p.mgr.name):
-            self._chain(p.begin() if p.begin is not None else p.mgr.acquire(), p.fut)
+        if loaded or name in self._launching or self._fits(name):
+            if not loaded:
+                self._launching.add(name)
+            fut = p.begin() if p.begin is not None else p.mgr.acquire()
+            fut.add_done_callback(lambda _: self._settled(self._launching, name))
+            self._chain(fut, p.fut)
             return True
-        if not any(m.state == S.STOPPING for m in self.managers.values()):
-            victim = self._victim(exclude=p.mgr.name)
+        if not self._evicting and not any(m.state == S.STOPPING for m in self.managers.values()):
+            victim = self._victim(exclude=name)
             if victim is not None:
-                log.info("evict", worker=victim.name, for_model=p.mgr.name)
-                victim.stop()
+                log.info("evict", worker=victim.name, for_model=name)
+                self._evicting.add(victim.name)
+                victim.stop().add_done_callback(lambda _: self._settled(self._evicting, victim.name))
             elif p.begin is not None:  # (an operator's start does not wait for a request to finish)
                 p.fut.set_exception(WorkerUnavailable(
                     "no_room", f"cannot start {p.mgr.name!r}: {self._loaded()} model(s) loaded "
@@ -162,20 +173,29 @@ class Scheduler:
             self._pending.append(p)
         return False
 
+    def _settled(self, pending: set[str], name: str) -> None:
+        """A load or stop asked of ``name``'s manager is done (its state shows it now): room is looked at again."""
+        pending.discard(name)
+        self._inbox.put_nowait(("changed", name))
+
     def _victim(self, exclude: str) -> WorkerManager | None:
         idle = [m for m in self.managers.values()
-                if m.name != exclude and m.state in (S.READY, S.BACKOFF, S.STARTING) and self._count[m.name] == 0]
+                if m.name != exclude and m.name not in self._launching and m.name not in self._evicting
+                and m.state in (S.READY, S.BACKOFF, S.STARTING) and self._count[m.name] == 0]
         return min(idle, key=lambda m: m.last_used, default=None)
 
+    def _is_loaded(self, m: WorkerManager) -> bool:
+        return m.state in LOADED or m.name in self._launching or m.name in self._evicting
+
     def _loaded(self) -> int:
-        return sum(1 for m in self.managers.values() if m.state in LOADED)
+        return sum(1 for m in self.managers.values() if self._is_loaded(m))
 
     def _fits(self, name: str) -> bool:
         if self._loaded() >= self.max_loaded:
             return False
         if self.memory_budget is None:
             return True
-        used = sum(self.footprint(m.name) for m in self.managers.values() if m.state in LOADED)
+        used = sum(self.footprint(m.name) for m in self.managers.values() if self._is_loaded(m))
         # a model larger than the whole budget still loads when nothing else is loaded
         return used == 0 or used + self.footprint(name) <= self.memory_budget
 
