@@ -154,6 +154,7 @@ class LlamaWorker(WorkerBus):
         rid = job.request_id
         self.requests_total += 1
         self.stats.queued(rid, job.path, job.stream, job.route, job.gateway)
+        under_way = False
         try:
             if self.waiting >= self.launch.queue_size and self.slots.locked():
                 self.stats.finished(rid, 429, "rejected")
@@ -167,6 +168,7 @@ class LlamaWorker(WorkerBus):
                 self.waiting -= 1
             try:
                 self.in_flight += 1
+                under_way = True
                 await self._forward(ident, job)
             finally:
                 self.in_flight -= 1
@@ -175,6 +177,9 @@ class LlamaWorker(WorkerBus):
             reason = exc.args[0] if exc.args else ""
             if isinstance(reason, str) and reason.count("|") >= 2:  # (stopped by us: not the client's doing)
                 status, code, message = reason.split("|", 2)
+                if code == "backend_exited" and under_way:  # (a queued one is sent to the next worker; one that
+                    # llama-server was answering is not: its prompt may be what made it fail, and would again)
+                    code, message = "backend_exited_under_way", f"{message}; the request was under way"
                 self.stats.finished(rid, int(status), "error")
                 self.send_item(ident, Fail(request_id=rid, status=int(status), code=code, message=message))
         except Exception as exc:  # never let one request take the worker down

@@ -132,6 +132,29 @@ def test_llama_server_killed_mid_stream_errors_cleanly(faulty: System) -> None:
     assert r.done
 
 
+def test_a_request_under_way_when_llama_server_dies_is_not_sent_again(faulty: System) -> None:
+    """A non-streaming request llama-server was answering when it died gets its error; it was sent to the
+    restarted worker (its head had not come: "never started") and answered 20 s later, so a prompt that crashes
+    llama-server was replayed, pushing the model towards fatal. (Queued ones are still sent on: nothing ran.)"""
+    import httpx
+
+    wa = loaded(faulty, A)
+    result: dict[str, Any] = {}
+
+    def ask() -> None:
+        r = httpx.post(faulty.openai_url + "/chat/completions", timeout=120, json={
+            "model": A, "messages": [{"role": "user", "content": LONG_PROMPT}], "max_tokens": 400})
+        result["status"], result["body"] = r.status_code, r.json()
+
+    t = threading.Thread(target=ask)
+    t.start()
+    time.sleep(1.0)  # (generating by now: 400 tokens take several seconds)
+    os.kill(wa["backend_pid"], signal.SIGKILL)
+    t.join(60)
+    assert result["status"] == 502, result  # (whichever comes first: the connection's end or the worker's word)
+    assert result["body"]["error"]["code"] in ("backend_error", "backend_exited_under_way"), result
+
+
 def test_restart_of_one_model_leaves_the_other_stream_alone(faulty: System) -> None:
     loaded(faulty, A)
     wb = loaded(faulty, B)
