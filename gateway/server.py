@@ -111,6 +111,8 @@ def error_response(shape: ErrorShape, err: ApiError) -> web.Response:
     resp = json_response(shape(err), status)
     if err.status in (429, 503):
         resp.headers["Retry-After"] = str(RETRY_AFTER_S)
+    elif err.code == "load_failed":  # (the openai client's own header: trying the load again fails again)
+        resp.headers["x-should-retry"] = "false"
     return resp
 
 

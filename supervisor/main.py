@@ -54,7 +54,7 @@ from supervisor.processes import EXIT_CANNOT_LISTEN, python_module, spawn, termi
 from supervisor.reload import plan as reload_plan
 from supervisor.scheduler import Scheduler
 from supervisor.states import backoff_delay
-from supervisor.worker_manager import Policy, WorkerManager, WorkerUnavailable
+from supervisor.worker_manager import LOAD_FAILED, Policy, WorkerManager, WorkerUnavailable, missing_model
 
 log = structlog.get_logger()
 
@@ -455,6 +455,10 @@ class Supervisor:
         if isinstance(cmd, Acquire):
             mgr = self._worker(rid, cmd.model)
             assert self.scheduler is not None
+            missing = missing_model(mgr.launch) if mgr.state in (WorkerState.STOPPED, WorkerState.FATAL) else ""
+            if missing:  # (said before an idle model is evicted to make room for a load that cannot be)
+                mgr.load_refused(missing)
+                raise WorkerUnavailable("load_failed", f"model {mgr.name!r} failed to load: {missing}", LOAD_FAILED)
             fut = self.scheduler.acquire(rid, mgr.name, cmd.keep_alive_s, owner=ident)
             try:
                 endpoint = await asyncio.wait_for(fut, cmd.timeout_s)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,6 +26,21 @@ log = structlog.get_logger()
 # A failed worker's last hello (its reason) and its exit race: half the failed loads said "worker exited with
 # code 3" instead of why. Its exit is acted on this much later.
 EXIT_GRACE_S = 0.1
+
+
+# A load that failed is Ollama's 500 (it was a 503 with Retry-After: the openai client tried the load three times);
+# the gateways add `x-should-retry: false` (the openai client's own header) to it.
+LOAD_FAILED = 500
+
+
+def missing_model(launch: WorkerLaunch) -> str:
+    """Why ``launch``'s model cannot load because its file (a whisper model: its folder) is not there, or ""."""
+    path = launch.model_path
+    if launch.kind == "whisper":
+        return "" if os.path.isdir(path) else f"whisper model directory not found: {path}"
+    if os.path.isfile(path):
+        return ""
+    return f"model file {'is not a file' if os.path.exists(path) else 'not found'}: {path}"
 
 
 class WorkerUnavailable(Exception):
@@ -111,6 +127,11 @@ class WorkerManager:
     def hello(self, msg: WorkerHello) -> None:
         self._inbox.put_nowait(_Event("hello", payload=msg))
 
+    def load_refused(self, reason: str) -> None:
+        """A load was refused before a worker was started (its model file is missing): said where the operator
+        looks, as a failed load is."""
+        self._inbox.put_nowait(_Event("load_refused", payload=reason))
+
     def info(self) -> WorkerInfo:
         return WorkerInfo(
             name=self.name, kind=self.launch.kind, state=self.state, pid=self.pid, backend_pid=self.backend_pid,
@@ -158,7 +179,7 @@ class WorkerManager:
         elif self.state == S.FATAL:
             ev.fut.set_exception(WorkerUnavailable(
                 "load_failed", f"model {self.name!r} failed to start: {self.message}; once it is fixed, start it "
-                f"again: `llama-runner start {self.name}` or the dashboard", 503))
+                f"again: `llama-runner start {self.name}` or the dashboard", LOAD_FAILED))
         else:
             self._waiters.append(ev.fut)
             if self.state == S.STOPPING:
@@ -218,6 +239,11 @@ class WorkerManager:
         elif msg.state == S.FATAL:
             self._last_words = msg.message  # the process exits next; _on_exited acts on it
 
+    async def _on_load_refused(self, ev: _Event) -> None:
+        if self.state in (S.STOPPED, S.FATAL):
+            self.message = f"failed to load: {ev.payload}"
+            self.publish(self.info())
+
     async def _on_exited(self, ev: _Event) -> None:
         if ev.generation != self._generation:
             return
@@ -240,7 +266,8 @@ class WorkerManager:
         was = self.state
         reason = self._last_words or f"worker exited with code {code}"  # (a worker says why in its last hello)
         if was == S.STARTING:
-            self._reject_waiters(WorkerUnavailable("load_failed", f"model {self.name!r} failed to load: {reason}"))
+            self._reject_waiters(WorkerUnavailable("load_failed", f"model {self.name!r} failed to load: {reason}",
+                                                    LOAD_FAILED))
             if not self._keep_up:  # its requests had their error; the next one tries again (as Ollama does)
                 self._set(S.STOPPED, f"failed to load: {reason}")
                 return
@@ -248,7 +275,8 @@ class WorkerManager:
         self.restarts += 1
         if self.failures >= self.policy.max_failures:
             self._set(S.FATAL, f"{reason} ({self.failures} failures in a row)")
-            self._reject_waiters(WorkerUnavailable("load_failed", f"model {self.name!r} failed: {self.message}"))
+            self._reject_waiters(WorkerUnavailable("load_failed", f"model {self.name!r} failed: {self.message}",
+                                                    LOAD_FAILED))
             return
         delay = states.backoff_delay(self.failures, self.policy.backoff_s, self.policy.backoff_max_s)
         self._set(S.BACKOFF, f"{reason}; restarting in {delay:.1f}s")

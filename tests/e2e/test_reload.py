@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import ollama
 import pytest
 
@@ -134,20 +135,27 @@ def test_sighup_reloads(reloadable: tuple[System, dict[str, Any]]) -> None:
 
 def test_a_model_whose_file_is_missing_fails_its_request_clearly_and_is_not_retried_meanwhile(
         reloadable: tuple[System, dict[str, Any]]) -> None:
-    """Its load failed and its request had a 503 naming the file; it then stayed stopped (it was restarted in the
+    """Its load failed and its request had a 500 naming the file; it then stayed stopped (it was restarted in the
     background with backoff, up to 'fatal', where even a request after the file arrived was refused); the next
     request tries again and, once the file is there, is served."""
     system, base = reloadable
     later = system.config_dir / "arrives-later.gguf"
-    write_models(system, {A: base, "later": {**base, "model_path": str(later)}})
+    write_models(system, {A: base, "other": base, "later": {**base, "model_path": str(later)}})
     assert system.cli("reload").returncode == 0
     c = ollama.Client(system.ollama_url, timeout=120)
+    for name in (A, "other"):  # the two models max_loaded_models lets in: neither is evicted for a load that fails
+        assert c.generate(model=name, prompt="hi", options={"num_predict": 1}).done
     for _ in range(6):  # (the reason lost a race with the worker's exit half the time: "exited with code 3")
         with pytest.raises(ollama.ResponseError) as err:
             c.generate(model="later", prompt="hi", options={"num_predict": 1})
-        assert err.value.status_code == 503 and f"model file not found: {later}" in err.value.error, err.value.error
+        assert err.value.status_code == 500 and f"model file not found: {later}" in err.value.error, err.value.error
         w = system.worker("later")
         assert w["state"] == "stopped" and "model file not found" in w["message"], w
+    assert system.worker(A)["state"] == system.worker("other")["state"] == "ready"  # (one was evicted first)
+    # Ollama's 500, and the openai client's own "do not retry" (it was a 503 with Retry-After: three loads)
+    r = httpx.post(system.openai_url + "/chat/completions", json={"model": "later", "messages": [
+        {"role": "user", "content": "hi"}]}, timeout=60)
+    assert r.status_code == 500 and r.headers.get("x-should-retry") == "false" and "retry-after" not in r.headers
     time.sleep(1.5)  # (a background retry came after 1 s)
     w = system.worker("later")
     assert w["state"] == "stopped" and w["restarts"] == 0 and w["pid"] == 0, w
