@@ -213,6 +213,9 @@ class Supervisor:
         self.scheduler.max_keep_alive = new.app.limits.max_keep_alive_s
         self.scheduler.memory_budget = new.app.limits.memory_budget_bytes
         self._apply_limits(new)
+        for name, launch in new_launches.items():
+            if name in self.workers and name not in plan.changed:
+                self.workers[name].launch = launch  # (a change that needs no restart, e.g. queue_size: next start)
         for name in plan.added:
             self._add_worker(new_launches[name])
         for name in plan.changed:

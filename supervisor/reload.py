@@ -30,14 +30,19 @@ class ReloadPlan:
         return "; ".join(parts) or "no change"
 
 
+def _restarting(launch: WorkerLaunch) -> WorkerLaunch:
+    """What of a worker's launch needs a restart to change: not the supervisor's pid, nor limits.queue_size (it
+    applies at the worker's next start: a change restarted every loaded model)."""
+    return msgspec.structs.replace(launch, supervisor_pid=0, queue_size=0)
+
+
 def plan(old: Config, new: Config, old_launches: dict[str, WorkerLaunch],
          new_launches: dict[str, WorkerLaunch]) -> ReloadPlan:
     p = ReloadPlan()
     for name, launch in new_launches.items():
         if name not in old_launches:
             p.added.append(name)
-        elif msgspec.structs.replace(old_launches[name], supervisor_pid=0) != msgspec.structs.replace(
-                launch, supervisor_pid=0):
+        elif _restarting(old_launches[name]) != _restarting(launch):
             p.changed.append(name)
     p.removed = [n for n in old_launches if n not in new_launches]
     for key in msgspec.structs.fields(new.app):

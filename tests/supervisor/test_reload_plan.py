@@ -53,3 +53,16 @@ async def test_a_reload_changes_the_restart_policy_every_worker_shares(tmp_path:
     finally:
         sup.ctx.term()
 
+
+
+def test_a_queue_size_change_restarts_no_worker(tmp_path: Path) -> None:
+    """(limits.queue_size is in a worker's launch: a change restarted every loaded model; it applies at the next start.)"""
+    import msgspec
+
+    from bus.protocol import WorkerLaunch
+
+    old = config(tmp_path, {})
+    new = config(tmp_path, {"limits": {"queue_size": 3}})
+    launch = WorkerLaunch(name="m", kind="llama", model_path="/m.gguf", run_dir="/r", logs_dir="/l", supervisor_pid=1)
+    p = plan(old, new, {"m": launch}, {"m": msgspec.structs.replace(launch, queue_size=3)})
+    assert p.changed == [] and p.settings == ["limits"]
