@@ -137,7 +137,7 @@ def _check_models(path: Path, models: ModelsConfig, app: AppConfig) -> None:
         raise ConfigError(f"{path}: preload lists {len(models.preload)} models, more than limits.max_loaded_models "
                           f"({app.limits.max_loaded_models}) can be loaded at once - at $.preload")
     for i, name in enumerate(models.preload):
-        if name not in models.models:
+        if name not in models.models and not any(name in m.aliases for m in models.models.values()):
             raise ConfigError(f"{path}: preload `{name}` is not a configured model - at $.preload[{i}]")
     if models.default_model is not None and models.default_model not in models.models:
         raise ConfigError(f"{path}: default_model `{models.default_model}` is not a configured model - at $.default_model")

@@ -251,7 +251,7 @@ async def models(request: web.Request) -> web.Response:
             "model_path": str(path), "exists": path.exists(), "size_bytes": config.model_size(m),
             "aliases": list(m.aliases), "parameters": _shown_parameters(m),
             "idle_ttl_s": m.idle_ttl_s if m.idle_ttl_s is not None else config.app.limits.idle_ttl_s,
-            "default": name == config.models.default_model, "preload": name in config.models.preload,
+            "default": name == config.models.default_model, "preload": any(config.resolve_model(p) == name for p in config.models.preload),
             "state": w.state.value if w else "unknown", "loaded": bool(w and w.state.value == "ready"),
             "pid": w.pid if w else 0,
         })

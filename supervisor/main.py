@@ -336,7 +336,7 @@ class Supervisor:
             self._track(proc.run())
         assert self.scheduler is not None
         for name in self.config.models.preload:  # (no more than max_loaded_models: the config's check)
-            self.scheduler.start(name)
+            self.scheduler.start(self.config.resolve_model(name) or name)  # (a name or an alias)
         log.info("supervisor_up", run_dir=str(self.run_dir), llama_server=str(self.llama_server),
                  models=list(self.workers))
         if self.config.app.host not in ("127.0.0.1", "localhost", "::1"):

@@ -66,6 +66,11 @@ def test_model_errors_name_file_and_key(tmp_path: Path, models: dict[str, object
     assert "models_config.json" in str(err.value) and needle in str(err.value)
 
 
+def test_preload_takes_aliases(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, {}, {"preload": ["w1"], "models": {"w": {"model_path": "w", "aliases": ["w1"]}}}))
+    assert cfg.resolve_model(cfg.models.preload[0]) == "w"  # (it was "not a configured model")
+
+
 def test_not_json_and_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="not valid JSON"):
         load_config(write(tmp_path, "{", MODELS))
