@@ -213,6 +213,8 @@ class Supervisor:
         self.scheduler.max_keep_alive = new.app.limits.max_keep_alive_s
         self.scheduler.memory_budget = new.app.limits.memory_budget_bytes
         self._apply_limits(new)
+        if self.tcp_metrics is not None:
+            self.tcp_metrics.read_clients()  # (the folder as set at `up`; its certificates as they are now)
         for name, launch in new_launches.items():
             if name in self.workers and name not in plan.changed:
                 self.workers[name].launch = launch  # (a change that needs no restart, e.g. queue_size: next start)

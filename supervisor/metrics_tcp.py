@@ -78,11 +78,18 @@ class TcpMetrics:
         if self.cfg.curve:
             self.auth = ThreadAuthenticator(self.ctx)
             self.auth.start()
-            clients = self.cfg.curve_clients_dir
-            self.auth.configure_curve(domain="*", location=str(Path(clients).expanduser()) if clients
-                                      else zmq.auth.CURVE_ALLOW_ANY)
+            self.read_clients()
         self.thread.start()
         self.ready.wait(5)
+
+    def read_clients(self) -> None:
+        """(Re)read the subscribers' certificates of ``curve_clients_dir`` (at `up` and at each reload: a
+        certificate added later was refused until a restart)."""
+        if self.auth is None:
+            return
+        clients = self.cfg.curve_clients_dir
+        self.auth.configure_curve(domain="*", location=str(Path(clients).expanduser()) if clients
+                                  else zmq.auth.CURVE_ALLOW_ANY)
 
     def _run(self) -> None:
         proxy_events(self.ctx, self._attach, self.ready)

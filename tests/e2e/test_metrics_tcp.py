@@ -78,6 +78,11 @@ def test_metrics_tcp_with_curve_lets_only_allowed_subscribers_in(tmp_path: Path)
         assert allowed.poll(10_000), "the allowed subscriber got nothing"
         assert json.loads(allowed.recv_multipart()[1])["type"] == "system_metrics"
         assert not stranger.poll(3_000) and not plain.poll(100)
+        # a certificate added later is let in at the next reload (it waited for a restart of `up`)
+        (clients / "other.key").write_bytes((tmp_path / "other.key").read_bytes())
+        assert system.cli("reload").returncode == 0
+        late = subscriber(other_pub, other_sec)
+        assert late.poll(10_000), "the subscriber let in by the reload got nothing"
     finally:
         for s in socks:
             s.close()
