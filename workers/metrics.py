@@ -105,6 +105,10 @@ class RequestFigures:
         """Publish a RequestEvent, built only while somebody subscribes to this model's request events."""
         if self.pub is None or not self.wanted:
             return
+        if "route" not in fields:  # (every phase says where the request came in: only queued and finished did)
+            st = getattr(self, "live", {}).get(rid)
+            if st is not None:
+                fields["route"], fields["gateway"] = st.route, st.gateway
         event = RequestEvent(request_id=rid, model=self.name, phase=phase, **fields)
         try:
             self.pub.send_multipart(encode_event(self.topic, event), zmq.NOBLOCK)

@@ -103,13 +103,15 @@ def test_rates_and_unknown_requests_are_harmless() -> None:
 
 def test_request_events_are_published_in_order() -> None:
     stats, sent = _recording_stats()
-    stats.queued("r", "/v1/chat/completions", True)
+    stats.queued("r", "/v1/chat/completions", True, "/api/chat", "ollama")
     stats.started("r")
     stats.data("r", b'data: {"choices":[{"delta":{"content":"Hi"}}]}\n\n')
     stats.finished("r", 200, "ok")
     events = [EVENTS.decode(f[1]) for f in sent]
     assert {f[0] for f in sent} == {b"request/m/"}
     assert [e.phase for e in events] == ["queued", "started", "first_token", "finished"]  # type: ignore[union-attr]
+    # every phase says where it came in (started and first_token said "")
+    assert {(e.route, e.gateway) for e in events} == {("/api/chat", "ollama")}  # type: ignore[union-attr]
     last = events[-1]
     assert isinstance(last, RequestEvent) and last.tokens == 1 and last.status == 200 and last.v == 1
 
