@@ -26,7 +26,6 @@ from gateway.relay import Relay, backend_error
 log = structlog.get_logger()
 
 BUS: web.AppKey[GatewayBus] = web.AppKey("bus", GatewayBus)
-CUT_SCHEDULED: web.AppKey[bool] = web.AppKey("cut_scheduled", bool)
 LAUNCH: web.AppKey[GatewayLaunch] = web.AppKey("launch", GatewayLaunch)
 CONFIG: web.AppKey[Config] = web.AppKey("config", Config)
 
@@ -317,14 +316,15 @@ def make_app(launch: GatewayLaunch, shape: ErrorShape,
     async def on_cleanup(_: web.Application) -> None:
         await bus.close()
 
-    async def on_shutdown(app: web.Application) -> None:  # (a stop: listening is over, answers under way go on)
-        if app.get(CUT_SCHEDULED):  # (aiohttp's cleanup sends the signal again)
+    cut: list[asyncio.TimerHandle] = []
+
+    async def on_shutdown(_: web.Application) -> None:  # (a stop: listening is over, answers under way go on)
+        if cut:  # (aiohttp's cleanup sends the signal again)
             return
-        app[CUT_SCHEDULED] = True
         cut_s = drain_times(launch.shutdown_grace_s)[0]
-        asyncio.get_running_loop().call_later(
+        cut.append(asyncio.get_running_loop().call_later(
             cut_s, bus.fail_all, 503, "shutting_down",
-            "llama-runner is shutting down: this request was cut short (limits.shutdown_grace_s)")
+            "llama-runner is shutting down: this request was cut short (limits.shutdown_grace_s)"))
 
     app.on_shutdown.append(on_shutdown)
 

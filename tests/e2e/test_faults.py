@@ -153,6 +153,7 @@ def test_a_request_under_way_when_llama_server_dies_is_not_sent_again(faulty: Sy
     t.join(60)
     assert result["status"] == 502, result  # (whichever comes first: the connection's end or the worker's word)
     assert result["body"]["error"]["code"] in ("backend_error", "backend_exited_under_way"), result
+    wait_for(lambda: faulty.worker(A)["state"] == "ready", 60, "the model restarted after the crash")
 
 
 def test_restart_of_one_model_leaves_the_other_stream_alone(faulty: System) -> None:
