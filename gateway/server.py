@@ -180,6 +180,11 @@ def gateway_answer(stats: gateway_metrics.GatewayStats, origins: security.Getter
         try:
             foreign = security.host_refusal(request, listen_host)
             early = unauthorized(request, foreign) if foreign else security.preflight_answer(request, origins(request))
+            if early is None and security.is_preflight(request):  # (a preflight from an origin not let in: it
+                # was routed as any OPTIONS, a 405; refused as Ollama refuses it)
+                early = unauthorized(request, ApiError(
+                    403, f"origin {request.headers.get('Origin')!r} is not allowed (cors_origins of this port in "
+                    "app_config.json)", code="origin_not_allowed"))
             if early is None:
                 early = security.refusal(request, keys(request), unauthorized, open_paths)
             resp = early if early is not None else await shaped(request, handler, shape_for)
