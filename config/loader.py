@@ -5,6 +5,7 @@ Every error names the file and the key path (``$.proxies.ollama.port``).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -117,7 +118,11 @@ def load_config(config_dir: Path | str | None = None) -> Config:
     models = _decode(cdir / MODELS_FILE, ModelsConfig)
     assert isinstance(app, AppConfig) and isinstance(models, ModelsConfig)
     _check_models(cdir / MODELS_FILE, models, app)
-    return Config(app=app, models=models, config_dir=cdir)
+    config = Config(app=app, models=models, config_dir=cdir)
+    for i, name in enumerate(models.preload):  # (a name as requests name it: an alias too)
+        if not name.strip() or config.resolve_model(name) is None:
+            raise ConfigError(f"{cdir / MODELS_FILE}: preload `{name}` is not a configured model - at $.preload[{i}]")
+    return config
 
 
 def _check_models(path: Path, models: ModelsConfig, app: AppConfig) -> None:
@@ -136,11 +141,15 @@ def _check_models(path: Path, models: ModelsConfig, app: AppConfig) -> None:
     if len(models.preload) > app.limits.max_loaded_models:
         raise ConfigError(f"{path}: preload lists {len(models.preload)} models, more than limits.max_loaded_models "
                           f"({app.limits.max_loaded_models}) can be loaded at once - at $.preload")
-    for i, name in enumerate(models.preload):
-        if name not in models.models and not any(name in m.aliases for m in models.models.values()):
-            raise ConfigError(f"{path}: preload `{name}` is not a configured model - at $.preload[{i}]")
     if models.default_model is not None and models.default_model not in models.models:
         raise ConfigError(f"{path}: default_model `{models.default_model}` is not a configured model - at $.default_model")
+
+
+def model_file_problem(path: str) -> str:
+    """Why a llama model's file cannot be loaded as it is on disk (not there, not a file), or ""."""
+    if os.path.isfile(path):
+        return ""
+    return f"model file {'is not a file' if os.path.exists(path) else 'not found'}: {path}"
 
 
 def model_size(path: Path) -> int:

@@ -13,7 +13,7 @@ from pathlib import Path
 from config.loader import Config
 from config.schema import ModelConfig
 from gateway.errors import ApiError
-from gateway.gguf_info import ModelFacts, read_facts
+from gateway.gguf_info import ModelFacts, read_facts, template_takes_tools, template_thinks
 
 __all__ = ["ModelEntry", "capabilities", "entries", "entry", "require_capability"]
 
@@ -47,12 +47,11 @@ def capabilities(model: ModelConfig, facts: ModelFacts) -> list[str]:
     out = []
     if model.serves_chat:
         out.append("completion")
+        # the operator's template (extra_args) is the one llama-server uses; a built-in one by name ("") is not refused
         template = template_override(model)
-        if template is not None:  # (the operator's template, in extra_args, is the one llama-server uses)
-            facts = ModelFacts(chat_template=template or "tools <think>")  # (a built-in by name: not refused)
-        if facts.supports_tools:
+        if facts.supports_tools if template is None else template == "" or template_takes_tools(template):
             out.append("tools")
-        if facts.supports_thinking:
+        if facts.supports_thinking if template is None else template == "" or template_thinks(template):
             out.append("thinking")
     if model.serves_embeddings:
         out.append("embedding")

@@ -146,14 +146,21 @@ class ModelFacts:
 
     @property
     def supports_tools(self) -> bool:
-        return "tools" in self.chat_template
+        return template_takes_tools(self.chat_template)
 
     @property
     def supports_thinking(self) -> bool:
-        """Does the chat template reason before answering (<think> blocks: Qwen3, DeepSeek-R1; gpt-oss's
-        reasoning effort)?"""
-        tpl = self.chat_template
-        return "<think>" in tpl or "enable_thinking" in tpl or "reasoning_effort" in tpl
+        return template_thinks(self.chat_template)
+
+
+def template_takes_tools(template: str) -> bool:
+    return "tools" in template
+
+
+def template_thinks(template: str) -> bool:
+    """Does a chat template reason before answering (<think> blocks: Qwen3, DeepSeek-R1; gpt-oss's reasoning
+    effort)?"""
+    return "<think>" in template or "enable_thinking" in template or "reasoning_effort" in template
 
 
 def human_number(n: int) -> str:

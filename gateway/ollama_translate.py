@@ -588,6 +588,33 @@ def unecho(text: str, echo: str) -> tuple[str, str]:
     return text, ""
 
 
+class Unecho:
+    """A continued chat (its last message the assistant's: a prefill) answered with the new text only, as Ollama
+    answers it (on /api/chat and under its ``/v1``): llama-server repeats the prefill first (a client that appends
+    the answer doubled it). Applied to llama-server's reply, or to each chunk of its stream (``delta``), per
+    choice; ``done`` once the first choice's repeat is off (a stream goes its fast way again)."""
+
+    def __init__(self, echo: str) -> None:
+        self.echo = echo
+        self.left: dict[int, str] = {}  # choice index -> what of the prefill is still to be taken off
+
+    @property
+    def done(self) -> bool:
+        return self.left.get(0) == ""
+
+    def convert(self, doc: dict[str, Any]) -> dict[str, Any]:
+        for choice in doc.get("choices") or []:
+            if not isinstance(choice, dict):
+                continue
+            raw_index = choice.get("index")
+            index = raw_index if isinstance(raw_index, int) else 0
+            holder = choice.get("message") if isinstance(choice.get("message"), dict) else choice.get("delta")
+            left = self.left.get(index, self.echo)
+            if left and isinstance(holder, dict) and isinstance(holder.get("content"), str) and holder["content"]:
+                holder["content"], self.left[index] = unecho(holder["content"], left)
+        return doc
+
+
 class OllamaStream:
     """Turns parsed llama-server OpenAI-style chunks (dicts) into Ollama NDJSON objects (dicts).
 
@@ -607,7 +634,7 @@ class OllamaStream:
         "_timings",
         "_usage",
         "_tools",
-        "_echo",
+        "_unecho",
     )
 
     def __init__(
@@ -632,7 +659,7 @@ class OllamaStream:
         self._timings: dict[str, Any] | None = None
         self._usage: dict[str, Any] | None = None
         self._tools: dict[Any, dict[str, str]] = {}  # streamed tool-call fragments by index
-        self._echo = echo  # what is still to be taken off the text's start
+        self._unecho = Unecho(echo) if echo else None  # (off the text's start of the first chunks)
 
     @property
     def finish_reason(self) -> str | None:
@@ -680,8 +707,8 @@ class OllamaStream:
         Hottest path: the run of whole plain text deltas among the events completed (all but a stream's first
         and last few) is turned into lines by a few whole-buffer operations, the content's JSON string literals
         copied as they are (``_plain_texts``); the events around it, or a run refused, go through ``feed_raw``."""
-        if self._echo:  # (the first few chunks of a continued answer: through the dicts)
-            return self._feed_unechoed(parser.feed(data))
+        if self._unecho is not None and not self._unecho.done:  # (a continued answer's first chunks: the dicts)
+            return b"".join(_enc.encode(o) + b"\n" for p in parser.feed(data) for o in self._objects(p))
         whole = parser.whole_events(data)
         if whole is None:
             return self.feed_raw(parser.feed(data))
@@ -789,19 +816,9 @@ class OllamaStream:
             return []
         if isinstance(obj, dict) and "error" in obj:
             raise error_from_backend(obj["error"])
+        if self._unecho is not None and isinstance(obj, dict):
+            self._unecho.convert(obj)
         return self.feed(obj)
-
-    def _feed_unechoed(self, payloads: list[bytes]) -> bytes:
-        lines: list[bytes] = []
-        for payload in payloads:
-            for piece in self._objects(payload):
-                holder, key = (piece["message"], "content") if self.kind == "chat" else (piece, "response")
-                if self._echo and holder.get(key):
-                    holder[key], self._echo = unecho(holder[key], self._echo)
-                    if not holder[key] and not holder.get("thinking") and not holder.get("tool_calls"):
-                        continue
-                lines.append(_enc.encode(piece) + b"\n")
-        return b"".join(lines)
 
     def _line_prefix(self) -> bytes:
         head = b'{"model":' + _enc.encode(self.model) + b',"created_at":"' + created_at().encode() + b'",'
@@ -882,11 +899,12 @@ def chat_response(
 ) -> dict[str, Any]:
     """A non-streamed ``/v1/chat/completions`` reply -> one Ollama ``/api/chat`` object (``echo``: see
     :class:`OllamaStream`)."""
+    if echo and isinstance(body, dict):
+        body = Unecho(echo).convert(body)
     choice, timings, usage = _unpack_reply(body)
     message = choice.get("message")
     message = message if isinstance(message, dict) else {}
     content = message.get("content")
-    content = unecho(content, echo)[0] if isinstance(content, str) and echo else content
     out_msg: dict[str, Any] = {"role": "assistant", "content": content if isinstance(content, str) else ""}
     thinking = message.get("reasoning_content")
     if isinstance(thinking, str) and thinking:

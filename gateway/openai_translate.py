@@ -15,10 +15,10 @@ from typing import Any
 import msgspec
 
 from gateway.errors import ApiError
-from gateway.ollama_translate import CHAT_PATH, COMPLETIONS_PATH, BackendRequest, prefill, unecho
+from gateway.ollama_translate import CHAT_PATH, COMPLETIONS_PATH, BackendRequest, Unecho, prefill
 
 __all__ = ["RESPONSES_PATH", "BackendRequest", "ResponsesStream", "chat_to_backend", "completions_to_backend",
-           "responses_to_backend", "rewrite_model", "LegacyCompletion", "Unecho", "prefill", "unecho"]
+           "responses_to_backend", "rewrite_model", "LegacyCompletion", "Unecho", "prefill"]
 
 RESPONSES_PATH = "/v1/responses"
 
@@ -322,28 +322,6 @@ class ResponsesStream:
                 response.setdefault("output", [])
             lines[at] = b"data: " + msgspec.json.encode(doc)
         return b"\n".join(lines) + b"\n\n"
-
-
-class Unecho:
-    """A continued chat (its last message the assistant's: a prefill) answered with the new text only, as Ollama
-    answers it under its ``/v1`` too: llama-server repeats the prefill first (a client that appends the answer
-    doubled it). Each reply, or each chunk of its stream (``delta``), per choice."""
-
-    def __init__(self, echo: str) -> None:
-        self.echo = echo
-        self.left: dict[int, str] = {}  # choice index -> what of the prefill is still to be taken off
-
-    def convert(self, doc: dict[str, Any]) -> dict[str, Any]:
-        for choice in doc.get("choices") or []:
-            if not isinstance(choice, dict):
-                continue
-            raw_index = choice.get("index")
-            index = raw_index if isinstance(raw_index, int) else 0
-            holder = choice.get("message") if isinstance(choice.get("message"), dict) else choice.get("delta")
-            left = self.left.get(index, self.echo)
-            if left and isinstance(holder, dict) and isinstance(holder.get("content"), str) and holder["content"]:
-                holder["content"], self.left[index] = unecho(holder["content"], left)
-        return doc
 
 
 class LegacyCompletion:

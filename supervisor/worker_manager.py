@@ -18,6 +18,7 @@ import msgspec
 import structlog
 
 from bus.protocol import WorkerHello, WorkerInfo, WorkerLaunch, WorkerState
+from config.loader import model_file_problem
 from supervisor import states
 from supervisor.processes import kill_tree, python_module, spawn, terminate
 
@@ -38,9 +39,7 @@ def missing_model(launch: WorkerLaunch) -> str:
     path = launch.model_path
     if launch.kind == "whisper":
         return "" if os.path.isdir(path) else f"whisper model directory not found: {path}"
-    if os.path.isfile(path):
-        return ""
-    return f"model file {'is not a file' if os.path.exists(path) else 'not found'}: {path}"
+    return model_file_problem(path)
 
 
 class WorkerUnavailable(Exception):

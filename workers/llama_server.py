@@ -15,6 +15,7 @@ import structlog
 
 from bus import endpoints
 from bus.protocol import WorkerLaunch
+from config.loader import model_file_problem
 from supervisor.child import kill_with_parent_preexec
 from workers.backend_http import BackendHTTPError, BackendPool
 
@@ -64,8 +65,9 @@ def without(argv: list[str], flags: set[str]) -> list[str]:
 
 def check_model_file(path: str) -> None:
     """A model file that is not there is said so plainly (llama-server says it among five lines of its log)."""
-    if not os.path.isfile(path):
-        raise BackendError(f"model file {'is not a file' if os.path.exists(path) else 'not found'}: {path}")
+    problem = model_file_problem(path)
+    if problem:
+        raise BackendError(problem)
 
 
 class LlamaServer:
