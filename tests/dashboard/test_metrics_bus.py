@@ -21,8 +21,8 @@ from tests.dashboard.conftest import MODEL_A
 
 
 def _chat(system: System, model: str, max_tokens: int = 24, stream: bool = True,
-          prompt: str = "Count to twenty.") -> bytes:
-    body = json.dumps({"model": model, "stream": stream, "max_tokens": max_tokens,
+          prompt: str = "Count to twenty.", ignore_eos: bool = False) -> bytes:
+    body = json.dumps({"model": model, "stream": stream, "max_tokens": max_tokens, "ignore_eos": ignore_eos,
                        "messages": [{"role": "user", "content": prompt}]}).encode()
     req = urllib.request.Request(system.openai_url + "/chat/completions", data=body,
                                  headers={"Content-Type": "application/json"})
@@ -207,7 +207,8 @@ def test_a_request_cut_by_a_restart_is_an_error_not_a_cancellation(two_models: S
 
     def long_chat() -> None:
         with contextlib.suppress(Exception):  # (cut short)
-            _chat(two_models, MODEL_B, max_tokens=1000, prompt="Write a long story about a fox who lives in a forest.")
+            _chat(two_models, MODEL_B, max_tokens=1000, prompt="Write a long story about a fox who lives in a forest.",
+                  ignore_eos=True)
 
     try:
         with subscribed(two_models) as lines:

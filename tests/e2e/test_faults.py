@@ -143,7 +143,8 @@ def test_a_request_under_way_when_llama_server_dies_is_not_sent_again(faulty: Sy
 
     def ask() -> None:
         r = httpx.post(faulty.openai_url + "/chat/completions", timeout=120, json={
-            "model": A, "messages": [{"role": "user", "content": LONG_PROMPT}], "max_tokens": 400})
+            "model": A, "messages": [{"role": "user", "content": LONG_PROMPT}], "max_tokens": 400,
+            "ignore_eos": True})
         result["status"], result["body"] = r.status_code, r.json()
 
     t = threading.Thread(target=ask)

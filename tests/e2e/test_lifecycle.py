@@ -152,7 +152,7 @@ def test_a_shutdown_cuts_what_outlasts_its_grace_with_an_error_in_each_protocol(
 
         def ollama_stream() -> list[dict]:
             body = {"model": MODEL, "messages": [{"role": "user", "content": "Tell a long story."}],
-                    "options": {"num_predict": 100000}}
+                    "options": {"num_predict": 100000, "temperature": 0}}  # (greedy: 1500+ tokens, no early end)
             lines = []
             with httpx.stream("POST", sysm.ollama_url + "/api/chat", json=body, timeout=60) as r:
                 for line in r.iter_lines():
