@@ -78,6 +78,7 @@ class RequestFigures:
     ttft_last: float = 0.0
 
     def __post_init__(self) -> None:
+        self.live: dict[str, Any]  # each kind's requests under way, by id (with their .route and .gateway)
         self.topic = endpoints.topic_request(self.name)
         self._last_tokens = 0
         self._last_requests = 0
@@ -106,7 +107,7 @@ class RequestFigures:
         if self.pub is None or not self.wanted:
             return
         if "route" not in fields:  # (every phase says where the request came in: only queued and finished did)
-            st = getattr(self, "live", {}).get(rid)
+            st = self.live.get(rid)
             if st is not None:
                 fields["route"], fields["gateway"] = st.route, st.gateway
         event = RequestEvent(request_id=rid, model=self.name, phase=phase, **fields)
