@@ -14,10 +14,12 @@ from gateway import openai_translate as tr
 from gateway.catalog import require_capability, require_features, require_media
 from gateway.errors import ApiError, openai_error_body
 from gateway.relay import open_stream
+from gateway.response_store import ResponseStore, input_items
 from gateway.server import CONFIG, LAUNCH, json_response, make_app, model_files, open_job, read_json
 from gateway.sse import SSEParser
 
 _enc = msgspec.json.Encoder()
+RESPONSES: web.AppKey[ResponseStore] = web.AppKey("responses", ResponseStore)  # this port's stored responses
 
 
 def _model_object(name: str, mtime: float) -> dict[str, Any]:
@@ -93,7 +95,32 @@ async def responses(request: web.Request) -> web.StreamResponse:
     if breq.media:
         require_media(request.app[CONFIG], model, breq.media, param="input")
     await require_tools(request, model, breq.body)
-    return await relay_openai(request, model, breq.path, breq.body, breq.stream, events=True)
+    store = request.app[RESPONSES]
+    previous, keep = breq.body.pop("previous_response_id", None), breq.body.pop("store", True)
+    conversation = input_items(breq.body["input"])
+    if previous is not None:  # (llama-server keeps no responses: the conversation so far goes before the input)
+        conversation = breq.body["input"] = store.conversation(previous) + conversation
+
+    def completed(doc: dict[str, Any]) -> dict[str, Any]:
+        """A finished response: kept for a ``previous_response_id`` to come (unless ``store`` is false)."""
+        doc["previous_response_id"], doc["store"] = previous, keep
+        output, rid = doc.get("output"), doc.get("id")
+        if keep and isinstance(rid, str) and isinstance(output, list) and doc.get("status") == "completed":
+            store.put(rid, conversation + output, doc)
+        return doc
+
+    return await relay_openai(request, model, breq.path, breq.body, breq.stream, completed, events=True)
+
+
+async def stored_response(request: web.Request) -> web.Response:
+    """``GET /v1/responses/{id}``: a response kept by ``store`` (404 if this port has none by that id)."""
+    return json_response(request.app[RESPONSES].response(request.match_info["id"]))
+
+
+async def delete_response(request: web.Request) -> web.Response:
+    rid = request.match_info["id"]
+    request.app[RESPONSES].delete(rid)
+    return json_response({"id": rid, "object": "response.deleted", "deleted": True})
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
@@ -137,7 +164,7 @@ async def relay_openai(request: web.Request, model: str, path: str, body: dict[s
             return web.Response(body=raw, content_type="application/json")
         resp = await open_stream(request, {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         if events:
-            conv = tr.ResponsesStream(model if rename else None, model)
+            conv = tr.ResponsesStream(model if rename else None, model, completed=transform)
             await relay.stream_to(resp, conv.feed, _sse_error, conv.flush)
             return resp
         parser = SSEParser() if rename or transform is not None else None
@@ -179,6 +206,9 @@ def add_v1_routes(app: web.Application) -> None:
     r.add_post("/v1/chat/completions", chat_completions)
     r.add_post("/v1/completions", completions)
     r.add_post("/v1/responses", responses)
+    r.add_get("/v1/responses/{id}", stored_response)
+    r.add_delete("/v1/responses/{id}", delete_response)
+    app[RESPONSES] = ResponseStore()
     r.add_post("/v1/embeddings", embed_routes.openai_embeddings)
 
 

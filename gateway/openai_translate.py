@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -192,6 +193,8 @@ def responses_to_backend(req: Any) -> BackendRequest:
     elif not isinstance(items, str):
         raise _bad("input", "must be a string or a list of input items")
     _check(body, "instructions", str, "a string")
+    _check(body, "store", bool, "a boolean")
+    _check(body, "previous_response_id", str, "a string (the id of a stored response)")
     _check_int(body.get("max_output_tokens"), "max_output_tokens")
     tools = body.get("tools")
     if tools is not None:
@@ -267,8 +270,10 @@ class ResponsesStream:
     crashed on it): the ``sequence_number``, ``output_index`` and ``content_index`` its events leave out, and the
     model name asked for (``model``; None: as it came). Named events stay named."""
 
-    def __init__(self, model: str | None, name: str = "", created: int | None = None) -> None:
+    def __init__(self, model: str | None, name: str = "", created: int | None = None,
+                 completed: Callable[[dict[str, Any]], Any] | None = None) -> None:
         self.model = model
+        self.completed = completed  # called with response.completed's response (may change it)
         self.name = model or name  # the model's name where llama-server gives none (response.created)
         self.created = int(time.time()) if created is None else created
         self.rest = b""
@@ -320,6 +325,8 @@ class ResponsesStream:
                 response.setdefault("created_at", self.created)
                 response.setdefault("model", self.name)
                 response.setdefault("output", [])
+            if kind == "response.completed" and isinstance(response, dict) and self.completed is not None:
+                self.completed(response)
             lines[at] = b"data: " + msgspec.json.encode(doc)
         return b"\n".join(lines) + b"\n\n"
 

@@ -255,6 +255,37 @@ def test_responses_stream_helper_structured_output_and_a_conversation(system: Sy
     assert r.output_text
 
 
+def test_responses_continue_a_stored_response_by_previous_response_id(system: System) -> None:
+    """LM Studio's (and OpenAI's) stateful Responses API: ``previous_response_id`` continues a stored response,
+    streamed or not, which GET/DELETE /v1/responses/{id} read and remove (llama-server refused the field: 400)."""
+    c = client(system)
+    first = c.responses.create(model=MODEL, input="My name is Bob. Say hi.", max_output_tokens=8, temperature=0)
+    second = c.responses.create(model=MODEL, input="What is my name?", previous_response_id=first.id,
+                                max_output_tokens=8, temperature=0)
+    alone = c.responses.create(model=MODEL, input="What is my name?", max_output_tokens=8, temperature=0)
+    assert second.previous_response_id == first.id and alone.previous_response_id is None
+    assert first.usage and second.usage and alone.usage
+    assert second.usage.input_tokens > alone.usage.input_tokens + first.usage.output_tokens, (first, second, alone)
+    with c.responses.stream(model=MODEL, input="I am 40.", previous_response_id=second.id,
+                            max_output_tokens=4) as stream:
+        for _ in stream:
+            pass
+        third = stream.get_final_response()
+    assert third.usage and third.usage.input_tokens > second.usage.input_tokens + second.usage.output_tokens
+    assert c.responses.retrieve(third.id).output_text == third.output_text
+    c.responses.delete(third.id)
+    with pytest.raises(openai.NotFoundError):
+        c.responses.retrieve(third.id)
+    with pytest.raises(openai.BadRequestError) as err:
+        c.responses.create(model=MODEL, input="Hi", previous_response_id=third.id, max_output_tokens=2)
+    assert err.value.code == "previous_response_not_found" and third.id in str(err.value)
+    unstored = c.responses.create(model=MODEL, input="Hi", store=False, max_output_tokens=2)
+    with pytest.raises(openai.NotFoundError):
+        c.responses.retrieve(unstored.id)
+    status, doc, _ = http("POST", base(system) + "/v1/responses", {"model": MODEL, "input": "Hi", "store": "yes"})
+    assert status == 400 and doc["error"]["param"] == "store", doc
+
+
 def test_responses_api_bad_requests_are_400(system: System) -> None:
     c = client(system)
     with pytest.raises(openai.BadRequestError) as err:
