@@ -136,9 +136,10 @@ async def _completion(request: web.Request, chat: bool) -> web.StreamResponse:
     await openai_app.require_tools(request, name, breq.body)
     e = await catalog.entry(config, name)
     extras, echo = V0Extras(e), tr.prefill(req) if chat else ""
-    unecho = tr.Unecho(echo).convert if echo else None
+    # (a chat continuing an assistant's words answers the new words only; a completion in the legacy shape)
+    before = tr.Unecho(echo).convert if echo else None if chat else tr.LegacyCompletion(req).convert
     return await openai_app.relay_openai(request, name, breq.path, breq.body, breq.stream,
-                                         extras if unecho is None else lambda doc: extras(unecho(doc)))
+                                         extras if before is None else lambda doc: extras(before(doc)))
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:

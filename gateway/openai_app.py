@@ -101,15 +101,18 @@ async def responses(request: web.Request) -> web.StreamResponse:
     if previous is not None:  # (llama-server keeps no responses: the conversation so far goes before the input)
         conversation = breq.body["input"] = store.conversation(previous) + conversation
 
+    fields = tr.response_fields(req)
+
     def completed(doc: dict[str, Any]) -> dict[str, Any]:
         """A finished response: kept for a ``previous_response_id`` to come (unless ``store`` is false)."""
         doc["previous_response_id"], doc["store"] = previous, keep
+        tr.fill_response(doc, fields)
         output, rid = doc.get("output"), doc.get("id")
         if keep and isinstance(rid, str) and isinstance(output, list) and doc.get("status") == "completed":
             store.put(rid, conversation + output, doc)
         return doc
 
-    return await relay_openai(request, model, breq.path, breq.body, breq.stream, completed, events=True)
+    return await relay_openai(request, model, breq.path, breq.body, breq.stream, completed, events=fields)
 
 
 async def stored_response(request: web.Request) -> web.Response:
@@ -126,9 +129,8 @@ async def delete_response(request: web.Request) -> web.Response:
 async def completions(request: web.Request) -> web.StreamResponse:
     req = with_default_model(request, await read_json(request))
     breq = tr.completions_to_backend(req)
-    legacy = tr.LegacyCompletion(req) if req.get("echo") or req.get("logprobs") else None
     return await relay_openai(request, request_model(request, req), breq.path, breq.body, breq.stream,
-                              legacy.convert if legacy is not None else None)
+                              tr.LegacyCompletion(req).convert)
 
 
 Transform = Callable[[dict[str, Any]], dict[str, Any]]
@@ -145,10 +147,12 @@ def pop_ttl(body: dict[str, Any]) -> float | None:
 
 
 async def relay_openai(request: web.Request, model: str, path: str, body: dict[str, Any], stream: bool,
-                       transform: Transform | None = None, events: bool = False) -> web.StreamResponse:
+                       transform: Transform | None = None, events: dict[str, Any] | None = None
+                       ) -> web.StreamResponse:
     """Send an OpenAI-style request to ``model``'s llama-server and relay its answer (JSON or SSE), under
     the model name asked for; ``transform`` may change each reply object / stream chunk (LM Studio's stats);
-    ``events``: a Responses API stream (named events)."""
+    ``events``: a Responses API stream (named events), its response objects completed with these fields. A stream of several choices is put in order
+    (tr.ChoiceStream)."""
     require_capability(request.app[CONFIG], model, "chat")
     relay = await open_job(request, model, path, body, stream, keep_alive=pop_ttl(body))
     try:
@@ -163,14 +167,15 @@ async def relay_openai(request: web.Request, model: str, path: str, body: dict[s
                     pass
             return web.Response(body=raw, content_type="application/json")
         resp = await open_stream(request, {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
-        if events:
-            conv = tr.ResponsesStream(model if rename else None, model, completed=transform)
+        if events is not None:
+            conv = tr.ResponsesStream(model if rename else None, model, completed=transform, fields=events)
             await relay.stream_to(resp, conv.feed, _sse_error, conv.flush)
             return resp
-        parser = SSEParser() if rename or transform is not None else None
+        choices = tr.ChoiceStream() if tr.several_choices(body) else None
+        parser = SSEParser() if rename or transform is not None or choices is not None else None
 
         def convert(chunk: bytes) -> bytes:
-            return chunk if parser is None else _renamed(parser, chunk, model, transform)
+            return chunk if parser is None else _renamed(parser, chunk, model, transform, choices)
 
         await relay.stream_to(resp, convert, _sse_error)
         return resp
@@ -182,20 +187,29 @@ def _sse_error(err: ApiError) -> bytes:
     return b"data: " + _enc.encode(openai_error_body(err)) + b"\n\n"
 
 
-def _renamed(parser: SSEParser, chunk: bytes, model: str, transform: Transform | None = None) -> bytes:
+def _renamed(parser: SSEParser, chunk: bytes, model: str, transform: Transform | None = None,
+             choices: tr.ChoiceStream | None = None) -> bytes:
     out = []
     for payload in parser.feed(chunk):
         try:
             doc = msgspec.json.decode(payload)
-            if isinstance(doc, dict):
-                doc = tr.rewrite_model(doc, model)
-                payload = _enc.encode(transform(doc) if transform is not None and "error" not in doc else doc)
         except msgspec.DecodeError:
-            pass
-        out.append(b"data: " + payload + b"\n\n")
+            out.append(b"data: " + payload + b"\n\n")
+            continue
+        for each in choices.push(doc) if choices is not None else (doc,):
+            out.append(b"data: " + _enc.encode(_shaped(each, model, transform)) + b"\n\n")
     if parser.done:
+        for each in choices.finish() if choices is not None else ():
+            out.append(b"data: " + _enc.encode(_shaped(each, model, transform)) + b"\n\n")
         out.append(b"data: [DONE]\n\n")
     return b"".join(out)
+
+
+def _shaped(doc: Any, model: str, transform: Transform | None) -> Any:
+    if not isinstance(doc, dict):
+        return doc
+    doc = tr.rewrite_model(doc, model)
+    return transform(doc) if transform is not None and "error" not in doc else doc
 
 
 def add_v1_routes(app: web.Application) -> None:

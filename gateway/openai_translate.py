@@ -18,8 +18,9 @@ import msgspec
 from gateway.errors import ApiError
 from gateway.ollama_translate import CHAT_PATH, COMPLETIONS_PATH, BackendRequest, Unecho, prefill
 
-__all__ = ["RESPONSES_PATH", "BackendRequest", "ResponsesStream", "chat_to_backend", "completions_to_backend",
-           "responses_to_backend", "rewrite_model", "LegacyCompletion", "Unecho", "prefill"]
+__all__ = ["RESPONSES_PATH", "BackendRequest", "ChoiceStream", "LegacyCompletion", "ResponsesStream", "Unecho",
+           "chat_to_backend", "completions_to_backend", "prefill", "fill_response", "response_fields",
+           "responses_to_backend", "rewrite_model", "several_choices"]
 
 RESPONSES_PATH = "/v1/responses"
 
@@ -69,9 +70,40 @@ def chat_to_backend(req: Any) -> BackendRequest:
         _check_tool(tool, f"tools[{j}]")
     for j, fn in enumerate(body.get("functions") or []):
         _check_function(fn, f"functions[{j}]")
-    _check(body, "tool_choice", str | dict, "a string or an object")
+    _tool_choice(body, lambda tool: (tool.get("function") or {}).get("name"),
+                 lambda choice: (choice.get("function") or {}).get("name"), "tool_choice.function.name")
     _check_response_format(body.get("response_format"))
     return BackendRequest(CHAT_PATH, {**body, "messages": messages}, bool(body.get("stream")), media)
+
+
+TOOL_CHOICES = ("none", "auto", "required")
+
+
+def _tool_choice(body: dict[str, Any], tool_name: Callable[[dict[str, Any]], Any],
+                 chosen_name: Callable[[dict[str, Any]], Any], name_param: str) -> None:
+    """Check ``tool_choice`` (in place). llama-server reads only its strings (an object was ignored: any tool, or
+    none, where one was named), so a named function becomes ``required`` among that tool alone."""
+    choice = body.get("tool_choice")
+    if choice is None:
+        return
+    if isinstance(choice, str):
+        if choice not in TOOL_CHOICES:
+            raise _bad("tool_choice", f"must be one of {', '.join(TOOL_CHOICES)} or a function to call, "
+                                      f"not {choice!r}")
+        if choice == "required" and not body.get("tools"):
+            raise _bad("tool_choice", "'required' is only allowed when 'tools' are specified")
+        return
+    if not isinstance(choice, dict):
+        raise _bad("tool_choice", "must be a string or an object")
+    if choice.get("type") != "function":
+        raise _bad("tool_choice.type", "must be 'function'")
+    name = chosen_name(choice)
+    if not isinstance(name, str) or not name:
+        raise _bad(name_param, "must name the function to call")
+    named = [t for t in body.get("tools") or [] if isinstance(t, dict) and tool_name(t) == name]
+    if not named:
+        raise _bad(name_param, f"there is no function {name!r} in tools")
+    body["tools"], body["tool_choice"] = named[:1], "required"
 
 
 CHAT_ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
@@ -206,6 +238,7 @@ def responses_to_backend(req: Any) -> BackendRequest:
             if not isinstance(tool.get("name"), str) or not tool["name"]:
                 hint = " (the Responses API's tools have name and parameters at the top, not under \"function\")"
                 raise _bad(f"tools[{i}].name", "is required" + (hint if "function" in tool else ""))
+    _tool_choice(body, lambda tool: tool.get("name"), lambda choice: choice.get("name"), "tool_choice.name")
     if body.get("text") is not None:
         grammar = _response_format(body["text"])
         if grammar is not None:
@@ -271,9 +304,12 @@ class ResponsesStream:
     model name asked for (``model``; None: as it came). Named events stay named."""
 
     def __init__(self, model: str | None, name: str = "", created: int | None = None,
-                 completed: Callable[[dict[str, Any]], Any] | None = None) -> None:
+                 completed: Callable[[dict[str, Any]], Any] | None = None,
+                 fields: dict[str, Any] | None = None) -> None:
         self.model = model
         self.completed = completed  # called with response.completed's response (may change it)
+        self.fields = fields or {}  # what every response object says of the request (response_fields)
+        self.arguments_done: set[int] = set()  # function call items whose arguments.done has been sent
         self.name = model or name  # the model's name where llama-server gives none (response.created)
         self.created = int(time.time()) if created is None else created
         self.rest = b""
@@ -303,32 +339,73 @@ class ResponsesStream:
             doc = msgspec.json.decode(lines[at][5:])
         except msgspec.DecodeError:
             return block + b"\n\n"
+        before = b""
         if isinstance(doc, dict) and "error" not in doc:
             kind = str(doc.get("type", ""))
+            if kind == "response.output_item.done":
+                before = self._arguments_done(doc.get("item"))
             doc.setdefault("sequence_number", self.seq)
             self.seq += 1
             if kind == "response.output_item.added":
                 self.item, self.part = self.item + 1, -1
             elif kind == "response.content_part.added":
                 self.part += 1
+            elif kind == "response.function_call_arguments.done":
+                self.arguments_done.add(self.item)
             if kind.startswith(_ITEM_EVENTS):
                 doc.setdefault("output_index", max(self.item, 0))
             if kind.startswith(_PART_EVENTS):
                 doc.setdefault("content_index", max(self.part, 0))
             response = doc.get("response")
-            if self.model is not None and isinstance(response, dict) and "model" in response:
-                response["model"] = self.model
-            if kind in _LIFECYCLE_EVENTS and isinstance(response, dict):
-                # (llama-server's carry id, object and status only: the openai SDK 2.x builds its snapshot from
-                # response.created, and its output None crashed responses.stream: "NoneType has no append")
-                response.setdefault("object", "response")
-                response.setdefault("created_at", self.created)
-                response.setdefault("model", self.name)
-                response.setdefault("output", [])
-            if kind == "response.completed" and isinstance(response, dict) and self.completed is not None:
-                self.completed(response)
+            if isinstance(response, dict):
+                if self.model is not None and "model" in response:
+                    response["model"] = self.model
+                if kind in _LIFECYCLE_EVENTS:
+                    # (llama-server's carry id, object and status only: the openai SDK 2.x builds its snapshot from
+                    # response.created, and its output None crashed responses.stream: "NoneType has no append")
+                    response.setdefault("object", "response")
+                    response.setdefault("created_at", self.created)
+                    response.setdefault("model", self.name)
+                    response.setdefault("output", [])
+                fill_response(response, self.fields)
+                if kind == "response.completed" and self.completed is not None:
+                    self.completed(response)
             lines[at] = b"data: " + msgspec.json.encode(doc)
-        return b"\n".join(lines) + b"\n\n"
+        return before + b"\n".join(lines) + b"\n\n"
+
+    def _arguments_done(self, item: Any) -> bytes:
+        """OpenAI's ``response.function_call_arguments.done`` (the whole arguments), where llama-server went from
+        the deltas to ``output_item.done``."""
+        if not isinstance(item, dict) or item.get("type") != "function_call" or self.item in self.arguments_done:
+            return b""
+        self.arguments_done.add(self.item)
+        event = {"type": "response.function_call_arguments.done", "sequence_number": self.seq,
+                 "item_id": item.get("id", ""), "output_index": max(self.item, 0),
+                 "arguments": item.get("arguments", ""), "name": item.get("name", "")}
+        self.seq += 1
+        return b"event: response.function_call_arguments.done\ndata: " + msgspec.json.encode(event) + b"\n\n"
+
+
+def response_fields(req: dict[str, Any]) -> dict[str, Any]:
+    """What OpenAI's response objects say of the request they answer (llama-server's leave them out: the SDK's
+    ``response.tools`` was None, and code iterating it failed)."""
+    return {"instructions": req.get("instructions"), "tools": req.get("tools") or [],
+            "tool_choice": req.get("tool_choice", "auto"), "parallel_tool_calls": req.get("parallel_tool_calls", True),
+            "temperature": req.get("temperature", 1.0), "top_p": req.get("top_p", 1.0),
+            "max_output_tokens": req.get("max_output_tokens"), "metadata": req.get("metadata") or {},
+            "text": req.get("text") or {"format": {"type": "text"}}, "truncation": req.get("truncation", "disabled"),
+            "error": None, "incomplete_details": None}
+
+
+def fill_response(response: dict[str, Any], fields: dict[str, Any]) -> dict[str, Any]:
+    """A response object with ``fields`` where it has none (and the usage details OpenAI's always carry)."""
+    for key, value in fields.items():
+        response.setdefault(key, value)
+    usage = response.get("usage")
+    if isinstance(usage, dict):
+        usage.setdefault("input_tokens_details", {"cached_tokens": 0})
+        usage.setdefault("output_tokens_details", {"reasoning_tokens": 0})
+    return response
 
 
 class LegacyCompletion:
@@ -381,6 +458,78 @@ class LegacyCompletion:
                 choice["logprobs"] = {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops,
                                       "text_offset": offsets}
         return doc
+
+
+def several_choices(req: dict[str, Any]) -> bool:
+    """Does the answer carry several choices (``n`` > 1, or several prompts: a list of strings or of token lists)?"""
+    n, prompt = req.get("n"), req.get("prompt")
+    return (isinstance(n, int) and n > 1) or (isinstance(prompt, list) and len(prompt) > 1
+                                              and not all(isinstance(p, int) for p in prompt))
+
+
+def _choice_index(doc: dict[str, Any]) -> int:
+    choices = doc.get("choices")
+    first = choices[0] if isinstance(choices, list) and choices else None
+    index = first.get("index") if isinstance(first, dict) else None
+    return index if isinstance(index, int) else -1
+
+
+class ChoiceStream:
+    """A stream of several choices as OpenAI's clients read it. llama-server runs a task per choice and sends their
+    chunks as they come: a choice's first chunk could come before those of the choices before it (the openai SDK's
+    stream helpers failed on it: IndexError), several prompts began with ``data: null``, and each task of ``n``
+    sent a usage chunk of its own, mid-stream. Here choices begin in order, nulls are dropped, and ``n``'s usage
+    comes once, last, with the completion tokens of all choices (the prompt is counted once, as OpenAI does)."""
+
+    def __init__(self) -> None:
+        self.next = 0  # the lowest choice index not begun yet
+        self.held: list[dict[str, Any]] = []  # chunks of choices whose turn has not come
+        self.usage: dict[str, Any] | None = None  # the usage chunk to send last (totals)
+
+    def push(self, doc: Any) -> list[Any]:
+        """The chunks to send now for ``doc`` (none, it, or it and the chunks it let through)."""
+        if doc is None:
+            return []
+        if not isinstance(doc, dict) or "error" in doc:
+            return [doc]
+        if doc.get("choices") == [] and isinstance(doc.get("usage"), dict):
+            self._count(doc)
+            return []
+        index = _choice_index(doc)
+        if index > self.next:
+            self.held.append(doc)
+            return []
+        if index < self.next:
+            return [doc]
+        self.next += 1
+        return [doc, *self._due()]
+
+    def _due(self) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        while True:
+            due = [d for d in self.held if _choice_index(d) <= self.next]
+            if not due:
+                return out
+            self.held = [d for d in self.held if _choice_index(d) > self.next]
+            for d in due:
+                self.next = max(self.next, _choice_index(d) + 1)
+            out += due
+
+    def _count(self, doc: dict[str, Any]) -> None:
+        if self.usage is None:
+            self.usage = doc
+            return
+        total, usage = self.usage["usage"], doc["usage"]
+        add = usage.get("completion_tokens")
+        if isinstance(add, int) and isinstance(total.get("completion_tokens"), int):
+            total["completion_tokens"] += add
+            if isinstance(total.get("prompt_tokens"), int):
+                total["total_tokens"] = total["prompt_tokens"] + total["completion_tokens"]
+
+    def finish(self) -> list[Any]:
+        """What is still held, then the usage: the chunks to send before ``[DONE]``."""
+        held, self.held = sorted(self.held, key=_choice_index), []
+        return held + ([self.usage] if self.usage is not None else [])
 
 
 def rewrite_model(chunk: dict[str, Any], model: str) -> dict[str, Any]:

@@ -316,6 +316,45 @@ def test_legacy_completions_logprobs_and_echo_in_openais_shape(system: System) -
     assert "".join(tokens) == "".join(lp.tokens)
 
 
+def test_several_choices_and_prompts_stream_as_the_openai_client_reads_them(system: System) -> None:
+    """Several prompts streamed began with `data: null` (the client's chunk was None); n=2 in the SDK's stream
+    helper; one usage chunk, last, with both choices' tokens (each task sent its own); legacy ids and echo on
+    LM Studio's /api/v0/completions too (it sent the chat shape and ignored echo)."""
+    c = client(system)
+    chunks = list(c.completions.create(model=MODEL, prompt=["Once upon", "The sky"], max_tokens=3, stream=True))
+    assert all(ch is not None and ch.id.startswith("cmpl-") for ch in chunks), chunks
+    assert {choice.index for ch in chunks for choice in ch.choices} == {0, 1}
+    with c.chat.completions.stream(model=MODEL, messages=MSG, n=2, max_tokens=4,
+                                   stream_options={"include_usage": True}, extra_body={"ignore_eos": True}) as stream:
+        events = [ev for ev in stream if ev.type == "chunk"]
+    usages = [ev.chunk.usage for ev in events if ev.chunk.usage is not None]
+    final = events[-1].snapshot  # (get_final_completion raises for a length-cut answer)
+    assert [ch.index for ch in final.choices] == [0, 1] and all(ch.message.content for ch in final.choices)
+    assert len(usages) == 1 and usages[0].completion_tokens == 8, usages
+    status, doc, _ = http("POST", base(system) + "/api/v0/completions", {
+        "model": MODEL, "prompt": "Hello", "max_tokens": 2, "logprobs": 2, "echo": True})
+    assert status == 200 and doc["id"].startswith("cmpl-") and doc["choices"][0]["text"].startswith("Hello"), doc
+    assert len(doc["choices"][0]["logprobs"]["tokens"]) == 2 and "stats" in doc, doc
+
+
+def test_responses_carry_the_fields_openai_returns(system: System) -> None:
+    """tools, instructions, tool_choice, usage details...: llama-server's response objects left them out (the
+    SDK read None: `for t in r.tools` failed)."""
+    c = client(system)
+    r = c.responses.create(model=MODEL, input="Hi", instructions="Be brief.", max_output_tokens=3)
+    assert r.tools == [] and r.instructions == "Be brief." and r.tool_choice == "auto" and r.parallel_tool_calls
+    assert r.usage is not None and r.usage.output_tokens_details.reasoning_tokens == 0
+    assert r.max_output_tokens == 3 and r.error is None
+    with c.responses.stream(model=MODEL, input="Hi", max_output_tokens=3) as stream:
+        for _ in stream:
+            pass
+        final = stream.get_final_response()
+    assert final.tools == [] and final.usage is not None and final.usage.output_tokens_details is not None
+    with pytest.raises(openai.BadRequestError) as err:
+        c.chat.completions.create(model=MODEL, messages=MSG, tool_choice="required")  # (no tools)
+    assert err.value.param == "tool_choice" if hasattr(err.value, "param") else "tool_choice" in str(err.value)
+
+
 def test_a_continued_chat_answers_only_what_is_new_on_every_openai_route(system: System) -> None:
     """The last message the assistant's (a prefill): llama-server repeats it first; Ollama's /v1 answers the new
     text only, and so do the LM Studio routes (a client appending the answer doubled it)."""

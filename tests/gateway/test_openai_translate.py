@@ -400,3 +400,102 @@ def test_a_responses_stream_gets_the_indices_the_sdk_reads_in_any_pieces() -> No
     for cut in range(1, len(RESPONSES_SSE), 7):
         conv = ResponsesStream("alias", created=1700000000)
         assert conv.feed(RESPONSES_SSE[:cut]) + conv.feed(RESPONSES_SSE[cut:]) + conv.flush() == whole
+
+
+FUNCTION_CALL_SSE = (
+    b'event: response.created\ndata: {"type":"response.created","response":{"id":"r2","status":"in_progress"}}\n\n'
+    b'event: response.output_item.added\ndata: {"type":"response.output_item.added","item":{"type":"function_call",'
+    b'"id":"fc_1","call_id":"c1","name":"get_time","arguments":""}}\n\n'
+    b'event: response.function_call_arguments.delta\ndata: {"type":"response.function_call_arguments.delta",'
+    b'"item_id":"fc_1","delta":"{\\"tz\\""}\n\n'
+    b'event: response.function_call_arguments.delta\ndata: {"type":"response.function_call_arguments.delta",'
+    b'"item_id":"fc_1","delta":": \\"UTC\\"}"}\n\n'
+    b'event: response.output_item.done\ndata: {"type":"response.output_item.done","item":{"type":"function_call",'
+    b'"id":"fc_1","call_id":"c1","name":"get_time","arguments":"{\\"tz\\": \\"UTC\\"}"}}\n\n'
+    b'event: response.completed\ndata: {"type":"response.completed","response":{"id":"r2","status":"completed",'
+    b'"usage":{"input_tokens":3,"output_tokens":2,"total_tokens":5}}}\n\n'
+)
+
+
+def test_a_responses_stream_says_a_function_calls_arguments_are_done_and_fills_the_response_fields() -> None:
+    """OpenAI sends function_call_arguments.done (the whole arguments) before the item's done (llama-server did
+    not); response objects carry the request's tools, instructions... and usage details (the SDK read None)."""
+    from gateway.openai_translate import ResponsesStream, response_fields
+
+    req = {"model": "m", "input": "x", "instructions": "Be brief.", "tools": [{"type": "function", "name": "f"}]}
+    conv = ResponsesStream("m", created=1, fields=response_fields(req))
+    out = conv.feed(FUNCTION_CALL_SSE) + conv.flush()
+    evs = [(b.split(b"\n")[0].decode()[7:], msgspec.json.decode(b.split(b"\n")[1][6:]))
+           for b in out.split(b"\n\n") if b]
+    assert [name for name, _ in evs] == [
+        "response.created", "response.output_item.added", "response.function_call_arguments.delta",
+        "response.function_call_arguments.delta", "response.function_call_arguments.done",
+        "response.output_item.done", "response.completed"]
+    done = evs[4][1]
+    assert done["arguments"] == '{"tz": "UTC"}' and done["item_id"] == "fc_1" and done["output_index"] == 0
+    assert [d["sequence_number"] for _, d in evs] == list(range(7))
+    for _, d in (evs[0], evs[-1]):
+        assert d["response"]["tools"] == req["tools"] and d["response"]["instructions"] == "Be brief."
+        assert d["response"]["tool_choice"] == "auto" and d["response"]["parallel_tool_calls"] is True
+        assert d["response"]["error"] is None and d["response"]["text"] == {"format": {"type": "text"}}
+    assert evs[-1][1]["response"]["usage"]["output_tokens_details"] == {"reasoning_tokens": 0}
+    again = ResponsesStream("m", created=1)  # (a done sent by the backend is not sent twice)
+    with_done = FUNCTION_CALL_SSE.replace(
+        b'event: response.output_item.done', b'event: response.function_call_arguments.done\ndata: {"type":'
+        b'"response.function_call_arguments.done","item_id":"fc_1","arguments":"{}"}\n\nevent: response.output_item.done')
+    assert (again.feed(with_done) + again.flush()).count(b"arguments.done") == 2  # (event name and type: once)
+
+
+def _chunk(index: int, text: str = "x") -> dict[str, Any]:
+    return {"choices": [{"index": index, "delta": {"content": text}, "finish_reason": None}]}
+
+
+def test_several_choices_begin_in_order_and_n_has_one_usage_last() -> None:
+    """llama-server's tasks send their chunks as they come: choice 1 could begin first (the openai SDK's stream
+    helpers failed: IndexError), several prompts began with a null, and every task of n sent its usage."""
+    from gateway.openai_translate import ChoiceStream, several_choices
+
+    assert several_choices({"n": 2}) and several_choices({"prompt": ["a", "b"]})
+    assert several_choices({"prompt": [[1], [2]]}) and not several_choices({"prompt": [1, 2]})
+    assert not several_choices({"n": 1}) and not several_choices({"prompt": ["a"]})
+    s = ChoiceStream()
+    usage = {"choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}}
+    out: list[Any] = []
+    for doc in [None, _chunk(1, "a"), _chunk(2, "p"), _chunk(1, "b"), usage, _chunk(0, "c"), _chunk(2, "q"),
+                _chunk(0, "d"),
+                {"choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 4, "total_tokens": 9}}]:
+        out += s.push(doc)
+    out += s.finish()
+    texts = [(d["choices"][0]["index"], d["choices"][0]["delta"]["content"]) for d in out if d["choices"]]
+    assert texts[0] == (0, "c")
+    firsts = [next(i for i, (k, _) in enumerate(texts) if k == n) for n in range(3)]
+    assert firsts == sorted(firsts)  # (every choice begins after the ones before it)
+    assert sorted(texts) == sorted([(1, "a"), (2, "p"), (1, "b"), (0, "c"), (2, "q"), (0, "d")])
+    assert [t for k, t in texts if k == 1] == ["a", "b"] and [t for k, t in texts if k == 2] == ["p", "q"]
+    assert out[-1]["usage"] == {"prompt_tokens": 5, "completion_tokens": 7, "total_tokens": 12}
+    assert sum(1 for d in out if not d["choices"]) == 1
+    assert ChoiceStream().push({"error": {"message": "x"}}) == [{"error": {"message": "x"}}]
+
+
+def test_a_named_tool_choice_becomes_required_among_that_tool_alone() -> None:
+    """llama-server reads tool_choice's strings only: an object was ignored (the model called another tool)."""
+    tools = [{"type": "function", "function": {"name": n, "parameters": {"type": "object"}}} for n in ("a", "b")]
+    base = {"model": "m", "messages": [{"role": "user", "content": "x"}], "tools": tools}
+    body = chat_to_backend({**base, "tool_choice": {"type": "function", "function": {"name": "b"}}}).body
+    assert body["tool_choice"] == "required" and body["tools"] == [tools[1]]
+    assert chat_to_backend({**base, "tool_choice": "auto"}).body["tools"] == tools
+    for bad, param in (({"type": "function", "function": {"name": "c"}}, "tool_choice.function.name"),
+                       ({"type": "function"}, "tool_choice.function.name"), ({"type": "x"}, "tool_choice.type"),
+                       ("sometimes", "tool_choice"), (3, "tool_choice")):
+        with pytest.raises(ApiError) as err:
+            chat_to_backend({**base, "tool_choice": bad})
+        assert err.value.status == 400 and err.value.param == param, bad
+    with pytest.raises(ApiError) as err:
+        chat_to_backend({"model": "m", "messages": [{"role": "user", "content": "x"}], "tool_choice": "required"})
+    assert err.value.param == "tool_choice" and "tools" in err.value.message
+    from gateway.openai_translate import responses_to_backend
+
+    rtools = [{"type": "function", "name": n, "parameters": {"type": "object"}} for n in ("a", "b")]
+    body = responses_to_backend({"model": "m", "input": "x", "tools": rtools,
+                                 "tool_choice": {"type": "function", "name": "a"}}).body
+    assert body["tool_choice"] == "required" and body["tools"] == [rtools[0]]
