@@ -89,9 +89,31 @@ def _hashed(name: str) -> str:
     return f"{h:016x}"
 
 
-def worker(run_dir: Path | str, name: str) -> str:
-    """A worker's job ROUTER."""
-    return _ipc(run_dir, f"w-{_hashed(name)}.sock")
+def worker(run_dir: Path | str, name: str, pid: int) -> str:
+    """The job ROUTER of worker process ``pid`` of model ``name``: an address of its own for every worker process,
+    so that a job a gateway queued for a worker that died is never delivered to the one that replaces it (it was:
+    the same address, and ZeroMQ sends what it holds when it reconnects; the request then ran twice)."""
+    return _ipc(run_dir, f"w-{_hashed(name)}-{pid}.sock")
+
+
+def stale_worker_sockets(run_dir: Path | str, name: str) -> list[Path]:
+    """The job sockets left by worker processes of ``name`` that are gone (killed: nobody removed them)."""
+    out = []
+    for path in Path(run_dir).glob(f"w-{_hashed(name)}-*.sock"):
+        pid = path.name.removesuffix(".sock").rpartition("-")[2]
+        if pid.isdigit() and not _alive(int(pid)):
+            out.append(path)
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def llama_socket(run_dir: Path | str, name: str) -> str | None:

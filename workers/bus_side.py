@@ -2,7 +2,7 @@
 
 - control: DEALER to the supervisor (WorkerHello on every state change)
 - pub: XPUB into the metrics bus (an XPUB to hear subscriptions: request events are built only when wanted)
-- router: ROUTER at endpoints.worker(run_dir, name), where gateways send Jobs and get StreamItems back (read from
+- router: ROUTER at endpoints.worker(run_dir, name, pid), where gateways send Jobs and get StreamItems back (read from
   the loop's reader callback, answered through an Outbox: one frame per gateway per loop tick, see bus/pump.py)
 """
 
@@ -42,7 +42,7 @@ class WorkerBus:
     def __init__(self, launch: WorkerLaunch) -> None:
         self.launch = launch
         self.ctx = zmq.asyncio.Context()
-        self.endpoint = endpoints.worker(launch.run_dir, launch.name)
+        self.endpoint = endpoints.worker(launch.run_dir, launch.name, os.getpid())
         self.state = WorkerState.STARTING
         self._background: set[asyncio.Task[object]] = set()
 
@@ -71,8 +71,9 @@ class WorkerBus:
         self.router.linger = 0
         self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a send to a gone gateway fails instead of vanishing
         self.router.sndhwm = 10000
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.endpoint.removeprefix("ipc://"))
+        for stale in endpoints.stale_worker_sockets(self.launch.run_dir, self.launch.name):
+            with contextlib.suppress(FileNotFoundError):
+                stale.unlink()
         self.router.bind(self.endpoint)
         self.outbox = Outbox(self.router, self._gateway_gone)
 

@@ -1,6 +1,6 @@
 """A whisper worker process: a faster-whisper model in process, serving TranscribeJobs from gateways.
 
-Same contract as the llama worker (workers/service.py): a ROUTER at ``endpoints.worker(run_dir, name)``,
+Same contract as the llama worker (workers/service.py): a ROUTER at ``endpoints.worker(run_dir, name, pid)``,
 ``WorkerHello`` STARTING -> READY (or FATAL) to the supervisor, metrics on the PUB bus, ``Cancel`` by
 request_id, exit when the supervisor goes away. The model loads and every transcription runs in threads, so
 the event loop keeps answering cancels, metrics and new jobs (queued, 429 beyond ``queue_size``) meanwhile.

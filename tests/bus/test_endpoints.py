@@ -9,9 +9,25 @@ def test_topics_never_prefix_match_other_names() -> None:
 
 
 def test_worker_endpoint_never_contains_the_model_name(tmp_path) -> None:
-    ep = endpoints.worker(tmp_path, "../../etc/passwd")
+    ep = endpoints.worker(tmp_path, "../../etc/passwd", 7)
     assert ep.startswith(f"ipc://{tmp_path}/w-") and "passwd" not in ep and ".." not in ep.removeprefix(
         f"ipc://{tmp_path}")
+
+
+def test_every_worker_process_has_its_own_address_and_a_dead_ones_socket_is_found(tmp_path) -> None:
+    """A job queued for a dead worker must not reach its replacement (same address: ZeroMQ delivered it)."""
+    import os
+    import subprocess
+
+    assert endpoints.worker(tmp_path, "m", 1) != endpoints.worker(tmp_path, "m", 2)
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    mine = tmp_path / endpoints.worker(tmp_path, "m", os.getpid()).rpartition("/")[2]
+    dead = tmp_path / endpoints.worker(tmp_path, "m", gone.pid).rpartition("/")[2]
+    other = tmp_path / endpoints.worker(tmp_path, "other", gone.pid).rpartition("/")[2]
+    for p in (mine, dead, other):
+        p.touch()
+    assert endpoints.stale_worker_sockets(tmp_path, "m") == [dead]
 
 
 def test_prepare_run_dir_is_private(tmp_path) -> None:

@@ -132,6 +132,30 @@ def test_llama_server_killed_mid_stream_errors_cleanly(faulty: System) -> None:
     assert r.done
 
 
+def test_a_request_sent_as_llama_server_dies_runs_once_on_the_restarted_worker(faulty: System) -> None:
+    """It ran twice: the gateway sent it again to the new worker, and the job it had queued for the dead one was
+    delivered there too (the same address: ZeroMQ sends what it holds when it reconnects), a slot held by an
+    answer nobody read."""
+    import contextlib
+
+    import httpx
+
+    from tests.dashboard.test_metrics_bus import subscribed
+
+    wa = loaded(faulty, A)
+    with subscribed(faulty) as lines:
+        os.kill(wa["backend_pid"], signal.SIGKILL)
+        r = httpx.post(faulty.openai_url + "/chat/completions", timeout=120, json={
+            "model": A, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 40, "ignore_eos": True})
+        assert r.status_code == 200, r.text
+        with contextlib.suppress(AssertionError):  # (a second run would have started by now)
+            lines.until(lambda e: False, 3, "")
+    started = [e["request_id"] for e in lines.seen
+               if e["type"] == "request" and e["model"] == A and e["phase"] == "started"]
+    assert len(started) == 1, started
+    wait_for(lambda: faulty.worker(A)["state"] == "ready", 60, "the model ready")
+
+
 def test_a_request_under_way_when_llama_server_dies_is_not_sent_again(faulty: System) -> None:
     """A non-streaming request llama-server was answering when it died gets its error; it was sent to the
     restarted worker (its head had not come: "never started") and answered 20 s later, so a prompt that crashes
@@ -226,7 +250,7 @@ def test_malformed_bus_messages_are_dropped(faulty: System) -> None:
     w = loaded(faulty, A)
     ctx = zmq.Context()
     try:
-        for ep in (endpoints.control(faulty.run_dir), endpoints.worker(faulty.run_dir, A)):
+        for ep in (endpoints.control(faulty.run_dir), endpoints.worker(faulty.run_dir, A, w["pid"])):
             s = ctx.socket(zmq.DEALER)
             s.linger = 0
             s.connect(ep)

@@ -26,7 +26,7 @@ print("ok")
 SUPERVISOR = ("import supervisor.cli, supervisor.main, dashboard.auth, bus.endpoints\n"
               "assert 'aiohttp' not in sys.modules\n"
               "assert dashboard.auth.dashboard_token('127.0.0.1', None) is None\n"
-              "assert bus.endpoints.worker('/tmp', 'a') != bus.endpoints.worker('/tmp', 'b')\n"
+              "assert bus.endpoints.worker('/tmp', 'a', 1) != bus.endpoints.worker('/tmp', 'b', 1)\n"
               "assert '_hashlib' not in sys.modules, 'OpenSSL loaded'",
               "structlog.get_logger().info('x'); await asyncio.sleep(0)")
 DASHBOARD = ("import aiohttp.web, dashboard.app",

@@ -105,7 +105,7 @@ def start_worker(model_path: Path | str, queue_size: int = 8) -> Worker:
                           params=ModelParams(parallel=1))
     proc = subprocess.Popen([sys.executable, "-m", "workers", msgspec.json.encode(launch).decode()], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=open(run_dir / "worker.err", "wb"))
-    return Worker(proc, control, events, endpoints.worker(run_dir, "whisper-test"), run_dir)
+    return Worker(proc, control, events, endpoints.worker(run_dir, "whisper-test", proc.pid), run_dir)
 
 
 def stop_worker(w: Worker) -> None:
