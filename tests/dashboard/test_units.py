@@ -257,3 +257,18 @@ def test_the_models_table_shows_a_whisper_model_as_it_is(tmp_path: Path) -> None
     assert config.model_size(m) == 10_000
     shown = _shown_parameters(m)
     assert shown["ctx_size"] is None and shown["threads"] == 2 and "beam_size=3" in shown["extra_args"]
+
+
+def test_an_event_of_the_wrong_shape_is_dropped_not_kept_to_fail_the_prometheus_page() -> None:
+    """A frame with a string where a number goes was kept (the decoder took any JSON): /metrics answered 500 until
+    the next status merge; the README says every frame is decoded against the message types."""
+    hub = _hub_with_figures()
+    before = prom.render(prom.registry(hub))
+    hub._on_frames([b"metrics/worker/fake/",
+                    b'{"type":"worker_metrics","name":"fake","state":"ready","cpu_percent":"abc"}'])
+    hub._on_frames([b"metrics/worker/fake/", b"not json"])
+    assert "fake" not in hub.workers
+    assert prom.render(prom.registry(hub)) == before
+    good = EVENTS.encode(WorkerMetrics(name="fake", state=WorkerState.READY, cpu_percent=5.0))
+    hub._on_frames([b"metrics/worker/fake/", good])
+    assert hub.workers["fake"]["cpu_percent"] == 5.0
