@@ -254,6 +254,7 @@ class GatewayBus:
         sub.connect(endpoints.metrics(self.run_dir))
         sub.setsockopt_string(zmq.SUBSCRIBE, endpoints.TOPIC_STATE + "worker/")
         sub.setsockopt_string(zmq.SUBSCRIBE, endpoints.TOPIC_STATE + "config/")
+        last: dict[str, tuple[WorkerState, int]] = {}  # (the supervisor sends the states again to new subscribers)
         try:
             while True:
                 frames = await sub.recv_multipart()
@@ -267,6 +268,10 @@ class GatewayBus:
                     if self.on_config_reloaded is not None:
                         self.on_config_reloaded()
                     continue
+                if isinstance(event, WorkerStateEvent):
+                    if last.get(event.name) == (event.state, event.pid):
+                        continue
+                    last[event.name] = (event.state, event.pid)
                 if isinstance(event, WorkerStateEvent) and event.state != WorkerState.READY:
                     self.invalidate(event.name)
                     link = self.links.get(event.name)

@@ -66,7 +66,7 @@ class ManagedProcess:
         self.name, self.argv, self.log_path, self.sup, self.port = name, argv, log_path, sup, port
         self.proc: asyncio.subprocess.Process | None = None
         self.restarts = 0
-        self.state = "stopped"
+        self.state, self.message = "stopped", ""
 
     def info(self) -> ProcessInfo:
         return ProcessInfo(name=self.name, pid=self.proc.pid if self.proc else 0, state=self.state,
@@ -98,10 +98,14 @@ class ManagedProcess:
         self._set("stopped")
 
     def _set(self, state: str, message: str = "") -> None:
-        self.state = state
+        self.state, self.message = state, message
+        self.announce()
+
+    def announce(self) -> None:
+        """Publish this process' state (at each change, and to each new subscriber)."""
         self.sup.publish(endpoints.topic_process_state(self.name), ProcessStateEvent(
-            name=self.name, state=state, pid=self.proc.pid if self.proc else 0, restarts=self.restarts,
-            message=message))
+            name=self.name, state=self.state, pid=self.proc.pid if self.proc else 0, restarts=self.restarts,
+            message=self.message))
 
     async def stop(self, grace: float) -> None:
         if self.proc is not None:
@@ -143,9 +147,12 @@ class Supervisor:
             sync_ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.shadow(self.ctx.underlying)  # plain sockets
             self.tcp_metrics = TcpMetrics(sync_ctx, self.run_dir, self.config.app.host, self.config.app.metrics)
             self.tcp_metrics.start()
-        self.pub = self.ctx.socket(zmq.PUB)
+        # An XPUB (verbose): it hears every subscription, a repeated one too, so that a subscriber gets the current
+        # state of every process and worker when it subscribes (_replay_states).
+        self.pub = self.ctx.socket(zmq.XPUB)
         self.pub.linger = 0
         self.pub.sndhwm = 1000
+        self.pub.setsockopt(zmq.XPUB_VERBOSE, 1)
         self.pub.connect(endpoints.metrics_in(self.run_dir))
 
     def _metrics_proxy(self) -> None:
@@ -158,12 +165,30 @@ class Supervisor:
 
         proxy_events(self.ctx, attach, self._proxy_ready)
 
+    async def _replay_states(self) -> None:
+        """A last-value cache of the state topics: whoever subscribes to them (the bus forwards every subscription
+        to this socket) gets the current state of every process and worker at once, then the changes. Without it
+        a subscriber saw only what changed after it joined: after a supervisor restart, no process ever running."""
+        state = endpoints.TOPIC_STATE.encode()
+        while True:
+            msg = await self.pub.recv()
+            if msg[:1] != b"\x01":
+                continue
+            prefix = bytes(msg[1:])
+            if not (state.startswith(prefix) or prefix.startswith(state)):
+                continue
+            await asyncio.sleep(0.05)  # (its other subscriptions arrive with it: one replay for them all)
+            for proc in self.processes:
+                proc.announce()
+            for mgr in list(self.workers.values()):
+                self._publish_worker(mgr.info(), changed=False)
+
     def publish(self, topic: str, event: Any) -> None:
         with contextlib.suppress(zmq.ZMQError):
             self.pub.send_multipart(encode_event(topic, event), zmq.NOBLOCK)
 
-    def _publish_worker(self, info: WorkerInfo) -> None:
-        if self.scheduler is not None:
+    def _publish_worker(self, info: WorkerInfo, changed: bool = True) -> None:
+        if changed and self.scheduler is not None:
             self.scheduler.worker_changed(info.name)
         self.publish(endpoints.topic_worker_state(info.name), WorkerStateEvent(
             name=info.name, state=info.state, pid=info.pid, backend_pid=info.backend_pid,
@@ -334,6 +359,7 @@ class Supervisor:
         (self.run_dir / endpoints.SUPERVISOR_PID).write_text(str(os.getpid()))
         receiver = self._track(self._receive())
         self._track(self._system_metrics())
+        self._track(self._replay_states())
         for proc in self.processes:
             self._track(proc.run())
         assert self.scheduler is not None

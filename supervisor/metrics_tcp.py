@@ -55,6 +55,7 @@ def proxy_events(ctx: zmq.Context, attach: Callable[[zmq.Socket, zmq.Socket], bo
         for s in (xsub, xpub):
             s.linger = 0
         xpub.sndhwm = 1000
+        xpub.setsockopt(zmq.XPUB_VERBOSE, 1)  # (every subscription goes up: the supervisor replays the states)
         if not attach(xsub, xpub):
             return
         ready.set()

@@ -223,3 +223,22 @@ def test_a_request_cut_by_a_restart_is_an_error_not_a_cancellation(two_models: S
             t.join(60)
     finally:
         wait_for(lambda: two_models.worker(MODEL_B)["state"] == "ready", 60, "B ready again")
+
+
+def test_a_subscriber_gets_the_current_states_when_it_subscribes(two_models: System) -> None:
+    """Process and worker states are sent on change: a subscriber that joined later (or again, after a supervisor
+    restart: the processes' 'running' went out before its subscription came back) never learnt them."""
+    proc = subprocess.Popen([sys.executable, "-m", "supervisor", "metrics", "--run-dir", str(two_models.run_dir),
+                             "--topic", "state/"], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        lines = Lines(proc)
+        status = two_models.status()
+        for p in status["processes"]:
+            ev = lines.until(lambda e, p=p: e["type"] == "process_state" and e["name"] == p["name"], 15, p["name"])
+            assert (ev["state"], ev["pid"]) == (p["state"], p["pid"]), ev
+        for w in status["workers"]:
+            ev = lines.until(lambda e, w=w: e["type"] == "worker_state" and e["name"] == w["name"], 15, w["name"])
+            assert ev["state"] == w["state"], ev
+    finally:
+        proc.terminate()
+        proc.wait(10)
