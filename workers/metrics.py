@@ -123,10 +123,14 @@ class WorkerStats(RequestFigures):
     waiting: list[str] = field(default_factory=list)  # request ids waiting for a slot, in order
 
     # ------------------------------------------------------------------ per request
-    def queued(self, rid: str, path: str, stream: bool, route: str = "", gateway: str = "") -> None:
+    def queued(self, rid: str, path: str, stream: bool, route: str = "", gateway: str = "",
+               rejected: bool = False) -> None:
+        """A request arrived; it waits for a slot (``rejected``: the queue is full, it only gets its "finished")."""
         end = path.rstrip("/")
         marker = _TEXT if end.endswith("/v1/completions") else _DELTA if end.endswith("/v1/responses") else _CONTENT
         self.live[rid] = _Live(path, stream, time.monotonic(), route, gateway, marker=marker)
+        if rejected:
+            return
         self.waiting.append(rid)
         self._emit(rid, "queued", path=path, stream=stream, position=len(self.waiting), route=route,
                    gateway=gateway)

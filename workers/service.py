@@ -153,10 +153,11 @@ class LlamaWorker(WorkerBus):
     async def _run_job(self, ident: bytes, job: HttpJob) -> None:
         rid = job.request_id
         self.requests_total += 1
-        self.stats.queued(rid, job.path, job.stream, job.route, job.gateway)
+        full = self.waiting >= self.launch.queue_size and self.slots.locked()
+        self.stats.queued(rid, job.path, job.stream, job.route, job.gateway, rejected=full)
         under_way = False
         try:
-            if self.waiting >= self.launch.queue_size and self.slots.locked():
+            if full:
                 self.stats.finished(rid, 429, "rejected")
                 self.send_item(ident, Fail(request_id=rid, status=429, code="busy",
                                              message=f"model {self.launch.name!r} is busy: queue is full"))

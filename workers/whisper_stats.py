@@ -42,9 +42,9 @@ class WhisperStats(RequestFigures):
             self._emit(rid, "started", path=st.path, stream=st.stream, queued_s=st.started - st.arrived)
 
     def segment(self, rid: str) -> None:
-        """A decoded segment went out (the first one is the request's "first token")."""
+        """A decoded segment went out (a streamed request's first one is its "first token")."""
         st = self.live.get(rid)
-        if st is None or st.first:
+        if st is None or st.first or not st.stream:
             return
         st.first = time.monotonic()
         self.ttft_last = st.first - st.arrived

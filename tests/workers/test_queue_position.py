@@ -28,3 +28,22 @@ def test_positions_move_up_as_requests_start_or_leave() -> None:
     stats.finished("c", 499, "cancelled")  # gave up while waiting: only those behind it move
     assert [(e.request_id, e.phase, e.position) for e in sent if e.phase == "position"] == [("d", "position", 2)]
     assert stats.waiting == ["b", "d"]
+
+
+def test_a_request_the_full_queue_rejects_is_never_said_to_be_queued() -> None:
+    """It got a 'queued' event at a place beyond the queue (9 of 8), then its rejection."""
+    sent: list[RequestEvent] = []
+
+    class FakePub:
+        def send_multipart(self, frames: list[bytes], flags: int = 0) -> None:
+            ev = EVENTS.decode(frames[1])
+            assert isinstance(ev, RequestEvent)
+            sent.append(ev)
+
+    stats = WorkerStats("m", pub=FakePub())  # type: ignore[arg-type]
+    stats.queued("a", "/v1/chat/completions", True)
+    stats.queued("b", "/v1/chat/completions", True, route="/api/chat", gateway="ollama", rejected=True)
+    stats.finished("b", 429, "rejected")
+    assert [(e.request_id, e.phase) for e in sent] == [("a", "queued"), ("b", "finished")]
+    assert (sent[-1].status, sent[-1].outcome, sent[-1].route) == (429, "rejected", "/api/chat")
+    assert stats.waiting == ["a"]

@@ -195,10 +195,15 @@ def test_request_events_for_the_dashboard(worker: Worker, gw: zmq.Socket[bytes],
                                       gateway="ollama")))
     assert isinstance(list(items(gw, "ev-1"))[-1], End)
     evs = worker.request_events("ev-1")
-    assert [e.phase for e in evs] == ["queued", "started", "first_token", "finished"]
+    assert [e.phase for e in evs] == ["queued", "started", "finished"]  # (first_token: streamed requests only)
     done = evs[-1]
     assert done.path == "/v1/audio/transcriptions" and done.status == 200 and done.outcome == "ok"
-    assert done.tokens > 3 and 0 < done.ttft_s <= done.duration_s
+    assert done.tokens > 3 and done.ttft_s == 0  # (no first token: as a llama worker's non-streamed answers)
+    gw.send(JOBS.encode(TranscribeJob(request_id="ev-s", audio=audio["short"], stream=True)))
+    assert isinstance(list(items(gw, "ev-s"))[-1], End)
+    streamed = worker.request_events("ev-s")
+    assert [e.phase for e in streamed] == ["queued", "started", "first_token", "finished"]
+    assert 0 < streamed[-1].ttft_s <= streamed[-1].duration_s
     assert done.gateway == "ollama" and evs[0].gateway == "ollama"  # (where it came in: it was "")
     (fail,) = transcribe(gw, "ev-2", b"not audio" * 30)
     assert isinstance(fail, Fail)
