@@ -238,8 +238,7 @@ class Supervisor:
         self.scheduler.max_keep_alive = new.app.limits.max_keep_alive_s
         self.scheduler.memory_budget = new.app.limits.memory_budget_bytes
         self._apply_limits(new)
-        if self.tcp_metrics is not None:
-            self.tcp_metrics.read_clients()  # (the folder as set at `up`; its certificates as they are now)
+        curve = self.tcp_metrics.read_clients() if self.tcp_metrics is not None else ""  # (the folder set at `up`)
         for name, launch in new_launches.items():
             if name in self.workers and name not in plan.changed:
                 self.workers[name].launch = launch  # (a change that needs no restart, e.g. queue_size: next start)
@@ -251,8 +250,10 @@ class Supervisor:
             self._track(self._drain_and_remove(name))
         self.publish(endpoints.TOPIC_STATE + "config/", ConfigReloaded(
             added=plan.added, changed=plan.changed, removed=plan.removed))
-        log.info("config_reloaded", summary=plan.summary())
-        return plan.summary()
+        summary = plan.summary() if not curve else f"{curve}; {plan.summary()}" if plan.summary() != "no change" \
+            else curve
+        log.info("config_reloaded", summary=summary)
+        return summary
 
     def _apply_limits(self, config: Config) -> None:
         limits = config.app.limits

@@ -45,13 +45,18 @@ def keys_dir(cfg: MetricsConfig) -> Path:
 
 
 def proxy_events(ctx: zmq.Context, attach: Callable[[zmq.Socket, zmq.Socket], bool],
-                 ready: threading.Event) -> None:
-    """Forward events XSUB -> XPUB (and subscriptions back) until the context ends; ``attach(xsub, xpub)`` binds
-    or connects both (False: give up). ``ready`` is set once they are attached, or when giving up. Runs in a thread:
-    the supervisor's own bus and the tcp endpoint are both one of these."""
+                 ready: threading.Event, control: str = "") -> None:
+    """Forward events XSUB -> XPUB (and subscriptions back) until the context ends (or, given a ``control``
+    endpoint, until TERMINATE comes there); ``attach(xsub, xpub)`` binds or connects both (False: give up).
+    ``ready`` is set once they are attached, or when giving up. Runs in a thread: the supervisor's own bus and the
+    tcp endpoint are both one of these."""
     xsub = ctx.socket(zmq.XSUB)
     xpub = ctx.socket(zmq.XPUB)
+    steer = ctx.socket(zmq.PAIR) if control else None
     try:
+        if steer is not None:
+            steer.linger = 0
+            steer.bind(control)
         for s in (xsub, xpub):
             s.linger = 0
         xpub.sndhwm = 1000
@@ -59,41 +64,80 @@ def proxy_events(ctx: zmq.Context, attach: Callable[[zmq.Socket, zmq.Socket], bo
         if not attach(xsub, xpub):
             return
         ready.set()
-        zmq.proxy(xsub, xpub)
+        if steer is not None:
+            zmq.proxy_steerable(xsub, xpub, None, steer)
+        else:
+            zmq.proxy(xsub, xpub)
     except zmq.ContextTerminated:
         pass
     finally:
         ready.set()
         xsub.close(0)
         xpub.close(0)
+        if steer is not None:
+            steer.close(0)
+
+
+STEER = "inproc://metrics-tcp-steer"
 
 
 class TcpMetrics:
     def __init__(self, ctx: zmq.Context, run_dir: Path, host: str, cfg: MetricsConfig) -> None:  # type: ignore[type-arg]
         self.ctx, self.run_dir, self.host, self.cfg = ctx, run_dir, host, cfg
         self.auth: ThreadAuthenticator | None = None
-        self.thread = threading.Thread(target=self._run, name="metrics-tcp", daemon=True)
+        self.thread: threading.Thread | None = None
         self.ready = threading.Event()
+        self.clients: set[bytes] = set()  # the public keys let in (CurveZMQ with a clients folder)
 
     def start(self) -> None:
         if self.cfg.curve:
             self.auth = ThreadAuthenticator(self.ctx)
             self.auth.start()
             self.read_clients()
+        self._start_proxy()
+
+    def _start_proxy(self) -> None:
+        self.ready.clear()
+        self.thread = threading.Thread(target=self._run, name="metrics-tcp", daemon=True)
         self.thread.start()
         self.ready.wait(5)
 
-    def read_clients(self) -> None:
+    def read_clients(self) -> str:
         """(Re)read the subscribers' certificates of ``curve_clients_dir`` (at `up` and at each reload: a
-        certificate added later was refused until a restart)."""
+        certificate added later was refused until a restart). A certificate taken away cuts its subscriber off
+        at once: the tcp endpoint is opened again (CurveZMQ checks a key at the handshake only: a subscriber let
+        in went on receiving); the others reconnect by themselves. Returns what changed ("" for nothing)."""
         if self.auth is None:
-            return
-        clients = self.cfg.curve_clients_dir
-        self.auth.configure_curve(domain="*", location=str(Path(clients).expanduser()) if clients
-                                  else zmq.auth.CURVE_ALLOW_ANY)
+            return ""
+        folder = self.cfg.curve_clients_dir
+        location = str(Path(folder).expanduser()) if folder else zmq.auth.CURVE_ALLOW_ANY
+        self.auth.configure_curve(domain="*", location=location)
+        if not folder:
+            return ""
+        try:
+            now = set(zmq.auth.load_certificates(location))
+        except OSError:
+            now = set()
+        added, removed, self.clients = now - self.clients, self.clients - now, now
+        if removed and self.thread is not None:
+            self._restart_proxy()
+        return ", ".join(f"{n} metrics client certificate(s) {what}" for n, what in
+                         ((len(added), "added"), (len(removed), "removed: cut off")) if n)
+
+    def _restart_proxy(self) -> None:
+        steer = self.ctx.socket(zmq.PAIR)
+        steer.linger = 1000
+        try:
+            steer.connect(STEER)
+            steer.send(b"TERMINATE")
+            if self.thread is not None:
+                self.thread.join(5)
+        finally:
+            steer.close()
+        self._start_proxy()
 
     def _run(self) -> None:
-        proxy_events(self.ctx, self._attach, self.ready)
+        proxy_events(self.ctx, self._attach, self.ready, STEER)
 
     def _attach(self, xsub: zmq.Socket, xpub: zmq.Socket) -> bool:
         if self.cfg.curve:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -83,6 +84,18 @@ def test_metrics_tcp_with_curve_lets_only_allowed_subscribers_in(tmp_path: Path)
         assert system.cli("reload").returncode == 0
         late = subscriber(other_pub, other_sec)
         assert late.poll(10_000), "the subscriber let in by the reload got nothing"
+        # a certificate taken away cuts its subscriber off at the reload (a connected one went on receiving)
+        (clients / "other.key").unlink()
+        said = system.cli("reload")
+        assert said.returncode == 0 and "removed" in said.stdout + said.stderr, said
+        for s in (late, allowed):
+            while s.poll(0):
+                s.recv_multipart()
+        assert allowed.poll(10_000), "the subscriber still let in got nothing after the reload"
+        time.sleep(2)
+        while late.poll(0):  # (what was on its way before the cut)
+            late.recv_multipart()
+        assert not late.poll(3_000), "the subscriber whose certificate was taken away still receives"
     finally:
         for s in socks:
             s.close()
