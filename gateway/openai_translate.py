@@ -228,6 +228,8 @@ def responses_to_backend(req: Any) -> BackendRequest:
     _check(body, "store", bool, "a boolean")
     _check(body, "previous_response_id", str, "a string (the id of a stored response)")
     _check_int(body.get("max_output_tokens"), "max_output_tokens")
+    if body.get("top_logprobs") is not None:  # (the Responses API has no logprobs switch; llama-server asked for one)
+        body.setdefault("logprobs", True)
     tools = body.get("tools")
     if tools is not None:
         if not isinstance(tools, list):

@@ -499,3 +499,13 @@ def test_a_named_tool_choice_becomes_required_among_that_tool_alone() -> None:
     body = responses_to_backend({"model": "m", "input": "x", "tools": rtools,
                                  "tool_choice": {"type": "function", "name": "a"}}).body
     assert body["tool_choice"] == "required" and body["tools"] == [rtools[0]]
+
+
+def test_responses_top_logprobs_needs_no_switch_the_api_does_not_have() -> None:
+    """llama-server answered 'top_logprobs requires logprobs to be set to true': the Responses API has no logprobs."""
+    from gateway.openai_translate import responses_to_backend
+
+    assert responses_to_backend({"model": "m", "input": "x", "top_logprobs": 2}).body["logprobs"] is True
+    assert "logprobs" not in responses_to_backend({"model": "m", "input": "x"}).body
+    with pytest.raises(ApiError):
+        responses_to_backend({"model": "m", "input": "x", "top_logprobs": 50})
