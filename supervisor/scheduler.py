@@ -26,7 +26,7 @@ from supervisor.worker_manager import WorkerManager, WorkerUnavailable
 
 S = WorkerState
 log = structlog.get_logger()
-LOADED = frozenset({S.STARTING, S.READY, S.STOPPING})
+LOADED = frozenset({S.STARTING, S.READY, S.STOPPING, S.BACKOFF})  # (backoff: it restarts by itself)
 FOREVER = -1.0
 
 
@@ -103,6 +103,9 @@ class Scheduler:
         it is kept loaded (a negative keep-alive); 0 when nothing is scheduled (not loaded)."""
         if name in self._expires:
             return self._expires[name]
+        mgr = self.managers.get(name)
+        if mgr is None or not self._is_loaded(mgr):
+            return 0.0
         ka = self._keep_alive.get(name, 0.0)
         if ka < 0:
             return FOREVER  # (kept loaded: -1)

@@ -58,6 +58,8 @@ class FakeWorker:
             self.state = S.STOPPING
             self._stopped.append(fut)
         else:
+            if self.state == S.BACKOFF:  # (its restart is called off)
+                self.state = S.STOPPED
             fut.set_result("stopped")
         return fut
 
@@ -111,6 +113,40 @@ async def test_evicts_least_recently_used_idle_worker(world: Any) -> None:
     assert w["c"].state == S.STARTING
     w["c"].become_ready()
     assert await asyncio.wait_for(fut, 1) == "ep-c"
+
+
+async def test_a_crashed_model_waiting_to_restart_keeps_its_room(world: Any) -> None:
+    """A model in backoff restarts by itself: it counted as not loaded, so another loaded in its room and then
+    one model more than max_loaded_models ran once it was back."""
+    sched, w, _ = world  # (max_loaded 2)
+    await load(sched, w["a"], "1")
+    await load(sched, w["b"], "2")
+    sched.release("1")
+    sched.release("2")
+    await settle()
+    w["a"].last_used, w["b"].last_used = 10.0, 50.0
+    w["a"].state = S.BACKOFF  # (crashed: it restarts after its backoff)
+    sched.worker_changed("a")
+    await settle()
+    fut = sched.acquire("3", "c", None)
+    await settle()
+    assert w["a"].stops == 1 and w["a"].state == S.STOPPED, "the idle crashed model makes the room"
+    assert w["c"].state == S.STARTING and w["b"].state == S.READY
+    w["c"].become_ready()
+    assert await asyncio.wait_for(fut, 1) == "ep-c"
+
+
+async def test_a_model_kept_loaded_and_then_stopped_expires_nowhere(world: Any) -> None:
+    """It said -1 ("kept loaded") once stopped."""
+    sched, w, _ = world
+    await load(sched, w["a"], "1", keep_alive=-1)
+    sched.release("1")
+    await settle()
+    assert sched.expires_at("a") == -1
+    w["a"].stop()
+    w["a"].finish_stop()
+    await settle()
+    assert sched.expires_at("a") == 0
 
 
 async def test_busy_worker_is_never_evicted_request_waits(world: Any) -> None:
