@@ -391,6 +391,8 @@ class Supervisor:
     async def _shutdown(self) -> None:
         log.info("supervisor_stopping")
         self.stopping = True
+        if self.scheduler is not None:
+            self.scheduler.refuse_waiting(WorkerUnavailable("shutting_down", "llama-runner is shutting down", 503))
         grace = self.config.app.limits.shutdown_grace_s
         await asyncio.gather(*(p.stop(grace) for p in self.processes), return_exceptions=True)
         stops = [w.stop() for w in self.workers.values()]

@@ -290,6 +290,14 @@ class Scheduler:
             self._expires.pop(name, None)
         self._retry()
 
+    def refuse_waiting(self, error: WorkerUnavailable) -> None:
+        """Every request waiting for room gets ``error`` now (a shutdown: nothing loads any more, and they got no
+        answer at all: their clients' connections were dropped)."""
+        pending, self._pending = self._pending, []
+        for p in pending:
+            if not p.fut.done():
+                p.fut.set_exception(error)
+
     def _retry(self) -> None:
         pending, self._pending = self._pending, []
         for p in pending:

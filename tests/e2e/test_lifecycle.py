@@ -183,6 +183,49 @@ def test_a_shutdown_cuts_what_outlasts_its_grace_with_an_error_in_each_protocol(
             stop_system(sysm)
 
 
+def test_a_request_waiting_for_room_to_load_gets_a_503_at_a_shutdown(tmp_path) -> None:
+    """One model loaded and busy, room for one: a request for another waits for room; at a stop it got no answer
+    (the connection dropped: "Server disconnected without sending a response")."""
+    import concurrent.futures
+    import threading
+
+    import httpx
+
+    from tests.e2e.test_faults import A, B, two_model_config
+
+    sysm = start_system(two_model_config(max_loaded_models=1, shutdown_grace_s=3))
+    try:
+        flowing = threading.Event()
+
+        def busy() -> None:
+            body = {"model": A, "prompt": "Tell a long story.", "options": {"num_predict": 100000, "temperature": 0}}
+            with httpx.stream("POST", sysm.ollama_url + "/api/generate", json=body, timeout=60) as r:
+                for line in r.iter_lines():
+                    if line:
+                        flowing.set()
+
+        def waiting(url: str, body: dict) -> httpx.Response:
+            return httpx.post(url, json=body, timeout=60)
+
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            pool.submit(busy)
+            assert flowing.wait(60), "A streaming"
+            ollama = pool.submit(waiting, sysm.ollama_url + "/api/generate",
+                                 {"model": B, "prompt": "Hi", "stream": False})
+            openai_ = pool.submit(waiting, sysm.openai_url + "/chat/completions",
+                                  {"model": B, "messages": [{"role": "user", "content": "Hi"}]})
+            time.sleep(1.5)  # (both wait for room: A is busy)
+            assert not ollama.done() and not openai_.done()
+            sysm.proc.send_signal(signal.SIGINT)
+            o, a = ollama.result(30), openai_.result(30)
+        assert o.status_code == 503 and "shutting down" in o.json()["error"], o.text
+        assert a.status_code == 503 and "shutting down" in a.json()["error"]["message"], a.text
+        assert sysm.proc.wait(30) == 0
+    finally:
+        if sysm.proc.poll() is None:
+            stop_system(sysm)
+
+
 def test_a_dashboard_page_left_open_does_not_hold_up_a_shutdown() -> None:
     """The live event stream and a log tail never end by themselves: a stop ends them (it waited for them until
     the supervisor killed the dashboard after its grace, and a dashboard orphaned by a supervisor killed -9
