@@ -265,6 +265,8 @@ class GatewayBus:
                 except BusDecodeError:
                     continue
                 if isinstance(event, ConfigReloaded):
+                    for name in (*event.removed, *event.changed):  # (a removed model is served no more: its
+                        self.invalidate(name)  # shared lease went on answering for it; a changed one restarts)
                     if self.on_config_reloaded is not None:
                         self.on_config_reloaded()
                     continue

@@ -88,6 +88,28 @@ def test_removed_model_is_drained_then_stopped(reloadable: tuple[System, dict[st
     assert err.value.status_code == 404
 
 
+def test_a_removed_model_is_refused_at_once_while_its_last_stream_drains(
+        reloadable: tuple[System, dict[str, Any]]) -> None:
+    """The Ollama port went on serving it (its shared lease answered without asking the supervisor) until the
+    drain ended, and kept the drain going with every new request."""
+    system, base = reloadable
+    write_models(system, {A: base, C: base})
+    assert system.cli("reload").returncode == 0
+    c = ollama.Client(system.ollama_url, timeout=120)
+    c.generate(model=C, prompt="Hi", options={"num_predict": 2})  # (the gateway holds a shared lease on C now)
+    s = Stream(system, C, "ollama", 400)
+    s.start()
+    s.wait_streaming()
+    write_models(system, {A: base})
+    assert system.cli("reload").returncode == 0
+    time.sleep(0.5)  # (the reload's event reaches the gateways)
+    with pytest.raises(ollama.ResponseError) as err:
+        c.generate(model=C, prompt="Hi", options={"num_predict": 2})
+    assert err.value.status_code == 404 and s.is_alive()
+    s.join(120)
+    assert s.error is None and s.done, s.error
+
+
 def test_a_changed_model_finishes_its_stream_then_restarts(reloadable: tuple[System, dict[str, Any]]) -> None:
     system, base = reloadable
     write_models(system, {A: base, B: base})
