@@ -277,7 +277,9 @@ class GatewayBus:
                 if isinstance(event, WorkerStateEvent) and event.state != WorkerState.READY:
                     self.invalidate(event.name)
                     link = self.links.get(event.name)
-                    if link is not None and event.state != WorkerState.STARTING:
+                    if link is not None and event.state == WorkerState.STOPPING:  # (stopped: as the worker says it)
+                        link.fail_all(503, "worker_stopping", f"model {event.name!r} is stopping")
+                    elif link is not None and event.state != WorkerState.STARTING:
                         link.fail_all(502, "worker_" + event.state.value,
                                       f"model {event.name!r} worker {event.state.value}: {event.message}".rstrip(": "))
         finally:

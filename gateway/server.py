@@ -218,7 +218,10 @@ RETRIES_BEFORE_HEAD = 2
 
 
 def _retriable(err: ApiError) -> bool:
-    return err.code == "backend_exited" or err.code.startswith("worker_")
+    """Sent again to the model's next worker: its worker died or was replaced before answering. Not when it was
+    stopped (an operator's stop or restart, a shutdown: every automatic stop waits for the model's leases to end,
+    so a job meets a stopping worker only then): sent again, the stopped model loaded again for it."""
+    return err.code == "backend_exited" or (err.code.startswith("worker_") and err.code != "worker_stopping")
 
 
 async def open_job(request: web.Request, model: str, path: str, body: dict[str, Any], stream: bool,

@@ -96,6 +96,26 @@ def test_stop_and_start_commands(system: System) -> None:
     assert empty.returncode == 1 and "a model name is required" in empty.stderr, empty
 
 
+def test_a_stop_ends_a_request_under_way_with_an_error_and_the_model_stays_stopped(system: System) -> None:
+    """A non-streamed request llama-server was answering was sent again after the stop: the model loaded again
+    for it and the client got a 200 (the README: requests under way end with an error)."""
+    import concurrent.futures
+
+    import httpx
+
+    ask(system)
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Tell a long story."}], "max_tokens": 400,
+            "ignore_eos": True}
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        answer = pool.submit(httpx.post, system.openai_url + "/chat/completions", json=body, timeout=120)
+        time.sleep(2)  # (under way: 400 tokens take ~10 s here)
+        assert system.cli("stop", MODEL).returncode == 0
+        r = answer.result(120)
+    assert r.status_code == 503 and "stopping" in r.json()["error"]["message"], r.text
+    time.sleep(2)
+    assert system.worker(MODEL)["state"] == "stopped", system.worker(MODEL)
+
+
 def test_supervisor_kill_9_leaves_no_process_behind() -> None:
     sysm = start_system()
     try:
