@@ -20,6 +20,7 @@ from gateway import metrics as gateway_metrics
 from gateway import request_limits, security
 from gateway.bus_client import GatewayBus
 from gateway.errors import ApiError, log_failure, ollama_error_body
+from gateway.grammar_check import check_constraints
 from gateway.listen import drain_times
 from gateway.relay import Relay, backend_error
 
@@ -227,6 +228,7 @@ def _retriable(err: ApiError) -> bool:
 async def open_job(request: web.Request, model: str, path: str, body: dict[str, Any], stream: bool,
                    keep_alive: float | None = None) -> Relay:
     """Send an HTTP job for ``model``'s llama-server; returns its relay with the backend's head checked (< 400)."""
+    check_constraints(body)  # (a schema or grammar llama-server would never return from)
     payload = msgspec.json.encode(body)
     route, gateway = request.path, request.app[LAUNCH].protocol
     return await open_relay(request, model, lambda rid: HttpJob(request_id=rid, path=path, body=payload,

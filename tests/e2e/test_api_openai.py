@@ -385,3 +385,28 @@ def test_tools_for_a_model_without_them_are_a_400_on_the_responses_and_v0_routes
         "model": MODEL, "messages": [{"role": "user", "content": "Weather?"}],
         "tools": [{"type": "function", "function": {"name": "get_weather"}}]})
     assert r.status_code == 400 and "does not support tools" in r.json()["error"]["message"]
+
+
+def test_a_schema_llama_server_would_never_return_from_is_a_400_on_every_route(system: System) -> None:
+    """minItems above maxItems: llama.cpp's grammar builder never returned and its memory grew ~270 MB/s (16 GB in
+    75 s), every other request to the model hung, and a client's timeout did not stop it."""
+    bad = {"type": "array", "minItems": 5, "maxItems": 2}
+    msgs = [{"role": "user", "content": "hi"}]
+    ollama_base = f"http://127.0.0.1:{system.ollama_port}"
+    cases = [
+        (base(system) + "/v1/chat/completions", {"model": MODEL, "messages": msgs, "max_tokens": 4,
+                                                 "response_format": {"type": "json_schema",
+                                                                     "json_schema": {"name": "x", "schema": bad}}}),
+        (base(system) + "/v1/responses", {"model": MODEL, "input": "hi", "max_output_tokens": 4, "text": {
+            "format": {"type": "json_schema", "name": "x", "schema": bad}}}),
+        (base(system) + "/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 4, "json_schema": bad}),
+        (base(system) + "/api/v0/chat/completions", {"model": MODEL, "messages": msgs, "grammar": 'root ::= "a"{5,2}'}),
+        (ollama_base + "/api/chat", {"model": MODEL, "messages": msgs, "format": bad, "stream": False}),
+        (ollama_base + "/v1/chat/completions", {"model": MODEL, "messages": msgs,
+                                                "response_format": {"type": "json_schema",
+                                                                    "json_schema": {"name": "x", "schema": bad}}}),
+    ]
+    for url, body in cases:
+        r = httpx.post(url, json=body, timeout=20)
+        assert r.status_code == 400 and "more" in r.text, (url, r.text)
+    assert client(system).chat.completions.create(model=MODEL, messages=MSG, max_tokens=2).choices  # (still serves)
