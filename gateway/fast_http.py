@@ -18,6 +18,7 @@ answered, as if it had been there from the start.
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import Callable, Mapping
 from email.utils import formatdate
@@ -35,7 +36,8 @@ log = structlog.get_logger()
 HOT_PATHS = ("/api/chat", "/api/generate", "/v1/chat/completions", "/v1/completions")
 BODY_WAIT_MAX = 256 * 1024  # a body up to this size that follows its head is awaited here (larger: aiohttp reads it)
 BODY_WAIT_S = 1.0  # ... for this long; a body still incomplete then is read by aiohttp (as a slow client's)
-MAX_HEAD = 64 * 1024
+MAX_HEAD = 8 * 1024  # (aiohttp's line limit: a longer head is its to refuse)
+_CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f]")  # (in a header: aiohttp's 400)
 REFUSED_HEADERS = frozenset({"content-encoding", "expect", "transfer-encoding", "upgrade"})  # (aiohttp's to read)
 
 
@@ -226,8 +228,10 @@ class FastHTTP(asyncio.Protocol):
         """The next request's head if the fast path takes it; None: not all here yet, or handed to aiohttp."""
         buf = self.buf
         end = buf.find(b"\r\n\r\n")
-        if end < 0:
-            if len(buf) > MAX_HEAD or b"\n\n" in buf:  # (too long, or lines ended by a bare LF: aiohttp's 400)
+        if end < 0 or end > MAX_HEAD:
+            # (too long, lines ended by a bare LF, or no HTTP at all, e.g. a TLS hello: aiohttp's 400 at once; it
+            # waited for a head that never came, 75 s)
+            if len(buf) > MAX_HEAD or b"\n\n" in buf or not buf[:1].isalpha():
                 self._hand_over()
             return None
         self._stop_timers()
@@ -239,14 +243,17 @@ class FastHTTP(asyncio.Protocol):
             return None
         headers: CIMultiDict[str] = CIMultiDict()
         length = -1
+        hosts = 0
         for line in lines[1:]:
             name, sep, value = line.partition(":")
             name = name.lower()
-            if not sep or not name or name != name.strip() or name in REFUSED_HEADERS:
+            if not sep or not name or name != name.strip() or name in REFUSED_HEADERS or _CONTROL.search(line):
                 self._hand_over()  # (a malformed or an unusual request: aiohttp answers it)
                 return None
             value = value.strip()
-            if name == "content-length":
+            if name == "host":
+                hosts += 1
+            elif name == "content-length":
                 if length >= 0 or not (value.isascii() and value.isdigit()):  # ("²".isdigit() is True)
                     self._hand_over()
                     return None
@@ -254,8 +261,8 @@ class FastHTTP(asyncio.Protocol):
             elif name == "connection" and value.lower() == "close":
                 self.closing = True
             headers.add(name, value)
-        if length < 0 or length > self.app[CONFIG].app.limits.max_body_bytes:
-            self._hand_over()  # (no length, or too large: aiohttp answers it)
+        if length < 0 or length > self.app[CONFIG].app.limits.max_body_bytes or hosts != 1:
+            self._hand_over()  # (no length, too large, no Host or two: aiohttp answers it)
             return None
         return handler, parts[1], headers, end + 4, length
 

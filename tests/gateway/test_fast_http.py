@@ -209,6 +209,13 @@ async def test_pipelined_requests_are_answered_in_order_and_connection_close_is_
      400, False),
     # lines ended by a bare LF: aiohttp's 400 at once, not a wait for a CRLF head until the keep-alive timeout
     (post("/api/chat", {"messages": []}).replace(b"\r\n", b"\n"), 400, False),
+    # no HTTP at all (a TLS hello: https:// to a plain port): at once, not after the keep-alive timeout (75 s)
+    (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03", 400, False),
+    # two Host headers (the host check read the first), none, a control character, a head over 8 KiB: aiohttp's
+    (post("/api/chat", {"messages": []}, "Host: evil.example\r\n"), 400, False),
+    (post("/api/chat", {"messages": []}).replace(b"Host: localhost\r\n", b""), 400, False),
+    (post("/api/chat", {"messages": []}, "X-A: a\x00b\r\n"), 400, False),
+    (post("/api/chat", {"messages": []}, "X-A: " + "a" * 9000 + "\r\n"), 400, False),
 ])
 async def test_anything_else_is_answered_by_aiohttp_then_and_after(served: Any, raw: bytes, status: int,
                                                                    then: bool) -> None:
