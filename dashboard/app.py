@@ -294,10 +294,16 @@ def _gateway_base(st: StatusReply, launch: GatewayLaunch) -> str | None:
     return f"http://{host}:{proc.port}"
 
 
+BODY_TIMEOUT_S = 30.0
+
+
 async def chat(request: web.Request) -> web.StreamResponse:
     """Try a model: a streamed chat completion through the OpenAI gateway, relayed as it comes (SSE)."""
-    try:
-        doc = msgspec.json.decode(await request.read())
+    try:  # (a body that never comes held the connection for good)
+        doc = msgspec.json.decode(await asyncio.wait_for(request.read(), BODY_TIMEOUT_S))
+    except TimeoutError:
+        return web.json_response({"error": f"the request body did not come within {BODY_TIMEOUT_S:.0f} s"},
+                                 status=408)
     except (msgspec.DecodeError, RecursionError, UnicodeDecodeError):
         return web.json_response({"error": "expected a JSON body"}, status=400)
     if not isinstance(doc, dict) or not isinstance(doc.get("model"), str) or not isinstance(doc.get("messages"),

@@ -59,3 +59,21 @@ async def test_a_foreign_host_header_is_refused_on_loopback(tmp_path: Path) -> N
             assert r.status == 403 and "DNS rebinding" in (await r.json())["error"], url
         r = await client.get("/api/info", headers={"Host": "localhost:8585"})
         assert r.status == 200
+
+
+async def test_a_chat_body_that_never_comes_is_a_408(tmp_path: Path, monkeypatch) -> None:
+    """It held the connection for good (200 s and more)."""
+    import asyncio
+
+    from dashboard import app as dashboard_app
+
+    monkeypatch.setattr(dashboard_app, "BODY_TIMEOUT_S", 0.5)
+    server = TestServer(build(_launch(tmp_path, "127.0.0.1"), token=None))
+    async with TestClient(server):
+        reader, writer = await asyncio.open_connection(server.host, server.port)
+        writer.write(b"POST /api/chat HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 100\r\n\r\n{\"model\":")
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(200), 5)
+        writer.close()
+    assert answer.startswith(b"HTTP/1.1 408"), answer
