@@ -169,7 +169,8 @@ async def relay_openai(request: web.Request, model: str, path: str, body: dict[s
         resp = await open_stream(request, {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         if events is not None:
             conv = tr.ResponsesStream(model if rename else None, model, completed=transform, fields=events)
-            await relay.stream_to(resp, conv.feed, _sse_error, conv.flush)
+            await relay.stream_to(resp, conv.feed, lambda err: conv.failed(openai_error_body(err)["error"]),
+                                  conv.flush)
             return resp
         choices = tr.ChoiceStream() if tr.several_choices(body) else None
         parser = SSEParser() if rename or transform is not None or choices is not None else None

@@ -312,6 +312,7 @@ class ResponsesStream:
         self.completed = completed  # called with response.completed's response (may change it)
         self.fields = fields or {}  # what every response object says of the request (response_fields)
         self.arguments_done: set[int] = set()  # function call items whose arguments.done has been sent
+        self.response_id = ""  # (from response.created: a failure names it)
         self.name = model or name  # the model's name where llama-server gives none (response.created)
         self.created = int(time.time()) if created is None else created
         self.rest = b""
@@ -342,6 +343,8 @@ class ResponsesStream:
         except msgspec.DecodeError:
             return block + b"\n\n"
         before = b""
+        if isinstance(doc, dict) and isinstance(doc.get("error"), dict):  # (llama-server's own, in the chat shape)
+            return self.failed(doc["error"])
         if isinstance(doc, dict) and "error" not in doc:
             kind = str(doc.get("type", ""))
             if kind == "response.output_item.done":
@@ -360,6 +363,8 @@ class ResponsesStream:
                 doc.setdefault("content_index", max(self.part, 0))
             response = doc.get("response")
             if isinstance(response, dict):
+                if isinstance(response.get("id"), str):
+                    self.response_id = response["id"]
                 if self.model is not None and "model" in response:
                     response["model"] = self.model
                 if kind in _LIFECYCLE_EVENTS:
@@ -374,6 +379,20 @@ class ResponsesStream:
                     self.completed(response)
             lines[at] = b"data: " + msgspec.json.encode(doc)
         return before + b"\n".join(lines) + b"\n\n"
+
+    def failed(self, error: dict[str, Any]) -> bytes:
+        """The end of a stream cut by ``error`` (OpenAI's error object) as the Responses API says it: an ``error``
+        event, then ``response.failed`` (it came as a chat completion's error chunk, which the SDK's Responses
+        stream does not read as an event)."""
+        ev = {"type": "error", "code": error.get("code"), "message": error.get("message", ""),
+              "param": error.get("param"), "sequence_number": self.seq}
+        response = fill_response({"id": self.response_id, "object": "response", "created_at": self.created,
+                                  "model": self.name, "status": "failed", "output": []}, self.fields)
+        response["error"] = {"code": error.get("code") or "server_error", "message": error.get("message", "")}
+        done = {"type": "response.failed", "sequence_number": self.seq + 1, "response": response}
+        self.seq += 2
+        return (b"event: error\ndata: " + msgspec.json.encode(ev) + b"\n\nevent: response.failed\ndata: "
+                + msgspec.json.encode(done) + b"\n\n")
 
     def _arguments_done(self, item: Any) -> bytes:
         """OpenAI's ``response.function_call_arguments.done`` (the whole arguments), where llama-server went from

@@ -303,3 +303,28 @@ def test_leases_of_a_killed_gateway_are_released(faulty: System) -> None:
     r = openai.OpenAI(base_url=faulty.openai_url, api_key="x", max_retries=0, timeout=60).chat.completions.create(
         model=B, messages=[{"role": "user", "content": "Hi"}], max_tokens=2)
     assert r.choices and time.monotonic() - start < 15
+
+
+def test_a_responses_stream_cut_by_a_crash_ends_with_the_responses_apis_events(faulty: System) -> None:
+    """The openai SDK reads an error event and response.failed (it got a chat completion's error chunk)."""
+    import threading
+
+    wa = loaded(faulty, A)
+    c = openai.OpenAI(base_url=faulty.openai_url, api_key="x", max_retries=0, timeout=120)
+    kinds: list[str] = []
+    streaming = threading.Event()
+
+    def read() -> None:
+        for ev in c.responses.create(model=A, input=LONG_PROMPT, max_output_tokens=400, stream=True,
+                                     extra_body={"ignore_eos": True}):
+            kinds.append(ev.type)
+            if ev.type == "response.output_text.delta":
+                streaming.set()
+
+    t = threading.Thread(target=read)
+    t.start()
+    assert streaming.wait(60), "streaming"
+    os.kill(wa["backend_pid"], signal.SIGKILL)
+    t.join(60)
+    assert kinds[-2:] == ["error", "response.failed"], kinds[-5:]
+    wait_for(lambda: faulty.worker(A)["state"] == "ready", 60, "the model restarted after the crash")

@@ -509,3 +509,20 @@ def test_responses_top_logprobs_needs_no_switch_the_api_does_not_have() -> None:
     assert "logprobs" not in responses_to_backend({"model": "m", "input": "x"}).body
     with pytest.raises(ApiError):
         responses_to_backend({"model": "m", "input": "x", "top_logprobs": 50})
+
+
+def test_a_responses_stream_cut_by_an_error_ends_as_the_responses_api_says_it() -> None:
+    """An error event then response.failed (it came as a chat completion's error chunk)."""
+    from gateway.openai_translate import ResponsesStream
+
+    conv = ResponsesStream("m", created=1)
+    out = conv.feed(FUNCTION_CALL_SSE.split(b"event: response.output_item.added")[0])
+    out += conv.feed(b'data: {"error":{"code":500,"message":"boom","type":"server_error"}}\n\n')
+    out += conv.failed({"message": "cut", "type": "server_error", "param": None, "code": "shutting_down"})
+    evs = [(b.split(b"\n")[0].decode()[7:], msgspec.json.decode(b.split(b"\n")[1][6:]))
+           for b in out.split(b"\n\n") if b]
+    assert [name for name, _ in evs] == ["response.created", "error", "response.failed", "error", "response.failed"]
+    assert [d["sequence_number"] for _, d in evs] == list(range(5))
+    assert evs[1][1]["message"] == "boom" and evs[4][1]["response"]["status"] == "failed"
+    assert evs[4][1]["response"]["id"] == "r2" and evs[4][1]["response"]["error"]["code"] == "shutting_down"
+    assert all(name == d["type"] for name, d in evs)
