@@ -526,3 +526,13 @@ def test_a_responses_stream_cut_by_an_error_ends_as_the_responses_api_says_it() 
     assert evs[1][1]["message"] == "boom" and evs[4][1]["response"]["status"] == "failed"
     assert evs[4][1]["response"]["id"] == "r2" and evs[4][1]["response"]["error"]["code"] == "shutting_down"
     assert all(name == d["type"] for name, d in evs)
+
+
+def test_llama_cpps_n_probs_and_legacy_logprobs_are_bounded() -> None:
+    """n_probs 49152 answered 47 MB and left llama-server 700 MB bigger (75 MB a token): a memory bomb."""
+    for req, param in (({"model": "m", "messages": [{"role": "user", "content": "x"}], "n_probs": 49152}, "n_probs"),
+                       ({"model": "m", "prompt": "x", "logprobs": 49152}, "logprobs")):
+        with pytest.raises(ApiError) as err:
+            (chat_to_backend if "messages" in req else completions_to_backend)(req)
+        assert err.value.status == 400 and err.value.param == param
+    assert completions_to_backend({"model": "m", "prompt": "x", "logprobs": 5}).body["logprobs"] == 5
