@@ -328,3 +328,36 @@ def test_a_responses_stream_cut_by_a_crash_ends_with_the_responses_apis_events(f
     t.join(60)
     assert kinds[-2:] == ["error", "response.failed"], kinds[-5:]
     wait_for(lambda: faulty.worker(A)["state"] == "ready", 60, "the model restarted after the crash")
+
+
+def test_a_client_that_gives_up_and_asks_again_at_once_is_not_refused_as_queue_full() -> None:
+    """Its first request's place frees as that job unwinds, a moment after the cancel: the new one came first and
+    met a full queue (Open WebUI's stop-then-send got 429s/503s at exactly the model's capacity)."""
+    import concurrent.futures
+
+    import httpx
+
+    from tests.conftest import start_system, stop_system
+
+    sysm = start_system(two_model_config(queue_size=1))
+    body = {"model": A, "messages": [{"role": "user", "content": LONG_PROMPT}], "max_tokens": 300,
+            "ignore_eos": True, "stream": True}
+    try:
+        loaded(sysm, A)
+        refused = 0
+        with httpx.Client(timeout=60) as c, concurrent.futures.ThreadPoolExecutor(1) as pool:
+            for _ in range(3):
+                first = c.stream("POST", sysm.openai_url + "/chat/completions", json=body)
+                r = first.__enter__()
+                lines = r.iter_lines()
+                next(lines)  # (it has the slot)
+                queued = pool.submit(httpx.post, sysm.openai_url + "/chat/completions", timeout=60,
+                                     json={**body, "stream": False, "max_tokens": 20})
+                time.sleep(0.5)  # (the queue's one place taken)
+                first.__exit__(None, None, None)  # the client gives up...
+                again = c.post(sysm.openai_url + "/chat/completions", json={**body, "stream": False, "max_tokens": 5})
+                refused += again.status_code == 429
+                assert queued.result(60).status_code == 200
+        assert refused == 0, refused
+    finally:
+        stop_system(sysm)
