@@ -324,10 +324,12 @@ async def chat(request: web.Request) -> web.StreamResponse:
     if base is None:
         return web.json_response({"error": "the OpenAI gateway is not running"}, status=503)
     headers = {"Content-Type": "application/json"}
-    with contextlib.suppress(ConfigError):  # the gateway may want an API key: use the first configured one
-        keys = getattr(load_config(request.app[LAUNCH].config_dir or None).app.proxies.lmstudio, "api_keys", [])
-        if keys:
-            headers["Authorization"] = f"Bearer {keys[0]}"
+    # The OpenAI port's API key, if it wants one, is the caller's to give (Authorization, or the dashboard's token
+    # field): the chat sent the first configured key itself, which opened every model to any local process.
+    given = request.headers.get("Authorization") or (f"Bearer {request.headers['X-Llama-Runner-Token']}"
+                                                      if request.headers.get("X-Llama-Runner-Token") else "")
+    if given:
+        headers["Authorization"] = given
     try:
         async with request.app[HTTP].post(f"{base}/v1/chat/completions", data=payload, headers=headers) as up:
             if up.status >= 400:

@@ -110,3 +110,13 @@ def test_a_foreign_host_header_is_refused_on_every_path(locked: System) -> None:
     assert r.status_code == 403 and "DNS rebinding" in r.json()["error"]
     r = httpx.get(f"http://127.0.0.1:{locked.dashboard_port}/api/status", headers={"Host": "attacker.example"})
     assert r.status_code == 403
+
+
+def test_the_dashboards_chat_needs_the_key_the_openai_port_wants(locked: System) -> None:
+    """It sent the first configured key itself: any local process used every model through the dashboard."""
+    url = f"http://127.0.0.1:{locked.dashboard_port}/api/chat"
+    body = {"model": "smollm2", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3}
+    r = httpx.post(url, json=body, timeout=60)
+    assert r.status_code == 401, r.text
+    r = httpx.post(url, json=body, timeout=60, headers={"Authorization": f"Bearer {LMSTUDIO_KEY}"})
+    assert r.status_code == 200 and "data:" in r.text, r.text
