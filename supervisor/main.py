@@ -419,6 +419,9 @@ class Supervisor:
             with contextlib.suppress(OSError):
                 if stat.S_ISSOCK(path.lstat().st_mode):
                     path.unlink()
+        for path in self.run_dir.glob("k-*.key"):  # (llama-servers' API keys: workers killed left theirs)
+            with contextlib.suppress(OSError):
+                path.unlink()
         log.info("supervisor_stopped")
 
     # ------------------------------------------------------------------ control socket

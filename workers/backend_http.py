@@ -303,8 +303,9 @@ class BackendPool:
     host:port), reused last-in first-out."""
 
     def __init__(self, host: str, port: int, connect_timeout: float = 10.0, gather_s: float = GATHER_S,
-                 unix_path: str | None = None) -> None:
+                 unix_path: str | None = None, api_key: str = "") -> None:
         self.host, self.port = host, port
+        self.auth = f"Authorization: Bearer {api_key}\r\n" if api_key else ""
         self.unix_path = unix_path
         self.gather_s = gather_s
         self.connect_timeout = connect_timeout
@@ -339,7 +340,7 @@ class BackendPool:
         """Send one request; ``on_head`` then ``on_data`` (once per read), then ``on_end`` at a clean end, are called
         from the protocol. Returns at the end of the response (or when a callback said stop); raises
         BackendHTTPError."""
-        head = (f"{method} {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
+        head = (f"{method} {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n{self.auth}"
                 + (f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n" if body or method == "POST"
                    else "")
                 + "\r\n").encode("latin-1")

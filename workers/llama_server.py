@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import os
 import re
+import secrets
 import signal
 import sys
 import time
@@ -46,7 +47,7 @@ def build_argv(launch: WorkerLaunch, socket_path: str | None = None) -> list[str
 
 # Flags of ours (config/schema.py llama_server_args) that an older llama-server may not know: it exits with
 # "invalid argument: FLAG"; it is then started again without them.
-OPTIONAL_FLAGS = ("--cache-ram",)  # (config/schema.py CACHE_RAM_FLAG: not imported, the worker stays lean)
+OPTIONAL_FLAGS = ("--cache-ram", "--api-key-file")  # (config/schema.py CACHE_RAM_FLAG: not imported, the worker stays lean)
 
 
 def without(argv: list[str], flags: set[str]) -> list[str]:
@@ -70,6 +71,21 @@ def check_model_file(path: str) -> None:
         raise BackendError(problem)
 
 
+def _own_api_key(extra_args: list[str]) -> str:
+    """The first key of a model's own --api-key / --api-key-file ("" when it sets none)."""
+    for i, arg in enumerate(extra_args):
+        name, eq, value = arg.partition("=")
+        if name in ("--api-key", "--api-key-file"):
+            value = value if eq else (extra_args[i + 1] if i + 1 < len(extra_args) else "")
+            if name == "--api-key":
+                return value.split(",")[0].strip()
+            with contextlib.suppress(OSError):
+                for line in Path(value).expanduser().read_text().splitlines():
+                    if line.strip() and not line.startswith("#"):
+                        return line.strip()
+    return ""
+
+
 class LlamaServer:
     def __init__(self, launch: WorkerLaunch, log_path: Path) -> None:
         self.launch = launch
@@ -87,6 +103,10 @@ class LlamaServer:
         self._pump: asyncio.Task[None] | None = None
         self._tail: list[str] = []
         self._dropped: set[str] = set()  # OPTIONAL_FLAGS this llama-server does not know
+        # Its API key: llama-server's TCP port is open to every local process, and the gateways' api_keys and Host
+        # check were walked around through it. A key of the worker's own, in a 0600 file of the private run dir
+        # (not on the command line, which every user can read); a model's own --api-key(-file) wins.
+        self.api_key, self.key_file = _own_api_key(launch.params.extra_args), ""
 
     @property
     def pid(self) -> int:
@@ -97,7 +117,19 @@ class LlamaServer:
 
     def pool(self, connect_timeout: float = 10.0) -> BackendPool:
         """Keep-alive connections to this llama-server (over its unix socket when it has one)."""
-        return BackendPool("127.0.0.1", self.port, connect_timeout=connect_timeout, unix_path=self.socket_path)
+        return BackendPool("127.0.0.1", self.port, connect_timeout=connect_timeout, unix_path=self.socket_path,
+                           api_key=self.api_key)
+
+    def _key_args(self) -> list[str]:
+        if self.key_file or not self.launch.run_dir or _own_api_key(self.launch.params.extra_args):
+            return ["--api-key-file", self.key_file] if self.key_file else []
+        self.api_key = secrets.token_urlsafe(24)
+        path = Path(self.launch.run_dir) / f"k-{os.getpid()}.key"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(self.api_key + "\n")
+        self.key_file = str(path)
+        return ["--api-key-file", self.key_file]
 
     async def start(self, timeout: float) -> None:
         if not self.launch.llama_server:
@@ -136,7 +168,7 @@ class LlamaServer:
         if self.socket_path:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.socket_path)  # a previous llama-server's (it would refuse to listen there)
-        argv = without(build_argv(self.launch, self.socket_path), self._dropped)
+        argv = without(build_argv(self.launch, self.socket_path) + self._key_args(), self._dropped)
         log.info("llama_server_start", argv=argv)
         loop = asyncio.get_running_loop()
         self._port_found = loop.create_future()
@@ -233,6 +265,7 @@ class LlamaServer:
         if self._pump:
             with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
                 await asyncio.wait_for(self._pump, 1.0)
-        if self.socket_path:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.socket_path)
+        for path in (self.socket_path, self.key_file):
+            if path:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)

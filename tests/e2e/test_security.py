@@ -120,3 +120,17 @@ def test_the_dashboards_chat_needs_the_key_the_openai_port_wants(locked: System)
     assert r.status_code == 401, r.text
     r = httpx.post(url, json=body, timeout=60, headers={"Authorization": f"Bearer {LMSTUDIO_KEY}"})
     assert r.status_code == 200 and "data:" in r.text, r.text
+
+
+def test_llama_servers_own_port_wants_the_workers_key(locked: System) -> None:
+    """Its TCP port answered anybody: the gateways' api_keys and Host check were walked around through it."""
+    import psutil
+
+    ok = openai.OpenAI(base_url=locked.openai_url, api_key=LMSTUDIO_KEY, max_retries=0)
+    ok.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "Hi"}], max_tokens=2)
+    backend = psutil.Process(next(w for w in locked.status()["workers"] if w["name"] == "smollm2")["backend_pid"])
+    (port,) = {c.laddr.port for c in backend.net_connections("tcp") if c.status == psutil.CONN_LISTEN}
+    r = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", timeout=30,
+                   json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2})
+    assert r.status_code == 401, r.text
+    assert "--api-key" not in " ".join(backend.cmdline()).replace("--api-key-file", "")  # (no key in argv)
