@@ -36,6 +36,7 @@ log = structlog.get_logger()
 HOT_PATHS = ("/api/chat", "/api/generate", "/v1/chat/completions", "/v1/completions")
 BODY_WAIT_MAX = 256 * 1024  # a body up to this size that follows its head is awaited here (larger: aiohttp reads it)
 BODY_WAIT_S = 1.0  # ... for this long; a body still incomplete then is read by aiohttp (as a slow client's)
+PIPELINE_MAX = 64 * 1024  # bytes read ahead of the request being answered (aiohttp's own pause is near it)
 MAX_HEAD = 8 * 1024  # (aiohttp's line limit: a longer head is its to refuse)
 _CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f]")  # (in a header: aiohttp's 400)
 REFUSED_HEADERS = frozenset({"content-encoding", "expect", "transfer-encoding", "upgrade"})  # (aiohttp's to read)
@@ -186,8 +187,10 @@ class FastHTTP(asyncio.Protocol):
         self.buf = self.buf + data if self.buf else data
         if self.task is None:
             self._next()
-        elif len(self.buf) > MAX_HEAD + self.app[CONFIG].app.limits.max_body_bytes and self.transport is not None:
-            self.transport.pause_reading()  # requests sent ahead of their turn: no more until this answer is out
+        elif len(self.buf) > PIPELINE_MAX and self.transport is not None:
+            # requests sent ahead of their turn: no more until this answer is out (at a body's worth, a client
+            # writing junk behind a stream held 32 MiB a connection, and copied it at every read)
+            self.transport.pause_reading()
             self._reading_paused = True
 
     def pause_writing(self) -> None:
