@@ -226,6 +226,8 @@ def responses_to_backend(req: Any) -> BackendRequest:
         raise _bad("input", "must be a string or a list of input items")
     _check(body, "instructions", str, "a string")
     _check(body, "store", bool, "a boolean")
+    if body.get("truncation") not in (None, "auto", "disabled"):
+        raise _bad("truncation", f"must be 'auto' or 'disabled', not {body['truncation']!r}")
     _check(body, "previous_response_id", str, "a string (the id of a stored response)")
     _check_int(body.get("max_output_tokens"), "max_output_tokens")
     if body.get("top_logprobs") is not None:  # (the Responses API has no logprobs switch; llama-server asked for one)

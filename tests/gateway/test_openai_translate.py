@@ -536,3 +536,14 @@ def test_llama_cpps_n_probs_and_legacy_logprobs_are_bounded() -> None:
             (chat_to_backend if "messages" in req else completions_to_backend)(req)
         assert err.value.status == 400 and err.value.param == param
     assert completions_to_backend({"model": "m", "prompt": "x", "logprobs": 5}).body["logprobs"] == 5
+
+
+def test_responses_truncation_takes_openais_values_only() -> None:
+    """'bogus' was answered 200 and echoed."""
+    from gateway.openai_translate import responses_to_backend
+
+    for ok in ("auto", "disabled"):
+        responses_to_backend({"model": "m", "input": "x", "truncation": ok})
+    with pytest.raises(ApiError) as err:
+        responses_to_backend({"model": "m", "input": "x", "truncation": "bogus"})
+    assert err.value.param == "truncation"
