@@ -268,7 +268,19 @@ def fit_to_context(body: dict[str, Any], prompt_tokens: int, ctx: int) -> dict[s
             return None
         others = sum(len(str(m.get("content") or "")) for m in messages[:-1])
         text = cut_front(last["content"], prompt_tokens, ctx, others)
-        return None if text is None else {**body, "messages": [*messages[:-1], {**last, "content": text}]}
+        if text is not None:
+            return {**body, "messages": [*messages[:-1], {**last, "content": text}]}
+        # the rest alone is too long (a system prompt longer than the context: it was a 400): its longest message
+        # loses its beginning, as Ollama cuts the front of a prompt that does not fit
+        sized = [(len(m["content"]), i) for i, m in enumerate(messages[:-1]) if isinstance(m.get("content"), str)]
+        if not sized:
+            return None
+        size, at = max(sized)
+        total = others + len(last["content"])
+        text = cut_front(messages[at]["content"], prompt_tokens, ctx, total - size)
+        if text is None:
+            return None
+        return {**body, "messages": [*messages[:at], {**messages[at], "content": text}, *messages[at + 1:]]}
     prompt = body.get("prompt")
     if isinstance(prompt, str):
         text = cut_front(prompt, prompt_tokens, ctx)

@@ -165,6 +165,12 @@ def test_one_message_or_prompt_longer_than_the_context_is_cut_at_its_front(syste
     huge = "The quick brown fox. " * 5000 + "\nSay hi."  # ~22,000 tokens: ten times the context (it was a 400)
     r = c.chat(model=MODEL, messages=[{"role": "user", "content": huge}], options=OPTS)
     assert r.done and r.prompt_eval_count is not None and 1000 < r.prompt_eval_count < 2048
+    pirate = "You are a pirate. " * 800  # a system prompt longer than the context (it was a 400)
+    r = c.chat(model=MODEL, messages=[{"role": "system", "content": pirate}, {"role": "user", "content": "hi"}],
+               options=OPTS)
+    assert r.done and r.prompt_eval_count is not None and r.prompt_eval_count < 2048
+    g = c.generate(model=MODEL, system=pirate, prompt="hi", options=OPTS)
+    assert g.done and g.prompt_eval_count is not None and g.prompt_eval_count < 2048
 
 
 def test_think_on_a_model_that_does_not_reason_is_ollamas_400(system: System) -> None:

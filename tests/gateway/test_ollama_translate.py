@@ -1039,3 +1039,16 @@ def test_a_continued_chat_answers_only_what_is_new(chunks: list[str]) -> None:
     assert chat_response("m", body, 0, echo=echo)["message"]["content"] == " a breed"
     body["choices"][0]["message"]["content"] = "Other text"  # (a backend that does not repeat it: as it is)
     assert chat_response("m", body, 0, echo=echo)["message"]["content"] == "Other text"
+
+
+def test_a_system_prompt_longer_than_the_context_loses_its_beginning() -> None:
+    """Ollama truncates it (the front of the prompt); it was a 400 (the latest message alone could not be cut)."""
+    from gateway.ollama_translate import fit_to_context
+
+    system = "You are a pirate. " * 800
+    body = {"messages": [{"role": "system", "content": system}, {"role": "user", "content": "hi"}]}
+    fitted = fit_to_context(body, prompt_tokens=4016, ctx=2048)
+    assert fitted is not None
+    kept = fitted["messages"][0]["content"]
+    assert fitted["messages"][1] == {"role": "user", "content": "hi"} and system.endswith(kept)
+    assert 0 < len(kept) < len(system) * 0.5
