@@ -96,23 +96,15 @@ def worker(run_dir: Path | str, name: str, pid: int) -> str:
     return _ipc(run_dir, f"w-{_hashed(name)}-{pid}.sock")
 
 
-def stale_worker_sockets(run_dir: Path | str, name: str) -> list[Path]:
-    """The job sockets left by worker processes of ``name`` that are gone (killed: nobody removed them)."""
+def worker_sockets(run_dir: Path | str, name: str) -> list[tuple[Path, int]]:
+    """The job sockets of model ``name``'s worker processes in ``run_dir``, with their pids (a worker killed leaves
+    its own behind: the next one removes those of processes gone)."""
     out = []
     for path in Path(run_dir).glob(f"w-{_hashed(name)}-*.sock"):
         pid = path.name.removesuffix(".sock").rpartition("-")[2]
-        if pid.isdigit() and not _alive(int(pid)):
-            out.append(path)
+        if pid.isdigit():
+            out.append((path, int(pid)))
     return out
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
     return True
 
 

@@ -24,6 +24,7 @@ from bus import endpoints
 from bus.codec import COMMANDS, JOBS, BusDecodeError, encode_event
 from bus.protocol import Data, End, Fail, Head, Job, WorkerHello, WorkerLaunch, WorkerMetrics, WorkerState
 from bus.pump import NOBLOCK, Outbox, Reader, sync_view
+from supervisor.child import pid_alive
 from workers.metrics import RequestFigures
 
 log = structlog.get_logger()
@@ -71,9 +72,10 @@ class WorkerBus:
         self.router.linger = 0
         self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a send to a gone gateway fails instead of vanishing
         self.router.sndhwm = 10000
-        for stale in endpoints.stale_worker_sockets(self.launch.run_dir, self.launch.name):
-            with contextlib.suppress(FileNotFoundError):
-                stale.unlink()
+        for path, pid in endpoints.worker_sockets(self.launch.run_dir, self.launch.name):
+            if pid != os.getpid() and not pid_alive(pid):  # (left by a worker killed)
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
         self.router.bind(self.endpoint)
         self.outbox = Outbox(self.router, self._gateway_gone)
 

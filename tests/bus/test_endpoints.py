@@ -14,7 +14,7 @@ def test_worker_endpoint_never_contains_the_model_name(tmp_path) -> None:
         f"ipc://{tmp_path}")
 
 
-def test_every_worker_process_has_its_own_address_and_a_dead_ones_socket_is_found(tmp_path) -> None:
+def test_every_worker_process_has_its_own_address_and_its_socket_names_its_pid(tmp_path) -> None:
     """A job queued for a dead worker must not reach its replacement (same address: ZeroMQ delivered it)."""
     import os
     import subprocess
@@ -27,7 +27,7 @@ def test_every_worker_process_has_its_own_address_and_a_dead_ones_socket_is_foun
     other = tmp_path / endpoints.worker(tmp_path, "other", gone.pid).rpartition("/")[2]
     for p in (mine, dead, other):
         p.touch()
-    assert endpoints.stale_worker_sockets(tmp_path, "m") == [dead]
+    assert sorted(endpoints.worker_sockets(tmp_path, "m")) == sorted([(mine, os.getpid()), (dead, gone.pid)])
 
 
 def test_prepare_run_dir_is_private(tmp_path) -> None:

@@ -7,16 +7,21 @@ from bus.protocol import RequestEvent
 from workers.metrics import WorkerStats
 
 
+class FakePub:
+    """The worker's event socket: the events it would publish."""
+
+    def __init__(self, sent: list[RequestEvent]) -> None:
+        self.sent = sent
+
+    def send_multipart(self, frames: list[bytes], flags: int = 0) -> None:
+        ev = EVENTS.decode(frames[1])
+        assert isinstance(ev, RequestEvent)
+        self.sent.append(ev)
+
+
 def test_positions_move_up_as_requests_start_or_leave() -> None:
     sent: list[RequestEvent] = []
-
-    class FakePub:
-        def send_multipart(self, frames: list[bytes], flags: int = 0) -> None:
-            ev = EVENTS.decode(frames[1])
-            assert isinstance(ev, RequestEvent)
-            sent.append(ev)
-
-    stats = WorkerStats("m", pub=FakePub())  # type: ignore[arg-type]
+    stats = WorkerStats("m", pub=FakePub(sent))  # type: ignore[arg-type]
     for rid in ("a", "b", "c", "d"):
         stats.queued(rid, "/v1/chat/completions", True)
     assert [(e.request_id, e.position) for e in sent] == [("a", 1), ("b", 2), ("c", 3), ("d", 4)]
@@ -33,14 +38,7 @@ def test_positions_move_up_as_requests_start_or_leave() -> None:
 def test_a_request_the_full_queue_rejects_is_never_said_to_be_queued() -> None:
     """It got a 'queued' event at a place beyond the queue (9 of 8), then its rejection."""
     sent: list[RequestEvent] = []
-
-    class FakePub:
-        def send_multipart(self, frames: list[bytes], flags: int = 0) -> None:
-            ev = EVENTS.decode(frames[1])
-            assert isinstance(ev, RequestEvent)
-            sent.append(ev)
-
-    stats = WorkerStats("m", pub=FakePub())  # type: ignore[arg-type]
+    stats = WorkerStats("m", pub=FakePub(sent))  # type: ignore[arg-type]
     stats.queued("a", "/v1/chat/completions", True)
     stats.queued("b", "/v1/chat/completions", True, route="/api/chat", gateway="ollama", rejected=True)
     stats.finished("b", 429, "rejected")
