@@ -40,7 +40,7 @@ from workers.metrics import WorkerStats
 
 log = structlog.get_logger()
 
-CANCEL_WAIT_S = 0.5  # how long a request meeting a full queue waits for cancelled jobs to free their places
+FULL_WAIT_S = 0.5  # how long a request meeting a full queue waits for a place before it is refused
 
 class LlamaWorker(WorkerBus):
     def __init__(self, launch: WorkerLaunch, load_timeout: float = 120.0) -> None:
@@ -50,7 +50,6 @@ class LlamaWorker(WorkerBus):
         self.stopping = asyncio.Event()
         self.jobs: dict[str, asyncio.Task[None]] = {}
         self.idents: dict[str, bytes] = {}  # request id -> the gateway it answers
-        self.cancelling: set[str] = set()  # jobs cancelled by their clients, still unwinding
         self.slots = asyncio.Semaphore(max(1, launch.params.parallel))
         self.waiting = 0
         self.in_flight = 0
@@ -141,7 +140,6 @@ class LlamaWorker(WorkerBus):
             task = self.jobs.get(job.request_id)
             if task:
                 task.cancel(msg="cancel")
-                self.cancelling.add(job.request_id)  # (its place is free once it has unwound: see _run_job)
             return
         if not isinstance(job, HttpJob):  # e.g. audio sent to a llama model
             fail = Fail(request_id=job.request_id, status=400, code="wrong_model_kind",
@@ -158,11 +156,12 @@ class LlamaWorker(WorkerBus):
         rid = job.request_id
         self.requests_total += 1
         full = self.waiting >= self.launch.queue_size and self.slots.locked()
-        if full and self.cancelling:  # (a client that gave up and asked again at once: its first request's place
-            # frees as its job unwinds, a moment after the cancel; the new one was refused "queue is full")
-            deadline = asyncio.get_running_loop().time() + CANCEL_WAIT_S
-            while full and self.cancelling and asyncio.get_running_loop().time() < deadline:
-                await asyncio.sleep(0.002)
+        if full:  # (a client that gave up and asked again at once: its first request's place frees as that job
+            # unwinds, after its cancel, which may even come after the new job (another connection); the new one
+            # was refused "queue is full" at exactly the model's capacity)
+            deadline = asyncio.get_running_loop().time() + FULL_WAIT_S
+            while full and asyncio.get_running_loop().time() < deadline:
+                await asyncio.sleep(0.005)
                 full = self.waiting >= self.launch.queue_size and self.slots.locked()
         self.stats.queued(rid, job.path, job.stream, job.route, job.gateway, rejected=full)
         under_way = False
@@ -199,7 +198,6 @@ class LlamaWorker(WorkerBus):
             self.send_item(ident, Fail(request_id=rid, status=500, code="internal", message=repr(exc)))
         finally:
             self.stats.finished(rid, 499, "cancelled")  # no-op when _forward already finished it
-            self.cancelling.discard(rid)
             self.jobs.pop(rid, None)
             self.idents.pop(rid, None)
 

@@ -92,7 +92,18 @@ class Stream(threading.Thread):
         assert self.error is None, self.error
 
 
+def _answers(url: str) -> bool:
+    import httpx
+
+    try:
+        return httpx.get(url, timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
 def loaded(system: System, name: str) -> dict[str, Any]:
+    # (a test before may have killed a gateway: it is back after its backoff)
+    wait_for(lambda: _answers(system.ollama_url + "/api/version"), 60, "the Ollama gateway answering")
     c = ollama.Client(system.ollama_url, timeout=120)
     c.generate(model=name, prompt="", keep_alive="10m")
     w = system.worker(name)
