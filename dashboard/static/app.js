@@ -32,11 +32,19 @@ function mergeWorker(ev) {
   for (const [k, v] of Object.entries(ev)) if (k !== "type" && k !== "v") cur[k] = v;
 }
 
+const stateSeen = {}; // worker name -> when its last worker_state event came (performance.now())
+const STATE_FIELDS = ["state", "message", "pid", "backend_pid", "restarts"];
+
 function apply(ev) {
   store.lastEvent = Date.now();
   switch (ev.type) {
     case "snapshot":
-      for (const w of ev.workers) mergeWorker(w);
+      for (const w of ev.workers) {
+        // (a status asked for before a worker's latest state event is older than it: its state stays the event's;
+        // a load's failure message was wiped by the status a reload had asked for a moment before)
+        const newer = ev.asked !== undefined && (stateSeen[w.name] || 0) > ev.asked;
+        mergeWorker(newer ? Object.fromEntries(Object.entries(w).filter(([k]) => !STATE_FIELDS.includes(k))) : w);
+      }
       for (const name of Object.keys(store.workers))
         if (!ev.workers.some((w) => w.name === name)) delete store.workers[name];
       for (const g of ev.gateways) store.gateways[g.protocol] = g;
@@ -44,6 +52,7 @@ function apply(ev) {
       store.system = ev.system || {};
       break;
     case "worker_state":
+      stateSeen[ev.name] = performance.now();
       mergeWorker(ev);
       if (ev.state !== "ready") { const w = store.workers[ev.name]; w.in_flight = 0; w.queued = 0; }
       break;
@@ -75,9 +84,10 @@ function connect() {
 }
 
 async function refreshStatus() {
+  const asked = performance.now();
   const r = await fetch("/api/status");
   // (type last: the status reply carries its own "type", which must not win)
-  if (r.ok) apply({ ...(await r.json()), type: "snapshot", gateways: [], system: store.system });
+  if (r.ok) apply({ ...(await r.json()), type: "snapshot", gateways: [], system: store.system, asked });
 }
 
 // ----------------------------------------------------------------------------- API
