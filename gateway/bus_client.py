@@ -270,11 +270,10 @@ class GatewayBus:
                     if self.on_config_reloaded is not None:
                         self.on_config_reloaded()
                     continue
-                if isinstance(event, WorkerStateEvent):
-                    if last.get(event.name) == (event.state, event.pid):
-                        continue
-                    last[event.name] = (event.state, event.pid)
-                if isinstance(event, WorkerStateEvent) and event.state != WorkerState.READY:
+                if not isinstance(event, WorkerStateEvent) or last.get(event.name) == (event.state, event.pid):
+                    continue
+                last[event.name] = (event.state, event.pid)
+                if event.state != WorkerState.READY:
                     self.invalidate(event.name)
                     link = self.links.get(event.name)
                     if link is not None and event.state == WorkerState.STOPPING:  # (stopped: as the worker says it)

@@ -135,9 +135,12 @@ async def _completion(request: web.Request, chat: bool) -> web.StreamResponse:
         catalog.require_media(config, name, breq.media)
     await openai_app.require_tools(request, name, breq.body)
     e = await catalog.entry(config, name)
-    extras, echo = V0Extras(e), tr.prefill(req) if chat else ""
-    # (a chat continuing an assistant's words answers the new words only; a completion in the legacy shape)
-    before = tr.Unecho(echo).convert if echo else None if chat else tr.LegacyCompletion(req).convert
+    extras = V0Extras(e)
+    if chat:  # (a chat continuing an assistant's words answers the new words only)
+        echo = tr.prefill(req)
+        before = tr.Unecho(echo).convert if echo else None
+    else:  # (a completion in the legacy shape)
+        before = tr.LegacyCompletion(req).convert
     return await openai_app.relay_openai(request, name, breq.path, breq.body, breq.stream,
                                          extras if before is None else lambda doc: extras(before(doc)))
 

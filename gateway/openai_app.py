@@ -151,8 +151,8 @@ async def relay_openai(request: web.Request, model: str, path: str, body: dict[s
                        ) -> web.StreamResponse:
     """Send an OpenAI-style request to ``model``'s llama-server and relay its answer (JSON or SSE), under
     the model name asked for; ``transform`` may change each reply object / stream chunk (LM Studio's stats);
-    ``events``: a Responses API stream (named events), its response objects completed with these fields. A stream of several choices is put in order
-    (tr.ChoiceStream)."""
+    ``events``: a Responses API stream (named events), its response objects completed with these fields. A stream
+    of several choices is put in order (tr.ChoiceStream)."""
     require_capability(request.app[CONFIG], model, "chat")
     relay = await open_job(request, model, path, body, stream, keep_alive=pop_ttl(body))
     try:

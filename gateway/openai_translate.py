@@ -584,8 +584,6 @@ def _common(req: Any) -> dict[str, Any]:
         _check_int(body.get(field), field)
     if not isinstance(body.get("logprobs"), bool):  # chat: a boolean; completions: an integer
         _check_int(body.get("logprobs"), "logprobs")
-        if isinstance(body.get("logprobs"), int) and not 0 <= body["logprobs"] <= 20:  # (llama.cpp's n_probs: each
-            raise _bad("logprobs", f"must be between 0 and 20, got {body['logprobs']}")  # token's list of the vocab)
     for field in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repeat_penalty"):
         _check_number(body.get(field), field)
     for field, low, high in _RANGES:  # (OpenAI's; llama-server took any, and wrapped big integers to 32 bits)
@@ -601,11 +599,11 @@ def _common(req: Any) -> dict[str, Any]:
 
 
 _INT32 = 2**31 - 1
-# (max_tokens -1: no limit, as llama-server and LM Studio take it)
+# (max_tokens -1: no limit, as llama-server and LM Studio take it; n_probs and legacy logprobs, llama.cpp's list of
+# candidates per token: unbounded, each token's list of the vocabulary, ~75 MB a token)
 _RANGES = (("temperature", 0, 2), ("top_p", 0, 1), ("presence_penalty", -2, 2), ("frequency_penalty", -2, 2),
-           ("n", 1, 128), ("top_logprobs", 0, 20), ("n_probs", 0, 20), ("max_tokens", -1, _INT32),
-           ("top_k", -_INT32, _INT32),
-           ("seed", -2**63, 2**64 - 1))
+           ("n", 1, 128), ("top_logprobs", 0, 20), ("n_probs", 0, 20), ("logprobs", 0, 20),
+           ("max_tokens", -1, _INT32), ("top_k", -_INT32, _INT32), ("seed", -2**63, 2**64 - 1))
 
 
 def _check_logit_bias(bias: Any) -> None:

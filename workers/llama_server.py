@@ -47,7 +47,8 @@ def build_argv(launch: WorkerLaunch, socket_path: str | None = None) -> list[str
 
 # Flags of ours (config/schema.py llama_server_args) that an older llama-server may not know: it exits with
 # "invalid argument: FLAG"; it is then started again without them.
-OPTIONAL_FLAGS = ("--cache-ram", "--api-key-file")  # (config/schema.py CACHE_RAM_FLAG: not imported, the worker stays lean)
+# (config/schema.py CACHE_RAM_FLAG: not imported, the worker stays lean)
+OPTIONAL_FLAGS = ("--cache-ram", "--api-key-file")
 
 
 def without(argv: list[str], flags: set[str]) -> list[str]:
@@ -121,8 +122,10 @@ class LlamaServer:
                            api_key=self.api_key)
 
     def _key_args(self) -> list[str]:
-        if self.key_file or not self.launch.run_dir or _own_api_key(self.launch.params.extra_args):
-            return ["--api-key-file", self.key_file] if self.key_file else []
+        if self.key_file:  # (started again: the same key)
+            return ["--api-key-file", self.key_file]
+        if self.api_key or not self.launch.run_dir:  # (the model's own key; no run dir: tests)
+            return []
         self.api_key = secrets.token_urlsafe(24)
         path = Path(self.launch.run_dir) / f"k-{os.getpid()}.key"
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
