@@ -391,6 +391,14 @@ class WhisperParams(msgspec.Struct, frozen=True, kw_only=True):
     language: str | None = None
 
 
+class LogLimits(msgspec.Struct, frozen=True, kw_only=True):
+    """How large a process's log file grows before it is rotated (``name.log`` -> ``name.log.1`` ...), and how
+    many rotated files are kept (config/schema.py's AppConfig.log_max_bytes / log_backups)."""
+
+    max_bytes: int = 10 * 1024 * 1024
+    backups: int = 3
+
+
 class WorkerLaunch(msgspec.Struct, frozen=True, kw_only=True):
     name: str
     kind: str  # "llama" | "whisper"
@@ -404,6 +412,7 @@ class WorkerLaunch(msgspec.Struct, frozen=True, kw_only=True):
     alias: str = ""
     load_timeout_s: float = 120.0
     whisper: WhisperParams = WhisperParams()
+    logs: LogLimits = LogLimits()
 
 
 class GatewayLaunch(msgspec.Struct, frozen=True, kw_only=True):
@@ -417,3 +426,4 @@ class GatewayLaunch(msgspec.Struct, frozen=True, kw_only=True):
     request_timeout_s: float = 600.0
     load_timeout_s: float = 120.0
     shutdown_grace_s: float = 5.0  # at a stop: answers under way get this long (less a margin) before their error
+    logs: LogLimits = LogLimits()

@@ -102,6 +102,9 @@ class AppConfig(_Cfg):
     run_dir: str | None = None
     logs_dir: str = "logs"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # Every log file (each process's, llama-server's) is rotated at this size, keeping log_backups old ones.
+    log_max_bytes: Annotated[int, msgspec.Meta(ge=4096)] = 10 * 1024 * 1024
+    log_backups: Annotated[int, msgspec.Meta(ge=1, le=100)] = 3
     limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
 
 

@@ -78,7 +78,7 @@ def read_launch(module: str, kind: type[T], argv: list[str] | None, process: Cal
         print(f"bad {kind.__name__}: {exc}", file=sys.stderr)
         return None
     set_parent_death_signal()
-    setup_logging(process(launch), launch.logs_dir)  # type: ignore[attr-defined]
+    setup_logging(process(launch), launch.logs_dir, limits=launch.logs)  # type: ignore[attr-defined]
     return launch
 
 

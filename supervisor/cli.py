@@ -191,7 +191,7 @@ def _command(args: argparse.Namespace) -> int:
 
 
 def _up(args: argparse.Namespace) -> int:
-    from supervisor.logs import setup_logging
+    from supervisor.logs import log_limits, setup_logging
     from supervisor.main import Supervisor
 
     config = _load(args)
@@ -233,7 +233,7 @@ def _up(args: argparse.Namespace) -> int:
         except (ValueError, ProcessLookupError, PermissionError):
             pid_file.unlink(missing_ok=True)
     logs_dir = config.logs_dir()
-    setup_logging("supervisor", logs_dir, level=config.app.log_level, console=True)
+    setup_logging("supervisor", logs_dir, level=config.app.log_level, console=True, limits=log_limits(config.app))
     from config import runtime
 
     if runtime.find_llama_server(config.app.llama_server_path) is None:

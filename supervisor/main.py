@@ -49,6 +49,7 @@ from bus.protocol import (
 )
 from config import runtime
 from config.loader import Config, ConfigError, load_config, model_size
+from supervisor.logs import log_limits
 from supervisor.metrics_tcp import TcpMetrics, proxy_events
 from supervisor.processes import EXIT_CANNOT_LISTEN, python_module, spawn, terminate
 from supervisor.reload import plan as reload_plan
@@ -201,6 +202,7 @@ class Supervisor:
             name=name, kind=model.type, model_path=str(config.model_path(model)),
             run_dir=str(self.run_dir), logs_dir=str(self.logs_dir), supervisor_pid=os.getpid(),
             llama_server=str(self.llama_server or ""), alias=name, queue_size=app.limits.queue_size,
+            logs=log_limits(app),
             params=ModelParams(ctx_size=p.ctx_size, threads=p.threads, parallel=p.parallel,
                                extra_args=model.backend_args()),
             load_timeout_s=app.limits.load_timeout_s,
@@ -331,7 +333,7 @@ class Supervisor:
                 protocol=proto, host=app.host, port=proxy.port, run_dir=str(self.run_dir),
                 logs_dir=str(self.logs_dir), supervisor_pid=os.getpid(), config_dir=str(self.config.config_dir),
                 request_timeout_s=app.limits.request_timeout_s, load_timeout_s=app.limits.load_timeout_s,
-                shutdown_grace_s=app.limits.shutdown_grace_s,
+                shutdown_grace_s=app.limits.shutdown_grace_s, logs=log_limits(app),
             )
             argv = python_module("gateway", msgspec.json.encode(launch).decode())
             self.processes.append(ManagedProcess(f"gateway-{proto}", argv, self.logs_dir / f"gateway-{proto}.out",
@@ -340,7 +342,7 @@ class Supervisor:
             launch = GatewayLaunch(
                 protocol="dashboard", host=app.host, port=app.dashboard.port, run_dir=str(self.run_dir),
                 logs_dir=str(self.logs_dir), supervisor_pid=os.getpid(), config_dir=str(self.config.config_dir),
-                shutdown_grace_s=app.limits.shutdown_grace_s,
+                shutdown_grace_s=app.limits.shutdown_grace_s, logs=log_limits(app),
             )
             argv = python_module("dashboard", msgspec.json.encode(launch).decode())
             self.processes.append(ManagedProcess("dashboard", argv, self.logs_dir / "dashboard.out", self,

@@ -18,6 +18,7 @@ from bus import endpoints
 from bus.protocol import WorkerLaunch
 from config.loader import model_file_problem
 from supervisor.child import kill_with_parent_preexec
+from supervisor.logs import RotatingFile
 from workers.backend_http import BackendHTTPError, BackendPool
 
 log = structlog.get_logger()
@@ -236,7 +237,7 @@ class LlamaServer:
     async def _pump_output(self) -> None:
         """Copy llama-server's output to its log file; find the port on the 'listening' line."""
         assert self.proc and self.proc.stdout
-        with open(self.log_path, "ab", buffering=0) as out:
+        with RotatingFile(self.log_path, self.launch.logs) as out:
             while True:
                 line = await self.proc.stdout.readline()
                 if not line:
