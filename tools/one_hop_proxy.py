@@ -25,8 +25,10 @@ async def serve(upstream: str, port: int) -> None:
 
     async def relay(request: web.Request) -> web.StreamResponse:
         body = await request.read()
-        async with session.post(upstream + request.path, data=body,
-                                headers={"Content-Type": request.content_type}) as up:
+        headers = {"Content-Type": request.content_type}
+        if "Authorization" in request.headers:
+            headers["Authorization"] = request.headers["Authorization"]
+        async with session.post(upstream + request.path, data=body, headers=headers) as up:
             resp = web.StreamResponse(status=up.status, headers={"Content-Type": up.content_type})
             if up.content_length is not None:
                 resp.content_length = up.content_length

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, require_runtime
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -217,6 +217,21 @@ def test_sigterm_stops_the_benchmark_and_what_it_started(tmp_path: Path) -> None
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_bench_quick_on_the_real_model_reaches_llama_server_directly(tmp_path: Path) -> None:
+    """A worker's llama-server wants the key its worker gave it: the benchmark's direct path (and the references in
+    front of it) must send it, or the real model's run stops at its first request (401)."""
+    require_runtime()
+    out = subprocess.run(
+        [sys.executable, "-m", "tools.bench", "--quick", "--upstream", "real", "--runs", "1", "--duration", "0",
+         "--samples", "2", "--rps-duration", "0.2", "--cold-runs", "1", "--idle-wait", "0", "--out-dir", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=280,
+    )
+    assert out.returncode == 0, out.stderr[-4000:]
+    r = json.loads((tmp_path / "BENCHMARKS.json").read_text())["results"]["real"]
+    assert r["latency"]["p50_ms"]["direct"]["median"] > 0
+    assert r["streaming"]["1"]["tokens_per_s"]["direct"]["median"] > 0
 
 
 def test_direct_llama_server_gets_the_argv_a_worker_gives_it(tmp_path: Path) -> None:

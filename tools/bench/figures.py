@@ -113,11 +113,13 @@ class Bench:
 
     def connect(self) -> None:
         pids = self.inst.refresh_pids()
+        key = self.inst.upstream_key()
         self.t = load.targets(
             self.inst.upstream_port(),
             self.inst.ports["ollama"],
             self.inst.ports["openai"],
             self.inst.upstream.model,
+            key,
         )
         self.cpu_pids = {
             "gateway-ollama": pids["gateway-ollama"],
@@ -130,11 +132,11 @@ class Bench:
         if self.p.reference and path and Path(path).is_socket():
             self.unix_session = self.unix_session or load.session(path)
             self.ref = {REFERENCE: load.Target(REFERENCE, "http://localhost/v1/chat/completions",
-                                               self.inst.upstream.model, session=self.unix_session)}
+                                               self.inst.upstream.model, session=self.unix_session, key=key)}
         if self.p.reference:
             port = self.start_one_hop(self.inst.upstream_port())
             self.ref[ONE_HOP] = load.Target(ONE_HOP, f"http://127.0.0.1:{port}/v1/chat/completions",
-                                            self.inst.upstream.model)
+                                            self.inst.upstream.model, key=key)
             assert self.one_hop is not None
             self.cpu_pids["gateway-" + ONE_HOP] = self.one_hop.pid
 

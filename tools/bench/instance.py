@@ -183,6 +183,15 @@ class Instance:
 
         return int(wait_for(listening, 10, "the upstream's listening port"))
 
+    def upstream_key(self) -> str:
+        """The API key the worker gave its llama-server (workers/llama_server.py: ``k-<worker pid>.key`` in the run
+        dir): direct access needs it, as a client's would (the synthetic upstream ignores it)."""
+        path = self.run_dir / f"k-{self.pids.get('worker', 0)}.key"
+        try:
+            return path.read_text().strip()
+        except OSError:
+            return ""
+
     def stop_worker(self) -> None:
         out = self.cli("stop", self.upstream.model)
         if out.returncode != 0:

@@ -34,6 +34,11 @@ class Target:
     url: str
     model: str
     session: aiohttp.ClientSession | None = field(default=None, compare=False)  # its own (e.g. over a unix socket)
+    key: str = ""  # llama-server's API key (a worker's llama-server wants the one its worker gave it)
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {**JSON, "Authorization": f"Bearer {self.key}"} if self.key else JSON
 
     def body(self, tokens: int, stream: bool) -> bytes:
         if self.name == "ollama":
@@ -55,9 +60,9 @@ class Target:
         return msgspec.json.encode(doc)
 
 
-def targets(direct_port: int, ollama_port: int, openai_port: int, model: str) -> dict[str, Target]:
+def targets(direct_port: int, ollama_port: int, openai_port: int, model: str, key: str = "") -> dict[str, Target]:
     return {
-        "direct": Target("direct", f"http://127.0.0.1:{direct_port}/v1/chat/completions", model),
+        "direct": Target("direct", f"http://127.0.0.1:{direct_port}/v1/chat/completions", model, key=key),
         "ollama": Target("ollama", f"http://127.0.0.1:{ollama_port}/api/chat", model),
         "openai": Target("openai", f"http://127.0.0.1:{openai_port}/v1/chat/completions", model),
     }
@@ -93,7 +98,7 @@ async def _stream_once(s: aiohttp.ClientSession, t: Target, body: bytes) -> Stre
     ttft = float("nan")
     tokens = 0
     rest = b""
-    async with (t.session or s).post(t.url, data=body, headers=JSON) as resp:
+    async with (t.session or s).post(t.url, data=body, headers=t.headers) as resp:
         if resp.status != 200:
             raise LoadError(f"{t.name}: HTTP {resp.status}: {(await resp.read())[:300]!r}")
         async for data in resp.content.iter_any():
@@ -118,7 +123,7 @@ async def request_once(s: aiohttp.ClientSession, t: Target, body: bytes) -> floa
 
 async def _request_once(s: aiohttp.ClientSession, t: Target, body: bytes) -> float:
     t0 = time.perf_counter()
-    async with (t.session or s).post(t.url, data=body, headers=JSON) as resp:
+    async with (t.session or s).post(t.url, data=body, headers=t.headers) as resp:
         raw = await resp.read()
         if resp.status != 200:
             raise LoadError(f"{t.name}: HTTP {resp.status}: {raw[:300]!r}")
