@@ -97,7 +97,7 @@ async def responses(request: web.Request) -> web.StreamResponse:
     await require_tools(request, model, breq.body)
     store = request.app[RESPONSES]
     previous, keep = breq.body.pop("previous_response_id", None), breq.body.pop("store", True)
-    conversation = input_items(breq.body["input"])
+    conversation = own = input_items(breq.body["input"])
     if previous is not None:  # (llama-server keeps no responses: the conversation so far goes before the input)
         conversation = breq.body["input"] = store.conversation(previous) + conversation
 
@@ -109,7 +109,7 @@ async def responses(request: web.Request) -> web.StreamResponse:
         tr.fill_response(doc, fields)
         output, rid = doc.get("output"), doc.get("id")
         if keep and isinstance(rid, str) and isinstance(output, list) and doc.get("status") == "completed":
-            store.put(rid, conversation + output, doc)
+            store.put(rid, conversation + output, doc, own)
         return doc
 
     return await relay_openai(request, model, breq.path, breq.body, breq.stream, completed, events=fields)
@@ -118,6 +118,11 @@ async def responses(request: web.Request) -> web.StreamResponse:
 async def stored_response(request: web.Request) -> web.Response:
     """``GET /v1/responses/{id}``: a response kept by ``store`` (404 if this port has none by that id)."""
     return json_response(request.app[RESPONSES].response(request.match_info["id"]))
+
+
+async def response_input_items(request: web.Request) -> web.Response:
+    """``GET /v1/responses/{id}/input_items``: the input items of a stored response's request, a page at a time."""
+    return json_response(request.app[RESPONSES].input_items(request.match_info["id"], request.query))
 
 
 async def delete_response(request: web.Request) -> web.Response:
@@ -222,6 +227,7 @@ def add_v1_routes(app: web.Application) -> None:
     r.add_post("/v1/completions", completions)
     r.add_post("/v1/responses", responses)
     r.add_get("/v1/responses/{id}", stored_response)
+    r.add_get("/v1/responses/{id}/input_items", response_input_items)
     r.add_delete("/v1/responses/{id}", delete_response)
     app[RESPONSES] = ResponseStore()
     r.add_post("/v1/embeddings", embed_routes.openai_embeddings)

@@ -273,6 +273,9 @@ def test_responses_continue_a_stored_response_by_previous_response_id(system: Sy
         third = stream.get_final_response()
     assert third.usage and third.usage.input_tokens > second.usage.input_tokens + second.usage.output_tokens
     assert c.responses.retrieve(third.id).output_text == third.output_text
+    items = list(c.responses.input_items.list(third.id))  # (the request's own input, not the earlier turns)
+    assert [(i.type, i.role, i.content[0].text) for i in items] == [("message", "user", "I am 40.")]  # type: ignore[union-attr]
+    assert items[0].id.startswith("msg_")
     c.responses.delete(third.id)
     with pytest.raises(openai.NotFoundError):
         c.responses.retrieve(third.id)

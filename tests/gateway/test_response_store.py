@@ -77,3 +77,33 @@ def test_the_bytes_kept_are_bounded_and_a_delete_frees_them() -> None:
     store.delete("r9")
     with pytest.raises(ApiError):
         store.response("r9")
+
+
+def test_input_items_are_the_requests_own_inputs_as_openai_lists_them_a_page_at_a_time() -> None:
+    store = ResponseStore()
+    inputs = [{"type": "message", "role": "user", "content": f"m{i}"} for i in range(5)]
+    store.put("resp_1", inputs + [{"type": "message", "role": "assistant", "content": []}], {"id": "resp_1"},
+              inputs)
+    page = store.input_items("resp_1", {})
+    assert page["object"] == "list" and not page["has_more"]
+    texts = [item["content"][0]["text"] for item in page["data"]]
+    assert texts == ["m4", "m3", "m2", "m1", "m0"]  # (newest first: OpenAI's default order)
+    assert all(i["content"][0]["type"] == "input_text" and i["status"] == "completed" and i["id"].startswith("msg_")
+               for i in page["data"])
+    assert store.input_items("resp_1", {}) == page  # (ids are given once)
+    first = store.input_items("resp_1", {"order": "asc", "limit": "2"})
+    assert [i["content"][0]["text"] for i in first["data"]] == ["m0", "m1"] and first["has_more"]
+    nxt = store.input_items("resp_1", {"order": "asc", "limit": "2", "after": first["last_id"]})
+    assert [i["content"][0]["text"] for i in nxt["data"]] == ["m2", "m3"] and nxt["has_more"]
+    back = store.input_items("resp_1", {"order": "asc", "limit": "2", "before": nxt["first_id"]})
+    assert back["data"] == first["data"]
+    for bad in ({"limit": "0"}, {"limit": "101"}, {"limit": "x"}, {"order": "up"}):
+        with pytest.raises(ApiError) as err:
+            store.input_items("resp_1", bad)
+        assert err.value.status == 400
+    with pytest.raises(ApiError) as err:
+        store.input_items("resp_1", {"after": "msg_nope"})
+    assert err.value.status == 404
+    with pytest.raises(ApiError) as err:
+        store.input_items("resp_nope", {})
+    assert err.value.status == 404
