@@ -199,10 +199,10 @@ def _common(req: dict[str, Any], body: dict[str, Any], *, tools: bool) -> bool:
         raise _bad("stream", "must be a boolean")
     parse_keep_alive(req.get("keep_alive"))  # validated here; the gateway reads it for the scheduler
     think = thinking_asked(req)
-    if think is False:  # (a template without the switch ignores it)
-        body["chat_template_kwargs"] = {"enable_thinking": False}
-    elif isinstance(think, str):  # gpt-oss's levels
-        body["chat_template_kwargs"] = {"reasoning_effort": think}
+    if isinstance(think, bool):  # (a template without the switch ignores it; one whose default is off needs it on)
+        body["chat_template_kwargs"] = {"enable_thinking": think}
+    elif isinstance(think, str):  # gpt-oss's levels (its template reads the effort; others the switch)
+        body["chat_template_kwargs"] = {"enable_thinking": True, "reasoning_effort": think}
     body["stream"] = stream
     if stream:
         body["stream_options"] = {"include_usage": True}
@@ -323,6 +323,8 @@ _OPTIONS: dict[str, tuple[str, str]] = {
 
 def _tool(tool: dict[str, Any], i: int) -> dict[str, Any]:
     """A tool as llama-server takes it: Ollama lets ``type`` default to "function"; a function needs a name."""
+    if tool.get("type") not in (None, "function"):
+        raise _bad(f"tools[{i}].type", 'must be "function" (the only kind of tool a model is given)')
     fn = tool.get("function")
     if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
         raise _bad(f"tools[{i}].function.name", 'must be a string (a tool is {"type": "function", "function": '

@@ -204,6 +204,10 @@ def test_tools_default_to_functions_and_need_a_name() -> None:
         with pytest.raises(ApiError) as info:
             chat_to_backend(chat(tools=[bad]))
         assert info.value.status == 400 and info.value.param == "tools[0].function.name"
+    for kind in ("bogus", 3):  # (llama-server's 500 "Unsupported tool type": the openai client retried it)
+        with pytest.raises(ApiError) as info:
+            chat_to_backend(chat(tools=[{"type": kind, "function": fn}]))
+        assert info.value.status == 400 and info.value.param == "tools[0].type"
 
 
 def test_option_details() -> None:
@@ -962,11 +966,14 @@ def test_feed_sse_decodes_only_the_events_around_the_plain_run(fixture: str, fir
     assert plain >= 5 and sum(decoded) <= len(chunks) - plain + 1
 
 
-def test_think_is_validated_and_false_switches_thinking_off() -> None:
+def test_think_is_validated_and_switches_thinking_off_and_on() -> None:
+    """``think: true`` must reach the template too: a template whose thinking is off unless asked (llama-server
+    renders it so by default) never thought for Ollama's ``think: true``."""
     assert "chat_template_kwargs" not in chat_to_backend(chat()).body
     assert chat_to_backend(chat(think=False)).body["chat_template_kwargs"] == {"enable_thinking": False}
-    assert chat_to_backend(chat(think="high")).body["chat_template_kwargs"] == {"reasoning_effort": "high"}
-    assert "chat_template_kwargs" not in chat_to_backend(chat(think=True)).body
+    assert chat_to_backend(chat(think=True)).body["chat_template_kwargs"] == {"enable_thinking": True}
+    assert chat_to_backend(chat(think="high")).body["chat_template_kwargs"] == {"enable_thinking": True,
+                                                                                 "reasoning_effort": "high"}
     for bad in (42, "max", [True]):
         with pytest.raises(ApiError) as info:
             chat_to_backend(chat(think=bad))
