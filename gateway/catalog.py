@@ -26,6 +26,7 @@ class ModelEntry:
     mtime: float
     size: int
     facts: ModelFacts
+    present: bool = True  # the file is there (listings leave a missing one out, as Ollama lists only what it has)
 
     @property
     def digest(self) -> str:
@@ -77,33 +78,40 @@ def template_override(model: ModelConfig) -> str | None:
     return None
 
 
-def _stat(path: Path) -> tuple[float, int]:
+def _stat(path: Path) -> tuple[float, int] | None:
     try:
         st = path.stat()
         return st.st_mtime, st.st_size
     except OSError:
-        return 0.0, 0
+        return None
 
 
 def _build(config: Config, name: str) -> ModelEntry:
     model = config.models.models[name]
     path = config.model_path(model)
-    mtime, size = _stat(path)
-    return ModelEntry(name, model, path, mtime, size, read_facts(path))
+    found = _stat(path)
+    mtime, size = found or (0.0, 0)
+    return ModelEntry(name, model, path, mtime, size, read_facts(path), found is not None)
 
 
 async def entries(config: Config) -> list[ModelEntry]:
-    """Every configured llama model, in config order."""
+    """Every configured llama model whose file is there, in config order."""
     names = [n for n, m in config.models.models.items() if m.type == "llama"]
-    return await asyncio.to_thread(lambda: [_build(config, n) for n in names])
+    built = await asyncio.to_thread(lambda: [_build(config, n) for n in names])
+    return [e for e in built if e.present]
 
 
-async def entry(config: Config, name: str, dialect: str = "model") -> ModelEntry:
-    """The llama model called ``name`` (a name, an alias, or ``name:latest``); ApiError(404) if unknown."""
+async def entry(config: Config, name: str, dialect: str = "model", present: bool = False) -> ModelEntry:
+    """The llama model called ``name`` (a name, an alias, or ``name:latest``); ApiError(404) if unknown, or with
+    ``present`` if its file is missing (a request to it says which file: the supervisor's load error)."""
     resolved = config.resolve_model(name) if name else None
     if resolved is None or config.models.models[resolved].type != "llama":
         raise ApiError(404, f"{dialect} '{name}' not found", code="model_not_found")
-    return await asyncio.to_thread(_build, config, resolved)
+    found = await asyncio.to_thread(_build, config, resolved)
+    if present and not found.present:
+        raise ApiError(404, f"{dialect} '{name}' not found (its file is missing: {found.path})",
+                       code="model_not_found")
+    return found
 
 
 def require_capability(config: Config, name: str, what: str) -> None:

@@ -119,7 +119,7 @@ async def models(request: web.Request) -> web.Response:
 
 async def model(request: web.Request) -> web.Response:
     name = request.match_info["model"]
-    e = await catalog.entry(request.app[CONFIG], name)
+    e = await catalog.entry(request.app[CONFIG], name, present=True)
     doc = model_object(e, e.name in await _loaded(request))
     doc["id"] = name
     return json_response(doc)

@@ -48,7 +48,7 @@ async def show(request: web.Request) -> web.Response:
     verbose = req.get("verbose")
     if verbose is not None and not isinstance(verbose, bool):
         raise ApiError(400, "invalid verbose: must be a boolean", param="verbose")
-    entry = await catalog.entry(request.app[CONFIG], name)
+    entry = await catalog.entry(request.app[CONFIG], name, present=True)
     return json_response(om.show_response(entry, bool(verbose)))
 
 

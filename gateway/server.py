@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -344,15 +345,13 @@ def make_app(launch: GatewayLaunch, shape: ErrorShape,
 
 
 def model_files(config: Config, kinds: tuple[str, ...] = ("llama",)) -> dict[str, tuple[Path, float, int]]:
-    """name -> (path, mtime, size) of every configured model of ``kinds`` (missing files: mtime 0, size 0)."""
+    """name -> (path, mtime, size) of every configured model of ``kinds`` whose file (or folder) is there."""
     out: dict[str, tuple[Path, float, int]] = {}
     for name, model in config.models.models.items():
         if model.type not in kinds:
             continue
         path = config.model_path(model)
-        try:
+        with contextlib.suppress(OSError):
             st = path.stat()
             out[name] = (path, st.st_mtime, st.st_size)
-        except OSError:
-            out[name] = (path, 0.0, 0)
     return out

@@ -165,6 +165,15 @@ def test_a_model_whose_file_is_missing_fails_its_request_clearly_and_is_not_retr
     write_models(system, {A: base, "other": base, "later": {**base, "model_path": str(later)}})
     assert system.cli("reload").returncode == 0
     c = ollama.Client(system.ollama_url, timeout=120)
+    # (listed as Ollama and LM Studio list: only the models that are there; a client offered it, to fail)
+    assert "later:latest" not in {m.model for m in c.list().models} and "other:latest" in {m.model for m in
+                                                                                          c.list().models}
+    with pytest.raises(ollama.ResponseError) as missing:
+        c.show("later")
+    assert missing.value.status_code == 404 and str(later) in missing.value.error
+    listed = httpx.get(system.openai_url + "/models", timeout=10).json()["data"]
+    assert "later" not in {m["id"] for m in listed} and "other" in {m["id"] for m in listed}
+    assert httpx.get(system.openai_url + "/models/later", timeout=10).status_code == 404
     for name in (A, "other"):  # the two models max_loaded_models lets in: neither is evicted for a load that fails
         assert c.generate(model=name, prompt="hi", options={"num_predict": 1}).done
     for _ in range(6):  # (the reason lost a race with the worker's exit half the time: "exited with code 3")
@@ -184,6 +193,7 @@ def test_a_model_whose_file_is_missing_fails_its_request_clearly_and_is_not_retr
     cfg = load_config()
     later.symlink_to(cfg.model_path(cfg.models.models[A]))
     assert c.generate(model="later", prompt="hi", options={"num_predict": 1}).done
+    assert "later:latest" in {m.model for m in c.list().models} and c.show("later").modelfile
 
 
 def test_a_reload_that_breaks_a_model_loaded_for_requests_does_not_retry_it_in_the_background(
