@@ -56,6 +56,9 @@ class Policy:
     backoff_s: float = 1.0
     backoff_max_s: float = 30.0
     max_failures: int = 5
+    # A worker that crashes within this long of becoming ready counts a failure in a row (its llama-server killed
+    # at every first request, by the OOM killer say): only a run this long starts the count again.
+    stable_s: float = 30.0
 
 
 @dataclass
@@ -78,6 +81,7 @@ class WorkerManager:
     backend_pid: int = 0
     restarts: int = 0
     failures: int = 0
+    ready_at: float = 0.0  # when the running worker became ready (0: not ready)
     message: str = ""
     started_at: float = 0.0
     last_used: float = 0.0
@@ -230,7 +234,7 @@ class WorkerManager:
             self.backend_pid = msg.backend_pid
         if msg.state == S.READY and self.state == S.STARTING:
             self.endpoint = msg.endpoint
-            self.failures = 0
+            self.ready_at = time.monotonic()
             self._set(S.READY, "")
             waiters, self._waiters = self._waiters, []
             for fut in waiters:
@@ -252,6 +256,7 @@ class WorkerManager:
             kill_tree(self.backend_pid)  # never leave a llama-server behind its dead worker
         self.pid = self.backend_pid = 0
         self.endpoint = ""
+        ready_at, self.ready_at = self.ready_at, 0.0
         if self.state == S.STOPPING:
             self._set(S.STOPPED, "")
             futs, self._stop_futs = self._stop_futs, []
@@ -263,6 +268,8 @@ class WorkerManager:
             return
         # a crash (or a failed start)
         was = self.state
+        if ready_at and time.monotonic() - ready_at >= self.policy.stable_s:
+            self.failures = 0  # (it ran long enough: this crash is the first in a row)
         reason = self._last_words or f"worker exited with code {code}"  # (a worker says why in its last hello)
         if was == S.STARTING:
             self._reject_waiters(WorkerUnavailable("load_failed", f"model {self.name!r} failed to load: {reason}",

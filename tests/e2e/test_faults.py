@@ -372,3 +372,23 @@ def test_a_client_that_gives_up_and_asks_again_at_once_is_not_refused_as_queue_f
         assert refused == 0, refused
     finally:
         stop_system(sysm)
+
+
+def test_a_model_that_crashes_soon_after_each_load_ends_fatal(faulty: System) -> None:
+    """Its llama-server killed each time it was ready (the OOM killer at every first request): its failures were
+    counted from 0 again at each ready, so it was restarted every second, forever; now only a run of
+    ``stable_s`` (30 s) starts the count again, and max_restarts (5) crashes in a row make it fatal."""
+    assert faulty.cli("start", B).returncode == 0
+    pids: set[int] = set()
+    for _ in range(5):
+        w = wait_for(lambda: (w := faulty.worker(B))["state"] in ("ready", "fatal") and w["backend_pid"] not in pids
+                     and w, 60, f"{B} ready again")
+        assert w["state"] == "ready", w
+        pids.add(w["backend_pid"])
+        os.kill(w["backend_pid"], signal.SIGKILL)
+    w = wait_for(lambda: (w := faulty.worker(B))["state"] == "fatal" and w, 30, f"{B} fatal")
+    assert "5 failures in a row" in w["message"], w
+    assert faulty.worker(A)["state"] != "fatal"
+    assert faulty.cli("start", B).returncode == 0  # (an operator's start clears it)
+    wait_for(lambda: faulty.worker(B)["state"] == "ready", 60, f"{B} started again")
+    assert faulty.cli("stop", B).returncode == 0
