@@ -49,11 +49,13 @@ class StartWorker(_Msg, frozen=True, tag="start"):
 
 class StopWorker(_Msg, frozen=True, tag="stop"):
     """Stop a worker now (an operator's stop: its requests under way fail), or with ``when_idle`` (a client's
-    unload, Ollama's ``keep_alive: 0``) once the requests under way are done."""
+    unload, Ollama's ``keep_alive: 0``) once the requests under way are done, or with ``if_idle`` only if it has
+    none (decided where the leases are: a request cannot come between the look and the stop)."""
 
     request_id: str
     name: str
     when_idle: bool = False
+    if_idle: bool = False  # refused (409 "busy") while the model serves requests (the dashboard's unload)
 
 
 class RestartWorker(_Msg, frozen=True, tag="restart"):

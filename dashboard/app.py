@@ -139,16 +139,8 @@ async def action(request: web.Request) -> web.Response:
     if verb not in kinds:
         return web.json_response({"type": "error", "code": "bad_request", "message": f"unknown action {verb!r}"},
                                  status=404)
-    if verb == "unload":  # an unload leaves a busy model alone (stop is the forceful one)
-        try:
-            st = await _status(request.app)
-        except ControlTimeout as exc:
-            return web.json_response({"type": "error", "code": "timeout", "message": str(exc)}, status=503)
-        w = next((w for w in st.workers if w.name == name), None)
-        if w is not None and w.leases:
-            return web.json_response({"type": "error", "code": "busy", "message":
-                                      f"{name} is serving {w.leases} request(s); stop it to cut them off"},
-                                     status=409)
+    if verb == "unload":  # an unload leaves a busy model alone (stop is the forceful one): 409 from the supervisor
+        return await _ask(request, StopWorker(request_id=new_id(), name=name, if_idle=True))
     return await _ask(request, kinds[verb](request_id=new_id(), name=name))
 
 

@@ -518,6 +518,10 @@ class Supervisor:
         if isinstance(cmd, StopWorker):
             mgr = self._worker(rid, cmd.name)
             assert self.scheduler is not None
+            busy = self.scheduler.leases(mgr.name) if cmd.if_idle else 0
+            if busy:
+                return ErrorReply(request_id=rid, code="busy", status=409, message=(
+                    f"{mgr.name} is serving {busy} request(s); stop it to cut them off"))
             stopping = await self.scheduler.unload_when_idle(mgr.name) if cmd.when_idle else mgr.stop()
             if stopping is None:
                 return Ok(request_id=rid, message=f"{cmd.name} unloads once its requests under way are done")

@@ -104,11 +104,13 @@ def test_a_stop_ends_a_request_under_way_with_an_error_and_the_model_stays_stopp
     import httpx
 
     ask(system)
-    body = {"model": MODEL, "messages": [{"role": "user", "content": "Tell a long story."}], "max_tokens": 400,
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Tell a long story."}], "max_tokens": 1500,
             "ignore_eos": True}
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         answer = pool.submit(httpx.post, system.openai_url + "/chat/completions", json=body, timeout=120)
-        time.sleep(2)  # (under way: 400 tokens take ~10 s here)
+        # (under way: 1500 tokens take 9 s on a fast host, 30 s on a slow one)
+        wait_for(lambda: system.worker(MODEL)["leases"] > 0 or answer.done(), 30, "the request under way")
+        time.sleep(0.5)
         assert system.cli("stop", MODEL).returncode == 0
         r = answer.result(120)
     assert r.status_code == 503 and "stopping" in r.json()["error"]["message"], r.text
@@ -383,3 +385,26 @@ def _answers(client: object) -> bool:
         return True
     except Exception:
         return False
+
+
+def test_the_dashboards_unload_leaves_a_busy_model_alone_by_any_of_its_names(system: System) -> None:
+    """The busy check looked the name up as given: an alias matched nothing and the unload cut the stream off."""
+    import concurrent.futures
+
+    import httpx
+
+    ask(system)
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Tell a long story."}], "max_tokens": 1500,
+            "ignore_eos": True}
+    dash = f"http://127.0.0.1:{system.dashboard_port}/api/workers"
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        answer = pool.submit(httpx.post, system.openai_url + "/chat/completions", json=body, timeout=120)
+        wait_for(lambda: system.worker(MODEL)["leases"] > 0 or answer.done(), 30, "the request under way")
+        for name in ("smollm2-135m-instruct", "smollm2:latest", MODEL):  # (an alias, a tag, the name)
+            r = httpx.post(f"{dash}/{name}/unload", timeout=30)
+            assert r.status_code == 409 and "serving" in r.json()["message"], (name, r.text)
+        assert not answer.done()
+        assert system.cli("stop", MODEL).returncode == 0
+        assert answer.result(120).status_code == 503
+    r = httpx.post(f"{dash}/{MODEL}/unload", timeout=30)
+    assert r.status_code == 200, r.text
