@@ -494,10 +494,7 @@ class Supervisor:
         if isinstance(cmd, Acquire):
             mgr = self._worker(rid, cmd.model)
             assert self.scheduler is not None
-            missing = missing_model(mgr.launch) if mgr.state in (WorkerState.STOPPED, WorkerState.FATAL) else ""
-            if missing:  # (said before an idle model is evicted to make room for a load that cannot be)
-                mgr.load_refused(missing)
-                raise WorkerUnavailable("load_failed", f"model {mgr.name!r} failed to load: {missing}", LOAD_FAILED)
+            self._refuse_missing(mgr)
             fut = self.scheduler.acquire(rid, mgr.name, cmd.keep_alive_s, owner=ident)
             try:
                 endpoint = await asyncio.wait_for(fut, cmd.timeout_s)
@@ -513,7 +510,7 @@ class Supervisor:
             return Ok(request_id=rid, message=await self.reload())
         if isinstance(cmd, StartWorker):
             assert self.scheduler is not None
-            await self.scheduler.start(self._worker(rid, cmd.name).name)
+            await self.scheduler.start(self._refuse_missing(self._worker(rid, cmd.name), restart=False).name)
             return Ok(request_id=rid, message=f"starting {cmd.name}")
         if isinstance(cmd, StopWorker):
             mgr = self._worker(rid, cmd.name)
@@ -529,10 +526,21 @@ class Supervisor:
             return Ok(request_id=rid, message=f"stopped {cmd.name}")
         if isinstance(cmd, RestartWorker):
             assert self.scheduler is not None
-            await self.scheduler.start(self._worker(rid, cmd.name).name, restart=True)
+            await self.scheduler.start(self._refuse_missing(self._worker(rid, cmd.name), restart=True).name,
+                                       restart=True)
             return Ok(request_id=rid, message=f"restarting {cmd.name}")
         return ErrorReply(request_id=rid, code="bad_request", message=f"unknown command {type(cmd).__name__}",
                           status=400)
+
+    @staticmethod
+    def _refuse_missing(mgr: WorkerManager, restart: bool = False) -> WorkerManager:
+        """A load (a request's, an operator's start or restart) of a model whose file is not there fails at once,
+        before an idle model is evicted to make room for it, and without retries in the background."""
+        missing = missing_model(mgr.launch) if restart or mgr.state in (WorkerState.STOPPED, WorkerState.FATAL) else ""
+        if missing:
+            mgr.load_refused(missing)
+            raise WorkerUnavailable("load_failed", f"model {mgr.name!r} failed to load: {missing}", LOAD_FAILED)
+        return mgr
 
     async def _system_metrics(self) -> None:
         psutil.cpu_percent()

@@ -190,6 +190,13 @@ def test_a_model_whose_file_is_missing_fails_its_request_clearly_and_is_not_retr
     time.sleep(1.5)  # (a background retry came after 1 s)
     w = system.worker("later")
     assert w["state"] == "stopped" and w["restarts"] == 0 and w["pid"] == 0, w
+    for verb in ("start", "restart"):  # an operator's too: refused at once, nothing evicted, no retries (it went
+        out = system.cli(verb, "later")  # fatal after five, having evicted an idle model first)
+        assert out.returncode != 0 and f"model file not found: {later}" in out.stdout + out.stderr, out
+    time.sleep(1.5)
+    w = system.worker("later")
+    assert w["state"] == "stopped" and w["restarts"] == 0 and w["pid"] == 0, w
+    assert system.worker(A)["state"] == system.worker("other")["state"] == "ready"
     cfg = load_config()
     later.symlink_to(cfg.model_path(cfg.models.models[A]))
     assert c.generate(model="later", prompt="hi", options={"num_predict": 1}).done
