@@ -80,10 +80,16 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 
 async def require_tools(request: web.Request, model: str, body: dict[str, Any]) -> None:
     """Tools (or functions) for a model whose chat template takes none are a 400: llama-server ignores them (a
-    plain answer where a tool call was asked for, "required" or not); Ollama refuses so, on its /v1 too."""
+    plain answer where a tool call was asked for, "required" or not); Ollama refuses so, on its /v1 too. So is a
+    completion's ``suffix`` (fill-in-the-middle) for a model that cannot insert (llama-server ignored it)."""
+    needed = {}
     field = "tools" if body.get("tools") else "functions" if body.get("functions") else ""
     if field:
-        await require_features(request.app[CONFIG], model, {"tools": field})
+        needed["tools"] = field
+    if body.get("suffix"):
+        needed["insert"] = "suffix"
+    if needed:
+        await require_features(request.app[CONFIG], model, needed)
 
 
 async def responses(request: web.Request) -> web.StreamResponse:
@@ -134,8 +140,9 @@ async def delete_response(request: web.Request) -> web.Response:
 async def completions(request: web.Request) -> web.StreamResponse:
     req = with_default_model(request, await read_json(request))
     breq = tr.completions_to_backend(req)
-    return await relay_openai(request, request_model(request, req), breq.path, breq.body, breq.stream,
-                              tr.LegacyCompletion(req).convert)
+    model = request_model(request, req)
+    await require_tools(request, model, breq.body)
+    return await relay_openai(request, model, breq.path, breq.body, breq.stream, tr.LegacyCompletion(req).convert)
 
 
 Transform = Callable[[dict[str, Any]], dict[str, Any]]

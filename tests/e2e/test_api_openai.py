@@ -413,3 +413,16 @@ def test_a_schema_llama_server_would_never_return_from_is_a_400_on_every_route(s
         r = httpx.post(url, json=body, timeout=20)
         assert r.status_code == 400 and "more" in r.text, (url, r.text)
     assert client(system).chat.completions.create(model=MODEL, messages=MSG, max_tokens=2).choices  # (still serves)
+
+
+def test_a_completions_suffix_for_a_model_that_cannot_insert_is_a_400_on_every_port(system: System) -> None:
+    """Fill-in-the-middle: llama-server dropped the suffix and answered a plain continuation (an editor took it for
+    the middle); Ollama refuses so on /api/generate and its /v1/completions, as OpenAI does."""
+    with pytest.raises(openai.BadRequestError) as err:
+        client(system).completions.create(model=MODEL, prompt="def add(a, b):\n", suffix="\nprint(add(1, 2))",
+                                          max_tokens=4)
+    assert "does not support insert" in str(err.value) and err.value.body["param"] == "suffix"  # type: ignore[index]
+    for url in (system.ollama_url + "/v1/completions", base(system) + "/api/v0/completions"):
+        status, doc, _ = http("POST", url, {"model": MODEL, "prompt": "x", "suffix": "y", "max_tokens": 2})
+        assert status == 400 and "does not support insert" in doc["error"]["message"], (url, doc)
+    assert client(system).completions.create(model=MODEL, prompt="x", suffix="", max_tokens=1).choices
