@@ -95,6 +95,7 @@ class LlamaServer:
         self.proc: asyncio.subprocess.Process | None = None
         self.port = 0
         self.base_url = ""
+        self.serving = False  # healthy: it heeds SIGTERM (see stop)
         # Where the worker speaks to it: a unix socket beside the TCP port (llama-server listens on both; the
         # worker's requests skip loopback TCP's ACKs and wakeups), or None: TCP only (a path too long, a
         # llama-server too old to listen on unix sockets, or a --host of the model's own extra_args, which wins).
@@ -203,6 +204,7 @@ class LlamaServer:
             self.port = self._port_found.result()
             self.base_url = f"http://127.0.0.1:{self.port}"
             await self._wait_healthy(deadline, exited)
+            self.serving = True
         finally:
             exited.cancel()
 
@@ -255,11 +257,15 @@ class LlamaServer:
         return await self.proc.wait()
 
     async def stop(self, grace: float = 5.0) -> None:
+        """SIGTERM, then SIGKILL after ``grace``; at once while it is still loading (nothing to finish, and
+        llama-server heeds SIGTERM only once it serves: a load given up on held its model for the whole grace)."""
         proc = self.proc
         if proc is None or proc.returncode is not None:
             return
+        if not self.serving:
+            grace = 0.0
         with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(signal.SIGTERM)
+            proc.send_signal(signal.SIGTERM if grace else signal.SIGKILL)
         try:
             await asyncio.wait_for(proc.wait(), grace)
         except TimeoutError:

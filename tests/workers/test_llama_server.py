@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -144,3 +145,30 @@ def test_the_flags_a_worker_may_drop_are_the_ones_the_config_adds() -> None:
     from workers.llama_server import OPTIONAL_FLAGS
 
     assert CACHE_RAM_FLAG in OPTIONAL_FLAGS
+
+
+def test_a_llama_server_stopped_while_it_loads_is_killed_at_once(run_dir: Path) -> None:
+    """llama-server heeds SIGTERM only once it serves: a load given up on (its client gone) held the model in
+    'stopping' for the whole 5 s grace. Here a wrapper deaf to SIGTERM for its first seconds stands for that."""
+    real = launch(run_dir).llama_server
+    slow = run_dir / "slow-llama-server"
+    slow.write_text(f"#!{sys.executable}\nimport os, signal, sys, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+                    f"time.sleep(3)\nos.execv({real!r}, [{real!r}, *sys.argv[1:]])\n")  # (one process, as it)
+    slow.chmod(0o755)
+
+    async def main() -> None:
+        import time
+
+        server = LlamaServer(launch(run_dir, str(slow)), run_dir / "llama-server.log")
+        starting = asyncio.create_task(server.start(60))
+        while server.proc is None:  # noqa: ASYNC110 (a test: the process appears in start())
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.2)
+        t0 = time.monotonic()
+        await server.stop()
+        took = time.monotonic() - t0
+        assert server.proc.returncode is not None and took < 1.5, took
+        with pytest.raises(Exception):  # noqa: B017 (its start fails: llama-server is gone)
+            await starting
+
+    asyncio.run(main())
