@@ -137,14 +137,25 @@ CACHE_RAM_FLAG = "--cache-ram"
 CACHE_RAM_FLAGS = ("-cram", CACHE_RAM_FLAG)  # (llama-server's short and long names)
 
 
+# A chat model's prompt goes to llama-server's decoder this many tokens at a time (Ollama's num_batch): llama-server
+# sees a cancelled request only between two such batches, and its own 2048 kept a model busy 7-10 s on a prompt
+# whose client was gone (an editor's completion, given up on as the user typed on). No slower on a CPU: the
+# micro-batch (-ub, 512) is what one computation takes either way.
+CHAT_BATCH = 512
+
+
 def llama_server_args(mode: str, pooling: str | None, p: ModelParameters) -> list[str]:
-    """``p.extra_args`` plus the prompt cache's size (``--cache-ram``) and what an embedding model needs:
+    """``p.extra_args`` plus the prompt cache's size (``--cache-ram``), a chat model's batch (``-b``, CHAT_BATCH),
+    and what an embedding model needs:
     ``--embeddings``, ``--pooling``, and a batch as large as the context (llama-server embeds an input in one
     batch). Idempotent: flags already there stay."""
     args = list(p.extra_args)
-    if not set(CACHE_RAM_FLAGS) & {a.split("=", 1)[0] for a in args}:
+    given = {a.split("=", 1)[0] for a in args}
+    if not set(CACHE_RAM_FLAGS) & given:
         args += [CACHE_RAM_FLAG, str(p.cache_ram_mib)]
     if mode == "chat":
+        if not {"-b", "--batch-size"} & given:
+            args += ["-b", str(CHAT_BATCH)]
         return args
     if not {"--embedding", "--embeddings"} & set(args):
         args.append("--embeddings")

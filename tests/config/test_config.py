@@ -117,6 +117,21 @@ def test_a_models_estimated_footprint_counts_its_prompt_cache() -> None:
     assert ModelConfig(model_path="m.gguf", parameters=own).footprint(100 * mib, 10) == 100 * mib + 20_000 + 128 * mib
 
 
+def test_a_chat_models_prompt_goes_to_llama_server_in_batches_a_cancel_can_come_between() -> None:
+    """llama-server sees a cancel between two batches of a prompt: with its own 2048 a client that gave up on a long
+    prompt (an editor's completion as the user types on) held the model 7-10 s; Ollama's num_batch is 512."""
+    from config.schema import CHAT_BATCH, ModelParameters, llama_server_args
+
+    assert CHAT_BATCH == 512
+    args = llama_server_args("chat", None, ModelParameters())
+    assert args[args.index("-b") + 1] == "512"
+    for own in (["-b", "64"], ["--batch-size", "64"], ["--batch-size=64"]):  # (the model's own wins)
+        args = llama_server_args("chat", None, ModelParameters(extra_args=own))
+        assert args == [*own, "--cache-ram", "512"], args
+    embed = llama_server_args("embedding", None, ModelParameters(ctx_size=1000))  # (an input in one batch)
+    assert embed[embed.index("-b") + 1] == "1000"
+
+
 def test_a_models_size_on_disk_is_its_files_own(tmp_path: Path) -> None:
     """A whisper model is a directory: its size was the directory's own (4096), in status and the memory budget."""
     from config.loader import model_size

@@ -18,6 +18,8 @@ from typing import Any
 
 import psutil
 
+from config.schema import CHAT_BATCH
+
 ROOT = Path(__file__).resolve().parents[2]
 SYNTHETIC = ROOT / "tools" / "synthetic_upstream.py"
 
@@ -76,6 +78,8 @@ class Upstream:
             str(self.parallel),
             "--cache-ram",
             str(self.cache_ram_mib),
+            "-b",
+            str(CHAT_BATCH),
         ]
 
 
