@@ -410,7 +410,7 @@ class WorkerLaunch(msgspec.Struct, frozen=True, kw_only=True):
     supervisor_pid: int
     llama_server: str = ""
     params: ModelParams = ModelParams()
-    queue_size: int = 8
+    queue_size: int = 512
     alias: str = ""
     load_timeout_s: float = 120.0
     whisper: WhisperParams = WhisperParams()

@@ -66,7 +66,9 @@ class MetricsConfig(_Cfg):
 
 class LimitsConfig(_Cfg):
     max_loaded_models: PositiveInt = 2
-    queue_size: Annotated[int, msgspec.Meta(ge=0)] = 8
+    # Requests a model queues beyond its slots (Ollama's OLLAMA_MAX_QUEUE is 512: a client library's batch of
+    # 20-100 prompts just waits its turn); 429 (the Ollama port: 503) beyond.
+    queue_size: Annotated[int, msgspec.Meta(ge=0)] = 512
     load_timeout_s: PositiveFloat = 120.0
     request_timeout_s: PositiveFloat = 600.0
     # How long an idle model stays loaded (Ollama's keep_alive default): 0 unloads at once, negative never.

@@ -301,3 +301,18 @@ def test_repeat_last_n_minus_one_is_the_context(system: System) -> None:
     with pytest.raises(ollama.ResponseError) as err:
         ollama.Client(system.ollama_url).generate(model=MODEL, prompt="Hi", options={"repeat_last_n": -2})
     assert err.value.status_code == 400 and "repeat_last_n" in err.value.error
+
+
+def test_a_client_librarys_batch_of_prompts_waits_its_turn(system: System) -> None:
+    """LangChain's abatch of 20 prompts: 10 of them were refused "queue is full" (503), where Ollama queues up to
+    512 requests a model."""
+    import asyncio
+
+    async def main() -> list[object]:
+        c = ollama.AsyncClient(system.ollama_url, timeout=120)
+        return await asyncio.gather(*(c.generate(model=MODEL, prompt=f"Story {i}", options={"num_predict": 8})
+                                      for i in range(24)), return_exceptions=True)
+
+    results = asyncio.run(main())
+    failed = [r for r in results if isinstance(r, BaseException)]
+    assert not failed, failed[:3]
