@@ -142,10 +142,12 @@ async def completions(request: web.Request) -> web.StreamResponse:
     breq = tr.completions_to_backend(req)
     model = request_model(request, req)
     await require_tools(request, model, breq.body)
-    return await relay_openai(request, model, breq.path, breq.body, breq.stream, tr.LegacyCompletion(req).convert)
+    legacy = tr.LegacyCompletion(req)
+    return await relay_openai(request, model, breq.path, breq.body, breq.stream,
+                              legacy.stream_chunks if breq.stream else legacy.convert)
 
 
-Transform = Callable[[dict[str, Any]], dict[str, Any]]
+Transform = Callable[[dict[str, Any]], Any]  # a reply (or a chunk) reshaped; in a stream, a list: several, or none
 
 
 def pop_ttl(body: dict[str, Any]) -> float | None:
@@ -210,12 +212,17 @@ def _renamed(parser: SSEParser, chunk: bytes, model: str, transform: Transform |
             out.append(b"data: " + payload + b"\n\n")
             continue
         for each in choices.push(doc) if choices is not None else (doc,):
-            out.append(b"data: " + _enc.encode(_shaped(each, model, transform)) + b"\n\n")
+            out.extend(_events(_shaped(each, model, transform)))
     if parser.done:
         for each in choices.finish() if choices is not None else ():
-            out.append(b"data: " + _enc.encode(_shaped(each, model, transform)) + b"\n\n")
+            out.extend(_events(_shaped(each, model, transform)))
         out.append(b"data: [DONE]\n\n")
     return b"".join(out)
+
+
+def _events(shaped: Any) -> list[bytes]:
+    """SSE events of a shaped chunk: a transform may make it several chunks, or none (a list)."""
+    return [b"data: " + _enc.encode(one) + b"\n\n" for one in (shaped if isinstance(shaped, list) else (shaped,))]
 
 
 def _shaped(doc: Any, model: str, transform: Transform | None) -> Any:

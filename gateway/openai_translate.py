@@ -442,6 +442,8 @@ class LegacyCompletion:
         self.prompts = [prompt] if isinstance(prompt, str) else [p if isinstance(p, str) else "" for p in prompt] \
             if isinstance(prompt, list) else [""]
         self.echo = bool(req.get("echo"))
+        options = req.get("stream_options")
+        self.include_usage = isinstance(options, dict) and options.get("include_usage") is True
         self.echoed: set[int] = set()
         self.offsets: dict[int, int] = {}  # choice index -> text offset of its next token
 
@@ -481,6 +483,19 @@ class LegacyCompletion:
                 choice["logprobs"] = {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops,
                                       "text_offset": offsets}
         return doc
+
+    def stream_chunks(self, doc: dict[str, Any]) -> list[dict[str, Any]]:
+        """A stream chunk converted, its ``usage`` as OpenAI streams it: only with ``stream_options.include_usage``,
+        and then in a chunk of its own with no choices (llama-server puts it on the last chunk, asked or not)."""
+        doc = self.convert(doc)
+        if "usage" not in doc or not doc.get("choices"):
+            return [doc] if self.include_usage or "usage" not in doc else []
+        usage = doc.pop("usage")
+        if not self.include_usage:
+            return [doc]
+        tail: dict[str, Any] = {k: doc[k] for k in ("id", "object", "created", "model", "system_fingerprint")
+                                if k in doc}
+        return [doc, {**tail, "choices": [], "usage": usage}]
 
 
 def several_choices(req: dict[str, Any]) -> bool:

@@ -426,3 +426,30 @@ def test_a_completions_suffix_for_a_model_that_cannot_insert_is_a_400_on_every_p
         status, doc, _ = http("POST", url, {"model": MODEL, "prompt": "x", "suffix": "y", "max_tokens": 2})
         assert status == 400 and "does not support insert" in doc["error"]["message"], (url, doc)
     assert client(system).completions.create(model=MODEL, prompt="x", suffix="", max_tokens=1).choices
+
+
+def test_a_streamed_completions_usage_comes_as_openai_streams_it(system: System) -> None:
+    """llama-server put usage on /v1/completions' last chunk, asked for or not: OpenAI sends it only with
+    stream_options.include_usage, in a chunk of its own with no choices (as /v1/chat/completions did already)."""
+    import httpx
+
+    for url in (base(system) + "/v1/completions", system.ollama_url + "/v1/completions"):
+        for include in (False, True):
+            body: dict[str, object] = {"model": MODEL, "prompt": "a b c", "max_tokens": 3, "stream": True}
+            if include:
+                body["stream_options"] = {"include_usage": True}
+            with httpx.stream("POST", url, json=body, timeout=60) as r:
+                lines = [ln for ln in r.iter_lines() if ln.startswith("data: ")]
+            assert lines[-1] == "data: [DONE]"
+            chunks = [json.loads(ln[6:]) for ln in lines[:-1]]
+            with_usage = [c for c in chunks if c.get("usage")]
+            if include:
+                assert with_usage == [chunks[-1]] and chunks[-1]["choices"] == [], chunks[-2:]
+                assert chunks[-1]["usage"]["completion_tokens"] > 0 and chunks[-1]["id"].startswith("cmpl-")
+            else:
+                assert not with_usage, chunks[-1]
+            assert any(c["choices"] and c["choices"][0].get("finish_reason") for c in chunks)
+    stream = client(system).completions.create(model=MODEL, prompt="a b c", max_tokens=3, stream=True,
+                                               stream_options={"include_usage": True})
+    last = list(stream)[-1]
+    assert last.usage is not None and last.usage.completion_tokens > 0 and not last.choices
