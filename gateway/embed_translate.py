@@ -152,7 +152,7 @@ def fit_dimensions(vector: list[float], dimensions: int | None) -> list[float]:
     if dimensions is None or dimensions >= len(vector):
         return vector
     head = vector[:dimensions]
-    norm = math.sqrt(sum(v * v for v in head))
+    norm = math.hypot(*head)  # (no underflow of tiny values' squares: their sum was not their norm)
     return [v / norm for v in head] if norm > 0 else head
 
 

@@ -193,7 +193,7 @@ def test_read_facts_never_raises(tmp_path: Path) -> None:
 
 def test_llama_server_args_are_added_once() -> None:
     p = ModelParameters(ctx_size=1024)
-    assert llama_server_args("chat", "mean", p) == ["--cache-ram", "512"]
+    assert llama_server_args("chat", "mean", p) == ["--cache-ram", "512", "-b", "512"]
     args = llama_server_args("embedding", "mean", p)
     assert args == ["--cache-ram", "512", "--embeddings", "--pooling", "mean", "-b", "1024", "-ub", "1024"]
     again = llama_server_args("both", "mean", ModelParameters(ctx_size=1024, extra_args=args))
@@ -206,11 +206,12 @@ def test_llama_server_args_are_added_once() -> None:
 
 def test_the_prompt_cache_is_bounded_unless_the_model_says_otherwise() -> None:
     """llama-server's own default (8 GiB) let a worker grow from 0.2 to 1.5 GB over a few hundred prompts."""
-    assert ModelConfig(model_path="x.gguf").backend_args() == ["--cache-ram", "512"]
+    assert ModelConfig(model_path="x.gguf").backend_args() == ["--cache-ram", "512", "-b", "512"]
     own = ModelConfig(model_path="x.gguf", parameters=ModelParameters(cache_ram_mib=-1, extra_args=["-t", "2"]))
-    assert own.backend_args() == ["-t", "2", "--cache-ram", "-1"]
+    assert own.backend_args() == ["-t", "2", "--cache-ram", "-1", "-b", "512"]
     for flags in (["-cram", "64"], ["--cache-ram=64"]):
-        assert ModelConfig(model_path="x.gguf", parameters=ModelParameters(extra_args=flags)).backend_args() == flags
+        args = ModelConfig(model_path="x.gguf", parameters=ModelParameters(extra_args=flags)).backend_args()
+        assert args == [*flags, "-b", "512"]
 
 
 def _entry(mode: str = "chat", facts: ModelFacts | None = None) -> ModelEntry:
