@@ -118,6 +118,19 @@ class LlamaServer:
     def last_output(self) -> str:
         return " | ".join(self._tail[-5:])
 
+    def exit_reason(self, when: str = "") -> str:
+        """Why llama-server is gone: killed by a signal (its last lines are start-up's, not the cause: the OOM
+        killer, or someone's kill), or its exit code and last lines."""
+        code = self.proc.returncode if self.proc else None
+        if code is not None and code < 0:
+            try:
+                name = signal.Signals(-code).name
+            except ValueError:
+                name = f"signal {-code}"
+            hint = " (the kernel's out-of-memory killer, or a kill -9)" if -code == signal.SIGKILL else ""
+            return f"llama-server was killed by {name}{when}{hint}"
+        return f"llama-server exited with code {code if code is not None else '?'}{when}: {self.last_output()}"
+
     def pool(self, connect_timeout: float = 10.0) -> BackendPool:
         """Keep-alive connections to this llama-server (over its unix socket when it has one)."""
         return BackendPool("127.0.0.1", self.port, connect_timeout=connect_timeout, unix_path=self.socket_path,
@@ -199,7 +212,7 @@ class LlamaServer:
             if self._port_found not in done:
                 if exited in done:
                     await asyncio.sleep(0.05)  # let the pump read the last lines
-                    raise BackendError(f"llama-server exited with code {self.proc.returncode}: {self.last_output()}")
+                    raise BackendError(self.exit_reason())
                 raise BackendError(f"llama-server did not listen within {timeout:.0f}s")
             self.port = self._port_found.result()
             self.base_url = f"http://127.0.0.1:{self.port}"
@@ -221,8 +234,7 @@ class LlamaServer:
             while True:
                 if exited.done():
                     await asyncio.sleep(0.05)
-                    raise BackendError(f"llama-server exited with code {self.proc.returncode if self.proc else '?'} "
-                                       f"while loading: {self.last_output()}")
+                    raise BackendError(self.exit_reason(" while loading"))
                 try:
                     async with asyncio.timeout(2):
                         await pool.request("GET", "/health", b"", on_head, lambda _data: True)

@@ -101,7 +101,7 @@ class LlamaWorker(WorkerBus):
         for t in (receiver, metrics, backend_exit, stop_wait):
             t.cancel()
         if backend_exit in done:
-            msg = f"llama-server exited unexpectedly (code {self.backend.proc.returncode if self.backend.proc else '?'})"
+            msg = self.backend.exit_reason(" unexpectedly")
             log.error("backend_exited", message=msg, output=self.backend.last_output())
             await self._fail_all(502, "backend_exited", msg)
             with contextlib.suppress(zmq.ZMQError, TimeoutError):  # why this worker exits, for the supervisor

@@ -73,9 +73,11 @@ def test_killed_llama_server_is_noticed_and_restarted(system: System) -> None:
     os.kill(w["backend_pid"], signal.SIGKILL)
     # the reason is said where the operator looks (it was "worker exited with code 4"; the cause in a log)
     # (shown with the state it belongs to: it was shown for 0.1 s under "ready", before the exit was acted on)
-    said = wait_for(lambda: (w := system.worker(MODEL)) and "llama-server exited unexpectedly" in w["message"] and w,
-                    10, "the reason in the worker's state", interval=0.01)
+    # (a signal is said as one: the message gave llama-server's start-up lines, as if they were the cause)
+    said = wait_for(lambda: (w := system.worker(MODEL)) and "llama-server was killed by SIGKILL unexpectedly" in
+                    w["message"] and w, 10, "the reason in the worker's state", interval=0.01)
     assert said["state"] == "backoff" and "restarting" in said["message"], said
+    assert "out-of-memory" in said["message"] and "|" not in said["message"], said
     ready_pid(system, other_than=w["pid"])
     assert ask(system) is not None
 
