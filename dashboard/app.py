@@ -129,8 +129,12 @@ async def status(request: web.Request) -> web.Response:
 async def info(request: web.Request) -> web.Response:
     launch = request.app[LAUNCH]
     token = request.app[TOKEN]
-    return web.json_response({"token_required": token is not None,
-                              "token_ok": auth.check(request, token), "host": launch.host, "port": launch.port})
+    try:  # (the config on disk: api_keys apply at a reload)
+        keys = bool(load_config(launch.config_dir or None).app.proxies.lmstudio.api_keys)
+    except ConfigError:
+        keys = False
+    return web.json_response({"token_required": token is not None, "token_ok": auth.check(request, token),
+                              "api_key_required": keys, "host": launch.host, "port": launch.port})
 
 
 async def action(request: web.Request) -> web.Response:
@@ -316,10 +320,12 @@ async def chat(request: web.Request) -> web.StreamResponse:
     if base is None:
         return web.json_response({"error": "the OpenAI gateway is not running"}, status=503)
     headers = {"Content-Type": "application/json"}
-    # The OpenAI port's API key, if it wants one, is the caller's to give (Authorization, or the dashboard's token
-    # field): the chat sent the first configured key itself, which opened every model to any local process.
-    given = request.headers.get("Authorization") or (f"Bearer {request.headers['X-Llama-Runner-Token']}"
-                                                      if request.headers.get("X-Llama-Runner-Token") else "")
+    # The OpenAI port's API key, if it wants one, is the caller's to give (the page's API key field, else
+    # Authorization, else the dashboard's token): the chat sent the first configured key itself, which opened every
+    # model to any local process.
+    key = request.headers.get(auth.API_KEY_HEADER)
+    given = (f"Bearer {key}" if key else request.headers.get("Authorization")
+             or (f"Bearer {request.headers[auth.HEADER]}" if request.headers.get(auth.HEADER) else ""))
     if given:
         headers["Authorization"] = given
     try:

@@ -21,6 +21,7 @@ if TYPE_CHECKING:  # the supervisor imports this module for the token alone: no 
 
 ENV_TOKEN = "LLAMA_RUNNER_DASHBOARD_TOKEN"
 HEADER = "X-Llama-Runner-Token"
+API_KEY_HEADER = "X-Llama-Runner-Api-Key"  # the dashboard's chat: the OpenAI port's API key, apart from the token
 
 
 def dashboard_token(host: str, configured: str | None, *, generate: bool = True) -> str | None:
@@ -38,10 +39,15 @@ def dashboard_token(host: str, configured: str | None, *, generate: bool = True)
 
 
 def presented(request: web.Request) -> str:
+    """The dashboard token a request gives: its own header first (beside it, Authorization may carry an API key for
+    the chat), else a bearer token, else ``?token=``."""
+    own = request.headers.get(HEADER, "")
+    if own:
+        return own
     auth = request.headers.get("Authorization", "")
     if auth.lower().startswith("bearer "):
         return auth[7:].strip()
-    return request.headers.get(HEADER, "") or request.query.get("token", "")
+    return request.query.get("token", "")
 
 
 def check(request: web.Request, token: str | None) -> bool:

@@ -19,6 +19,8 @@ const store = reactive({
   requests: [],    // latest finished request events (newest first)
   tokenRequired: false,
   token: localStorage.getItem("llama-runner-token") || "",
+  apiKeyRequired: false, // the OpenAI port wants an API key: the chat sends the one typed here
+  apiKey: localStorage.getItem("llama-runner-api-key") || "",
 });
 const series = {}; // name -> {t: [], v: [], listeners: Set} (not reactive: charts read it directly)
 
@@ -354,7 +356,7 @@ const ChatView = {
   <div style="max-width: 900px">
     <div class="section-title">Try a model</div>
     <div class="chat-log" ref="logEl" data-field="chat-log">
-      <div v-for="(m, i) in messages" :key="i" :class="['msg', m.role]"><b>{{ m.role }}:</b> {{ m.content }}</div>
+      <div v-for="(m, i) in messages" :key="i" :class="['msg', m.role]"><b>{{ m.role }}:</b> {{ m.content }}<span v-if="m.error" class="err"> [error: {{ m.error }}]</span></div>
       <div v-if="!messages.length" class="muted">Messages go through the OpenAI gateway (streamed).</div>
     </div>
     <div style="display:flex; gap:8px; align-items:flex-start">
@@ -392,12 +394,15 @@ const ChatView = {
       if (!text.value.trim() || !model.value || busy.value) return;
       messages.value.push({ role: "user", content: text.value });
       text.value = "";
-      const history = messages.value.map(({ role, content }) => ({ role, content }));
-      const answer = reactive({ role: "assistant", content: "" });
+      // (an answer that ended in an error is no part of the conversation: the model read our error notes)
+      const history = messages.value.filter((m) => !m.error).map(({ role, content }) => ({ role, content }));
+      const answer = reactive({ role: "assistant", content: "", error: "" });
       messages.value.push(answer);
       busy.value = true;
       try {
-        const r = await fetch("/api/chat", { method: "POST", headers: headers({ "Content-Type": "application/json" }),
+        const extra = { "Content-Type": "application/json" };
+        if (store.apiKey) extra["X-Llama-Runner-Api-Key"] = store.apiKey;
+        const r = await fetch("/api/chat", { method: "POST", headers: headers(extra),
                                              body: JSON.stringify({ model: model.value, messages: history }) });
         if (!r.ok) {
           let msg = r.statusText;
@@ -426,7 +431,7 @@ const ChatView = {
           if (logEl.value) logEl.value.scrollTop = logEl.value.scrollHeight;
         }
       } catch (e) {
-        answer.content += ` [error: ${e.message}]`;
+        answer.error = e.message;
         ElMessage({ type: "error", message: e.message });
       } finally {
         busy.value = false;
@@ -451,6 +456,8 @@ const App = {
       <div class="spacer"></div>
       <el-input v-if="store.tokenRequired" v-model="store.token" size="small" style="width: 200px" placeholder="dashboard token"
                 type="password" show-password data-field="token" />
+      <el-input v-if="store.apiKeyRequired" v-model="store.apiKey" size="small" style="width: 200px" placeholder="API key (chat)"
+                type="password" show-password data-field="api-key" />
       <el-button size="small" @click="reloadConfig" data-action="reload">Reload config</el-button>
       <span :class="['live', store.connected ? 'on' : 'off']" data-field="live">{{ store.connected ? 'live' : 'reconnecting' }}</span>
     </div>
@@ -466,9 +473,10 @@ const App = {
     const tab = ref(location.hash.slice(1) || "workers");
     watch(tab, (t) => { history.replaceState(null, "", "#" + t); });
     watch(() => store.token, (t) => localStorage.setItem("llama-runner-token", t));
+    watch(() => store.apiKey, (k) => localStorage.setItem("llama-runner-api-key", k));
     onMounted(async () => {
       connect();
-      try { const i = await (await fetch("/api/info")).json(); store.tokenRequired = i.token_required; } catch (_) { /* offline */ }
+      try { const i = await (await fetch("/api/info")).json(); store.tokenRequired = i.token_required; store.apiKeyRequired = !!i.api_key_required; } catch (_) { /* offline */ }
     });
     return { store, tab, fmt, reloadConfig };
   },

@@ -207,3 +207,45 @@ def test_a_long_worker_message_takes_two_lines_and_shows_whole_on_hover(page: An
     finally:
         cfg.write_text(original)
         two_models.cli("reload")
+
+
+def test_the_chat_takes_an_api_key_of_its_own_and_keeps_errors_out_of_the_conversation(
+        browser: Any, two_models: System) -> None:
+    """With api_keys on the OpenAI port the chat could not be used: the page had no place for a key (on loopback
+    it asks no dashboard token), and the one field it had was checked as the dashboard token. And an answer that
+    ended in an error went back to the model as the assistant's words ("[error: ...]")."""
+    cfg = two_models.config_dir / "app_config.json"
+    original = cfg.read_text()
+    doc = json.loads(original)
+    doc["proxies"]["lmstudio"]["api_keys"] = ["sekrit-l"]
+    cfg.write_text(json.dumps(doc))
+    assert two_models.cli("reload").returncode == 0
+    ctx = browser.new_context(viewport={"width": 1600, "height": 1000})
+    pg = ctx.new_page()
+    sent: list[Any] = []
+    pg.on("request", lambda r: sent.append(json.loads(r.post_data or "{}")) if r.url.endswith("/api/chat") else None)
+    try:
+        pg.goto(f"http://127.0.0.1:{two_models.dashboard_port}/#chat", wait_until="domcontentloaded")
+        pg.wait_for_selector('[data-field="api-key"]', timeout=15000)
+        log = '[data-field="chat-log"]'
+        box = 'textarea[data-field="chat-input"], [data-field="chat-input"] textarea'
+
+        def say(text: str, n: int) -> None:
+            pg.fill(box, text)
+            pg.click('[data-action="chat-send"]')
+            pg.wait_for_function(f"""() => {{ const m = document.querySelectorAll('{log} .msg.assistant');
+                return m.length >= {n} && !document.querySelector('[data-action="chat-send"]').disabled
+                  && (m[m.length-1].querySelector('.err') || m[m.length-1].textContent.replace('assistant:', '').trim()); }}""",
+                                 timeout=60000)
+
+        say("Hello?", 1)  # no key yet: the gateway's 401, shown
+        assert "[error" in pg.inner_text(log) and "API key" in pg.inner_text(log), pg.inner_text(log)
+        pg.fill('input[data-field="api-key"], [data-field="api-key"] input', "sekrit-l")
+        say("Say hello.", 2)
+        last = pg.locator(f"{log} .msg.assistant").last
+        assert last.locator(".err").count() == 0 and last.inner_text().replace("assistant:", "").strip()
+        assert [m["role"] for m in sent[-1]["messages"]] == ["user", "user"], sent[-1]  # (the failed answer left out)
+    finally:
+        ctx.close()
+        cfg.write_text(original)
+        two_models.cli("reload")
