@@ -243,6 +243,10 @@ def _up(args: argparse.Namespace) -> int:
     if host not in ("127.0.0.1", "localhost", "::1"):
         print(f"llama-runner: warning: listening on {host}, beyond this machine: anyone who reaches it can use "
               "the models (set API keys, and the dashboard token, in the config)", file=sys.stderr)
+    elif ((config.app.proxies.ollama.api_keys or config.app.proxies.lmstudio.api_keys) and config.app.dashboard.enabled
+          and not config.app.dashboard.token):
+        print("llama-runner: warning: the API ports want keys, but the dashboard's actions (start, stop, reload, "
+              "discover) are open to every local user: set dashboard.token in app_config.json", file=sys.stderr)
     print(f"llama-runner: ollama API on http://{host}:{config.app.proxies.ollama.port}, "
           f"OpenAI/LM Studio API on http://{host}:{config.app.proxies.lmstudio.port}/v1, "
           f"dashboard on http://{host}:{config.app.dashboard.port}, run dir {run_dir}, logs {logs_dir}",

@@ -54,6 +54,11 @@ def test_openai_client_with_the_key_is_served_and_a_wrong_key_is_refused(locked:
         assert err.value.status_code == 401 and err.value.code == "invalid_api_key"
 
 
+def test_up_says_the_dashboard_is_open_to_local_users_when_the_ports_want_keys(locked: System) -> None:
+    said = (locked.run_dir / "up.err").read_text()
+    assert "dashboard's actions" in said and "dashboard.token" in said, said
+
+
 def test_ollama_client_sends_the_key_as_a_header(locked: System) -> None:
     ok = ollama.Client(host=locked.ollama_url, headers={"Authorization": f"Bearer {OLLAMA_KEY}"})
     assert any((m.model or "").startswith("smollm2") for m in ok.list().models)
