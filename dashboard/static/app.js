@@ -35,6 +35,9 @@ function mergeWorker(ev) {
 }
 
 const stateSeen = {}; // worker name -> when its last worker_state event came (performance.now())
+// Models a reload removed while loaded: they drain, stop, and only then leave the supervisor's list (the status the
+// reload's event asks for still has them): their row goes with their "stopped".
+const removing = new Set();
 const STATE_FIELDS = ["state", "message", "pid", "backend_pid", "restarts"];
 
 function apply(ev) {
@@ -55,6 +58,11 @@ function apply(ev) {
       break;
     case "worker_state":
       stateSeen[ev.name] = performance.now();
+      if (ev.state === "stopped" && removing.has(ev.name)) {
+        removing.delete(ev.name);
+        delete store.workers[ev.name];
+        break;
+      }
       mergeWorker(ev);
       if (ev.state !== "ready") { const w = store.workers[ev.name]; w.in_flight = 0; w.queued = 0; }
       break;
@@ -69,7 +77,11 @@ function apply(ev) {
     case "gateway_metrics": store.gateways[ev.protocol] = ev; break;
     case "process_state": store.processes[ev.name] = { ...(store.processes[ev.name] || {}), ...ev }; break;
     case "system_metrics": store.system = ev; break;
-    case "config_reloaded": refreshStatus(); break;
+    case "config_reloaded":
+      for (const name of ev.removed || []) if (store.workers[name]?.state !== "stopped") removing.add(name);
+      for (const name of [...(ev.added || []), ...(ev.changed || [])]) removing.delete(name);
+      refreshStatus();
+      break;
     case "request":
       if (ev.phase === "finished") { store.requests.unshift(ev); store.requests.length = Math.min(store.requests.length, 20); }
       break;

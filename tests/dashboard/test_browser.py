@@ -249,3 +249,28 @@ def test_the_chat_takes_an_api_key_of_its_own_and_keeps_errors_out_of_the_conver
         ctx.close()
         cfg.write_text(original)
         two_models.cli("reload")
+
+
+def test_a_loaded_model_a_reload_removes_leaves_the_page(page: Any, two_models: System) -> None:
+    """Its row stayed, 'stopped', until the page was loaded again (the status the reload's event asked for came
+    while it drained, and nothing removed it after)."""
+    cfg = two_models.config_dir / "models_config.json"
+    original = cfg.read_text()
+    doc = json.loads(original)
+    doc["models"]["ccc-extra"] = dict(doc["models"][MODEL_A])
+    page.wait_for_selector('[data-field="live"]:has-text("live")', timeout=15000)
+    try:
+        cfg.write_text(json.dumps(doc))
+        assert two_models.cli("reload").returncode == 0
+        assert two_models.cli("start", "ccc-extra").returncode == 0
+        page.wait_for_selector(_cell("ccc-extra", "state") + '[data-state="ready"]', timeout=60000)
+        cfg.write_text(original)
+        assert two_models.cli("reload").returncode == 0
+        wait_for(lambda: "ccc-extra" not in {w["name"] for w in two_models.status()["workers"]}, 30, "removed")
+        page.wait_for_selector(_cell("ccc-extra", "state"), state="detached", timeout=10000)
+    finally:
+        cfg.write_text(original)
+        two_models.cli("reload")
+        for name in (MODEL_A, MODEL_B):  # (one was evicted for it: the package's other tests find both loaded)
+            two_models.cli("start", name)
+        wait_for(lambda: all(w["state"] == "ready" for w in two_models.status()["workers"]), 120, "both loaded")
