@@ -12,9 +12,18 @@ from bus.protocol import GatewayLaunch
 from gateway import audio, catalog, embed_routes, openai_app
 from gateway import ollama_models as om
 from gateway import ollama_translate as tr
-from gateway.errors import ApiError, ContextOverflow, ollama_error_body, openai_error_body
-from gateway.relay import Relay, open_stream
-from gateway.server import BUS, CONFIG, json_response, make_app, open_job, read_json, started_ns
+from gateway.errors import ApiError, ollama_error_body, openai_error_body
+from gateway.relay import open_stream
+from gateway.server import (
+    BUS,
+    CONFIG,
+    FIT_INPUT,
+    json_response,
+    make_app,
+    open_fitting,
+    read_json,
+    started_ns,
+)
 from gateway.sse import SSEParser
 
 OLLAMA_VERSION = "0.12.6"
@@ -88,26 +97,6 @@ async def generate(request: web.Request) -> web.StreamResponse:
     return await _generate(request, "generate")
 
 
-TRUNCATE_TRIES = 8
-
-
-async def _open_fitting(request: web.Request, model: str, breq: tr.BackendRequest, keep_alive: float | None,
-                        truncate: bool) -> Relay:
-    """Open the job; an input too long for the model's context is shortened (``truncate``, Ollama's default: a
-    chat's oldest messages go, then the beginning of its latest one; a prompt's beginning) and sent again."""
-    body = breq.body
-    for _ in range(TRUNCATE_TRIES):
-        try:
-            return await open_job(request, model, breq.path, body, breq.stream, keep_alive)
-        except ContextOverflow as err:
-            shorter = tr.fit_to_context(body, err.prompt_tokens, err.ctx) if truncate else None
-            if shorter is None:
-                raise
-            log.info("input_truncated", model=model, prompt_tokens=err.prompt_tokens, ctx=err.ctx)
-            body = shorter
-    return await open_job(request, model, breq.path, body, breq.stream, keep_alive)
-
-
 async def _generate(request: web.Request, kind: Literal["chat", "generate"]) -> web.StreamResponse:
     req = await read_json(request)
     model = _model(req)
@@ -134,7 +123,8 @@ async def _generate(request: web.Request, kind: Literal["chat", "generate"]) -> 
         needed["insert"] = "suffix"
     if needed:  # (off the hot path: most requests ask for none)
         await catalog.require_features(request.app[CONFIG], model, needed)
-    relay = await _open_fitting(request, model, breq, keep_alive, truncate=req.get("truncate") is not False)
+    relay = await open_fitting(request, model, breq.path, breq.body, breq.stream, keep_alive,
+                               tr.fit_to_context if req.get("truncate") is not False else None)
     try:
         if not breq.stream:
             try:
@@ -173,5 +163,6 @@ def build(launch: GatewayLaunch) -> web.Application:
     r.add_delete("/api/delete", _unsupported("delete"))
     r.add_route("*", "/api/blobs/{digest}", _unsupported("blobs"))
     openai_app.add_v1_routes(app)
+    app[FIT_INPUT] = tr.fit_to_context  # (its /v1 too: Ollama truncates an input too long there as on /api/chat)
     audio.add_routes(app)  # speech to text
     return app

@@ -15,7 +15,16 @@ from gateway.catalog import require_capability, require_features, require_media
 from gateway.errors import ApiError, openai_error_body
 from gateway.relay import open_stream
 from gateway.response_store import ResponseStore, input_items
-from gateway.server import CONFIG, LAUNCH, json_response, make_app, model_files, open_job, read_json
+from gateway.server import (
+    CONFIG,
+    FIT_INPUT,
+    LAUNCH,
+    json_response,
+    make_app,
+    model_files,
+    open_fitting,
+    read_json,
+)
 from gateway.sse import SSEParser
 
 _enc = msgspec.json.Encoder()
@@ -168,7 +177,9 @@ async def relay_openai(request: web.Request, model: str, path: str, body: dict[s
     ``events``: a Responses API stream (named events), its response objects completed with these fields. A stream
     of several choices is put in order (tr.ChoiceStream)."""
     require_capability(request.app[CONFIG], model, "chat")
-    relay = await open_job(request, model, path, body, stream, keep_alive=pop_ttl(body))
+    keep_alive = pop_ttl(body)
+    fit = request.app.get(FIT_INPUT) if events is None else None  # (the Ollama port: its /v1 inputs are cut to fit)
+    relay = await open_fitting(request, model, path, body, stream, keep_alive, fit)
     try:
         rename = model != relay.worker  # the backend answers with the configured name
         if not stream:

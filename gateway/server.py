@@ -20,7 +20,7 @@ from config.schema import ProxyConfig
 from gateway import metrics as gateway_metrics
 from gateway import request_limits, security
 from gateway.bus_client import GatewayBus
-from gateway.errors import ApiError, log_failure, ollama_error_body
+from gateway.errors import ApiError, ContextOverflow, log_failure, ollama_error_body
 from gateway.grammar_check import check_constraints
 from gateway.listen import drain_times
 from gateway.relay import Relay, backend_error
@@ -235,6 +235,29 @@ async def open_job(request: web.Request, model: str, path: str, body: dict[str, 
     return await open_relay(request, model, lambda rid: HttpJob(request_id=rid, path=path, body=payload,
                                                                 stream=stream, route=route, gateway=gateway),
                             keep_alive=keep_alive)
+
+
+Fit = Callable[[dict[str, Any], int, int], "dict[str, Any] | None"]  # (body, prompt tokens, context) -> shorter body
+# An app whose chat and completion inputs too long for the context are shortened (the Ollama port, /v1 too: Ollama
+# truncates by default); unset: llama-server's 400 context_length_exceeded, as OpenAI's
+FIT_INPUT: web.AppKey[Fit] = web.AppKey("fit_input")
+TRUNCATE_TRIES = 8
+
+
+async def open_fitting(request: web.Request, model: str, path: str, body: dict[str, Any], stream: bool,
+                       keep_alive: float | None = None, fit: Fit | None = None) -> Relay:
+    """``open_job``; an input too long for the model's context is shortened by ``fit`` (Ollama's truncation: a
+    chat's oldest messages go, then the beginning of its latest one; a prompt's beginning) and sent again."""
+    for _ in range(TRUNCATE_TRIES if fit is not None else 0):
+        try:
+            return await open_job(request, model, path, body, stream, keep_alive)
+        except ContextOverflow as err:
+            shorter = fit(body, err.prompt_tokens, err.ctx) if fit is not None else None
+            if shorter is None:
+                raise
+            log.info("input_truncated", model=model, prompt_tokens=err.prompt_tokens, ctx=err.ctx)
+            body = shorter
+    return await open_job(request, model, path, body, stream, keep_alive)
 
 
 async def open_relay(request: web.Request, model: str, make_job: Callable[[str], Job], *, kind: str | None = None,

@@ -316,3 +316,23 @@ def test_a_client_librarys_batch_of_prompts_waits_its_turn(system: System) -> No
     results = asyncio.run(main())
     failed = [r for r in results if isinstance(r, BaseException)]
     assert not failed, failed[:3]
+
+
+def test_the_ollama_ports_v1_cuts_an_input_longer_than_the_context_as_ollama_does(system: System) -> None:
+    """Ollama's /v1 runs through its chat and generate handlers, which truncate: an editor or agent pointed at
+    localhost:11434/v1 with a big context got a 400 here. The LM Studio port keeps OpenAI's 400."""
+    import openai
+
+    doc = "apple " * 2600 + "\nSay hi."  # ~2600 tokens, the context is 2048
+    v1 = openai.OpenAI(base_url=system.ollama_url + "/v1", api_key="ollama", max_retries=0)
+    r = v1.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": doc}], max_tokens=2)
+    assert r.usage is not None and r.usage.prompt_tokens < 2048
+    stream = v1.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": doc}], max_tokens=2,
+                                        stream=True)
+    assert any(c.choices and c.choices[0].finish_reason for c in stream)
+    c = v1.completions.create(model=MODEL, prompt=doc, max_tokens=2)
+    assert c.usage is not None and c.usage.prompt_tokens < 2048
+    lm = openai.OpenAI(base_url=system.openai_url, api_key="lm-studio", max_retries=0)
+    with pytest.raises(openai.BadRequestError) as err:
+        lm.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": doc}], max_tokens=2)
+    assert err.value.code == "context_length_exceeded"

@@ -119,7 +119,7 @@ async def served_once(served: Any, monkeypatch: pytest.MonkeyPatch) -> AsyncIter
     """One Ollama gateway for every example of a test; valid requests get a scripted answer; log events kept."""
     s = await served("ollama")
     for module in (ollama_app, openai_app):
-        monkeypatch.setattr(module, "open_job", scripted(batches_of(STREAM), []))
+        monkeypatch.setattr(module, "open_fitting", scripted(batches_of(STREAM), []))
     loop = asyncio.get_running_loop()
     loop.set_exception_handler(lambda _loop, context: s.logged.append({"event": "loop_error", **context}))
     try:
@@ -145,7 +145,7 @@ async def test_hot_routes_stream_on_the_fast_path_in_as_few_writes(served: Any, 
     model = json.loads(STREAM.split(b"\n\n")[0][6:])["model"]
     for pieces, writes_expected in (((STREAM,), 1), ((STREAM[:CUT], STREAM[CUT:]), 2)):
         writes: list[int] = []
-        monkeypatch.setattr(app_module, "open_job", scripted(batches_of(*pieces), writes))
+        monkeypatch.setattr(app_module, "open_fitting", scripted(batches_of(*pieces), writes))
         answer = await s.exchange(post(path, {**CHAT, "model": model, "stream": True}))
         assert answer.startswith(b"HTTP/1.1 200 OK\r\n") and b"Transfer-Encoding: chunked" in answer
         body = body_of(answer)
@@ -183,7 +183,7 @@ async def test_pipelined_requests_are_answered_in_order_and_connection_close_is_
         served: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     s = await served("openai")
     model = json.loads(STREAM.split(b"\n\n")[0][6:])["model"]
-    monkeypatch.setattr(openai_app, "open_job", scripted(batches_of(STREAM), []))
+    monkeypatch.setattr(openai_app, "open_fitting", scripted(batches_of(STREAM), []))
     one = post("/v1/chat/completions", {**CHAT, "model": model, "stream": True})
     bad = post("/v1/chat/completions", {"messages": []})
     answer = await s.exchange(one + bad + one, answers=3)
@@ -310,7 +310,7 @@ async def test_a_client_gone_mid_stream_lets_go_of_its_job(served: Any, monkeypa
         relay.close = tracked_close
         return relay
 
-    monkeypatch.setattr(openai_app, "open_job", open_job)
+    monkeypatch.setattr(openai_app, "open_fitting", open_job)
     reader, writer = await asyncio.open_connection("127.0.0.1", s.port)
     writer.write(post("/v1/chat/completions", {**CHAT, "model": model, "stream": True}))
     await asyncio.wait_for(reader.readuntil(b"data: "), 10)  # streaming
@@ -400,7 +400,7 @@ async def test_a_stop_lets_the_answer_under_way_finish_and_closes_idle_connectio
         channels.append(relay.ch)
         return relay
 
-    monkeypatch.setattr(openai_app, "open_job", open_job)
+    monkeypatch.setattr(openai_app, "open_fitting", open_job)
     idle_reader, idle_writer = await asyncio.open_connection("127.0.0.1", s.port)
     reader, writer = await asyncio.open_connection("127.0.0.1", s.port)
     writer.write(post("/v1/chat/completions", {**CHAT, "model": model, "stream": True}))

@@ -84,7 +84,7 @@ def batches_of(*pieces: bytes) -> list[list[StreamItem]]:
 async def test_ollama_stream_writes(gateway: Factory, monkeypatch: pytest.MonkeyPatch,  # noqa: F811
                                     pieces: tuple[bytes, ...], expected_writes: int) -> None:
     writes: list[int] = []
-    monkeypatch.setattr(ollama_app, "open_job", scripted(batches_of(*pieces), writes))
+    monkeypatch.setattr(ollama_app, "open_fitting", scripted(batches_of(*pieces), writes))
     c = await gateway("ollama")
     r = await c.post("/api/chat", json={"model": "smollm2", "messages": [{"role": "user", "content": "hi"}]})
     lines = [json.loads(line) for line in (await r.read()).splitlines()]
@@ -100,7 +100,7 @@ async def test_ollama_stream_writes(gateway: Factory, monkeypatch: pytest.Monkey
 async def test_openai_stream_writes(gateway: Factory, monkeypatch: pytest.MonkeyPatch,  # noqa: F811
                                     pieces: tuple[bytes, ...], expected_writes: int) -> None:
     writes: list[int] = []
-    monkeypatch.setattr(openai_app, "open_job", scripted(batches_of(*pieces), writes))
+    monkeypatch.setattr(openai_app, "open_fitting", scripted(batches_of(*pieces), writes))
     c = await gateway("openai")
     model = json.loads(STREAM.split(b"\n\n")[0][6:])["model"]  # the backend's own name: relayed byte for byte
     r = await c.post("/v1/chat/completions", json={"model": model, "stream": True,
