@@ -90,13 +90,16 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 async def require_tools(request: web.Request, model: str, body: dict[str, Any]) -> None:
     """Tools (or functions) for a model whose chat template takes none are a 400: llama-server ignores them (a
     plain answer where a tool call was asked for, "required" or not); Ollama refuses so, on its /v1 too. So is a
-    completion's ``suffix`` (fill-in-the-middle) for a model that cannot insert (llama-server ignored it)."""
+    completion's ``suffix`` (fill-in-the-middle) for a model that cannot insert (llama-server ignored it), and a
+    ``reasoning_effort`` for a model that does not think."""
     needed = {}
     field = "tools" if body.get("tools") else "functions" if body.get("functions") else ""
     if field:
         needed["tools"] = field
     if body.get("suffix"):
         needed["insert"] = "suffix"
+    if tr.thinking_asked(body):
+        needed["thinking"] = "reasoning_effort"
     if needed:
         await require_features(request.app[CONFIG], model, needed)
 

@@ -73,10 +73,30 @@ def chat_to_backend(req: Any) -> BackendRequest:
     _tool_choice(body, lambda tool: (tool.get("function") or {}).get("name"),
                  lambda choice: (choice.get("function") or {}).get("name"), "tool_choice.function.name")
     _check_response_format(body.get("response_format"))
+    _reasoning_effort(body)
     return BackendRequest(CHAT_PATH, {**body, "messages": messages}, bool(body.get("stream")), media)
 
 
 TOOL_CHOICES = ("none", "auto", "required")
+REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh")
+
+
+def _reasoning_effort(body: dict[str, Any]) -> None:
+    """OpenAI's ``reasoning_effort`` (in place): checked, and given to the chat template as Ollama gives its
+    ``think`` (llama-server ignored it: any value, a model that does not think included, was a 200)."""
+    effort = body.get("reasoning_effort")
+    if effort is None:
+        return
+    if effort not in REASONING_EFFORTS:
+        raise _bad("reasoning_effort", f"must be one of {', '.join(REASONING_EFFORTS)}, not {effort!r}")
+    if "chat_template_kwargs" not in body:  # (llama.cpp's own field, given: it wins)
+        body["chat_template_kwargs"] = ({"enable_thinking": False} if effort == "none" else
+                                        {"enable_thinking": True, "reasoning_effort": effort})
+
+
+def thinking_asked(body: dict[str, Any]) -> bool:
+    """Does a chat request ask the model to think (``reasoning_effort`` other than "none")?"""
+    return body.get("reasoning_effort") not in (None, "none")
 
 
 def _tool_choice(body: dict[str, Any], tool_name: Callable[[dict[str, Any]], Any],

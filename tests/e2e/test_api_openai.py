@@ -453,3 +453,16 @@ def test_a_streamed_completions_usage_comes_as_openai_streams_it(system: System)
                                                stream_options={"include_usage": True})
     last = list(stream)[-1]
     assert last.usage is not None and last.usage.completion_tokens > 0 and not last.choices
+
+
+def test_reasoning_effort_is_checked_and_a_model_that_does_not_think_refuses_it(system: System) -> None:
+    """llama-server ignored reasoning_effort: "bogus", or "low" for a model without thinking, were 200s (Ollama's
+    /v1 maps it to think: an unknown value, or thinking for such a model, is a 400)."""
+    for url in (base(system) + "/v1/chat/completions", system.ollama_url + "/v1/chat/completions"):
+        body = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+        status, doc, _ = http("POST", url, {**body, "reasoning_effort": "bogus"})
+        assert status == 400 and doc["error"]["param"] == "reasoning_effort", doc
+        status, doc, _ = http("POST", url, {**body, "reasoning_effort": "low"})
+        assert status == 400 and "does not support thinking" in doc["error"]["message"], doc
+        status, doc, _ = http("POST", url, {**body, "reasoning_effort": "none"})
+        assert status == 200, doc

@@ -547,3 +547,19 @@ def test_responses_truncation_takes_openais_values_only() -> None:
     with pytest.raises(ApiError) as err:
         responses_to_backend({"model": "m", "input": "x", "truncation": "bogus"})
     assert err.value.param == "truncation"
+
+
+def test_reasoning_effort_reaches_the_template_as_ollamas_think_does() -> None:
+    def body(**extra: Any) -> dict[str, Any]:
+        return chat_to_backend({"model": "m", "messages": [{"role": "user", "content": "x"}], **extra}).body
+
+    assert "chat_template_kwargs" not in body()
+    assert body(reasoning_effort="none")["chat_template_kwargs"] == {"enable_thinking": False}
+    assert body(reasoning_effort="high")["chat_template_kwargs"] == {"enable_thinking": True,
+                                                                     "reasoning_effort": "high"}
+    own = {"enable_thinking": False}
+    assert body(reasoning_effort="high", chat_template_kwargs=own)["chat_template_kwargs"] == own
+    for bad in ("bogus", 3, True):
+        with pytest.raises(ApiError) as err:
+            body(reasoning_effort=bad)
+        assert err.value.status == 400 and err.value.param == "reasoning_effort"
