@@ -18,7 +18,8 @@ class _Cfg(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
 
 ApiKey = Annotated[str, msgspec.Meta(min_length=1, max_length=512, pattern=r"^[\x21-\x7e]+$")]
-# An origin as browsers send it (scheme://host[:port]), or "*" for any.
+# An origin as browsers send it (scheme://host[:port]), or "*" for any; "*" in one matches any characters there
+# (Ollama's OLLAMA_ORIGINS patterns: "http://localhost:*", "chrome-extension://*").
 CorsOrigin = Annotated[str, msgspec.Meta(pattern=r"^(\*|[A-Za-z][A-Za-z0-9+.-]*://[^/\s]+)$")]
 
 
@@ -27,7 +28,8 @@ class ProxyConfig(_Cfg):
     port: Port = 0
     # Clients must send `Authorization: Bearer <one of these>` (empty: no authentication). Never logged.
     api_keys: list[ApiKey] = []
-    # Origins whose web pages may call this API (CORS); empty: no CORS headers at all; ["*"]: any origin.
+    # Origins whose web pages may call this API (CORS); empty: no CORS headers at all; ["*"]: any origin. The shipped
+    # app_config.json gives the Ollama port Ollama's own default list (this machine's pages, app:// and the like).
     cors_origins: list[CorsOrigin] = []
 
 

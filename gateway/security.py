@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import asyncio
+import fnmatch
 import functools
 import hmac
 import ipaddress
@@ -113,9 +114,14 @@ def refusal(request: web.Request, keys: Sequence[str], error: Callable[[web.Requ
 
 
 def _allowed(origin: str, origins: Sequence[str]) -> str | None:
+    """The Access-Control-Allow-Origin for ``origin``: "*" if any origin is, the origin if it is listed or matches
+    a listed pattern (``*`` for any characters, as Ollama's OLLAMA_ORIGINS: ``http://localhost:*``,
+    ``chrome-extension://*``), else None."""
     if "*" in origins:
         return "*"
-    return origin if origin in origins else None
+    if origin in origins or any("*" in o and fnmatch.fnmatchcase(origin, o) for o in origins):
+        return origin
+    return None
 
 
 def preflight_answer(request: web.Request, origins: Sequence[str]) -> web.Response | None:

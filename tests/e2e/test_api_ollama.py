@@ -336,3 +336,22 @@ def test_the_ollama_ports_v1_cuts_an_input_longer_than_the_context_as_ollama_doe
     with pytest.raises(openai.BadRequestError) as err:
         lm.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": doc}], max_tokens=2)
     assert err.value.code == "context_length_exceeded"
+
+
+def test_the_shipped_ollama_port_lets_this_machines_pages_in_as_ollama_does(system: System) -> None:
+    """Ollama's default origins (localhost and 127.0.0.1 on any port, app://, tauri://, vscode-webview://...): a
+    web UI on localhost:3000 calling the Ollama port got a 403 preflight. The LM Studio port keeps CORS off."""
+    import httpx
+
+    pre = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "content-type"}
+    for origin in ("http://localhost:3000", "http://127.0.0.1:5173", "tauri://localhost", "vscode-webview://x"):
+        r = httpx.options(system.ollama_url + "/api/chat", headers={"Origin": origin, **pre}, timeout=10)
+        assert r.status_code == 204 and r.headers["access-control-allow-origin"] == origin, (origin, r.status_code)
+    r = httpx.post(system.ollama_url + "/api/generate", headers={"Origin": "http://localhost:3000"}, timeout=60,
+                   json={"model": MODEL, "prompt": "hi", "stream": False, "options": {"num_predict": 1}})
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "http://localhost:3000"
+    r = httpx.options(system.ollama_url + "/api/chat", headers={"Origin": "http://evil.example", **pre}, timeout=10)
+    assert r.status_code == 403
+    r = httpx.options(system.openai_url + "/chat/completions", headers={"Origin": "http://localhost:3000", **pre},
+                      timeout=10)
+    assert r.status_code == 403

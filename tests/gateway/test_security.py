@@ -156,6 +156,18 @@ async def test_cors_star_allows_any_origin(gateway: Factory) -> None:
     assert r.status == 204 and r.headers["Access-Control-Allow-Origin"] == "*"
 
 
+async def test_cors_origin_patterns_as_ollamas(gateway: Factory) -> None:
+    """OLLAMA_ORIGINS-style patterns ("http://localhost:*", "chrome-extension://*") matched nothing: only exact
+    origins and "*" did."""
+    c = await gateway("ollama", **{"proxies.ollama.cors_origins": ["http://localhost:*", "chrome-extension://*"]})
+    for origin, allowed in (("http://localhost:3000", True), ("chrome-extension://abcdef", True),
+                            ("http://localhost.evil.example", False), ("https://localhost:3000", False),
+                            ("http://evil.example", False)):
+        r = await c.options("/api/chat", headers={"Origin": origin, "Access-Control-Request-Method": "POST"})
+        assert (r.status == 204 and r.headers["Access-Control-Allow-Origin"] == origin) if allowed else \
+            (r.status == 403 and "Access-Control-Allow-Origin" not in r.headers), (origin, r.status)
+
+
 # --------------------------------------------------------------------------- limits
 async def test_body_over_max_body_bytes_is_413_in_each_shape(gateway: Factory) -> None:
     c = await gateway("ollama", **{"limits.max_body_bytes": 1000})
