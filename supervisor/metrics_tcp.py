@@ -10,8 +10,10 @@ certificate subscribers need, ``server.key_secret`` stays private, 0600), made o
 
 from __future__ import annotations
 
+import errno
 import os
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -44,6 +46,23 @@ def keys_dir(cfg: MetricsConfig) -> Path:
     return Path(cfg.curve_keys_dir).expanduser() if cfg.curve_keys_dir else runtime.cache_root() / "metrics-curve"
 
 
+BIND_TRIES = 60  # x 50 ms
+
+
+def bind_when_free(sock: zmq.Socket, endpoint: str) -> None:  # type: ignore[type-arg]
+    """Bind, waiting up to 3 s for the endpoint to be free: one just closed (the tcp endpoint opened again after a
+    revocation, its steering socket) is let go in libzmq's reaper thread, a moment later; the bind came first 1
+    time in 3 and the endpoint stayed shut."""
+    for attempt in range(BIND_TRIES):
+        try:
+            sock.bind(endpoint)
+            return
+        except zmq.ZMQError as exc:
+            if exc.errno != errno.EADDRINUSE or attempt == BIND_TRIES - 1:
+                raise
+            time.sleep(0.05)
+
+
 def proxy_events(ctx: zmq.Context, attach: Callable[[zmq.Socket, zmq.Socket], bool],
                  ready: threading.Event, control: str = "") -> None:
     """Forward events XSUB -> XPUB (and subscriptions back) until the context ends (or, given a ``control``
@@ -56,7 +75,7 @@ def proxy_events(ctx: zmq.Context, attach: Callable[[zmq.Socket, zmq.Socket], bo
     try:
         if steer is not None:
             steer.linger = 0
-            steer.bind(control)
+            bind_when_free(steer, control)
         for s in (xsub, xpub):
             s.linger = 0
         xpub.sndhwm = 1000
@@ -147,7 +166,7 @@ class TcpMetrics:
             xpub.curve_secretkey = secret
         xsub.connect(endpoints.metrics(self.run_dir))
         try:
-            xpub.bind(f"tcp://{self.host}:{self.cfg.tcp_port}")
+            bind_when_free(xpub, f"tcp://{self.host}:{self.cfg.tcp_port}")
         except zmq.ZMQError as exc:
             log.error("metrics_tcp_bind_failed", port=self.cfg.tcp_port, error=str(exc))
             return False
