@@ -391,6 +391,7 @@ class WhisperParams(msgspec.Struct, frozen=True, kw_only=True):
     cpu_threads: int = 1
     beam_size: int = 5
     language: str | None = None
+    max_audio_s: float = 3600.0  # longer audio is refused (400 audio_too_long): decoding takes ~3 GB an hour
 
 
 class LogLimits(msgspec.Struct, frozen=True, kw_only=True):

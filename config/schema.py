@@ -131,6 +131,9 @@ class WhisperConfig(_Cfg):
     cpu_threads: PositiveInt = 1
     beam_size: PositiveInt = 5
     language: Annotated[str, msgspec.Meta(min_length=2, max_length=16)] | None = None  # None: detect
+    # Longer audio is refused (400 audio_too_long) as it is decoded: faster-whisper takes ~3 GB of memory an hour
+    # of audio, whatever the file's size (an hour of silence fits in 656 KB of FLAC).
+    max_audio_s: PositiveFloat = 3600.0
 
 
 ModelMode = Literal["chat", "embedding", "both"]

@@ -22,12 +22,20 @@ Line = dict[str, Any]
 
 
 class AudioError(ValueError):
-    """The upload is not audio that can be transcribed (not decodable, empty, no samples): the client's fault."""
+    """The upload is not audio that can be transcribed (not decodable, empty, no samples, too long): the client's
+    fault, a 400 with this ``code`` about this ``param``."""
+
+    def __init__(self, message: str, code: str = "invalid_audio", param: str = "file") -> None:
+        super().__init__(message)
+        self.code, self.param = code, param
 
 
 class BadLanguage(AudioError):
     """A language the model does not speak was asked for (an English-only model: faster-whisper would
     silently transcribe in English instead)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, "unsupported_language", "language")
 
 
 class Cancelled(Exception):
@@ -67,14 +75,20 @@ def load_model(path: str | Path, params: WhisperParams, num_workers: int = 1) ->
 MIN_SECONDS = 0.1
 
 
-def decode(audio: bytes, sampling_rate: int = 16000) -> Any:
-    """The upload as a mono float32 array at ``sampling_rate``; AudioError when it is not usable audio."""
+GROUP_SAMPLES = 500_000  # source samples resampled at a time (faster-whisper's own decode_audio groups so too)
+
+
+def decode(audio: bytes, sampling_rate: int = 16000, max_seconds: float = 0.0) -> Any:
+    """The upload as a mono float32 array at ``sampling_rate``; AudioError when it is not usable audio, or longer
+    than ``max_seconds`` (0: no limit). Decoded as faster-whisper's decode_audio does (PyAV, s16 mono), but a piece
+    at a time with its length counted: memory follows the audio's length, not the upload's (a 656 KB file of an
+    hour's silence took a worker to 3.2 GB; 25 MB of it would have asked for ~120 GB)."""
     if not audio:
         raise AudioError("the audio file is empty")
-    from faster_whisper import decode_audio
-
     try:
-        samples = decode_audio(io.BytesIO(audio), sampling_rate=sampling_rate)
+        samples = _decode_bounded(audio, sampling_rate, int(max_seconds * sampling_rate) if max_seconds else 0)
+    except AudioError:
+        raise
     except Exception as exc:  # av.error.FFmpegError (InvalidDataError...), or anything else av stumbles on
         why = getattr(exc, "strerror", None) or str(exc)  # (FFmpeg's words, without its errno)
         raise AudioError("the file is not audio in a format that can be decoded (wav, mp3, ogg, flac, m4a, webm, "
@@ -85,6 +99,46 @@ def decode(audio: bytes, sampling_rate: int = 16000) -> Any:
     if size < MIN_SECONDS * sampling_rate:  # (as OpenAI's: "Audio file is too short")
         raise AudioError(f"the audio is too short: {size / sampling_rate:.3f} s (at least {MIN_SECONDS} s)")
     return samples
+
+
+def _decode_bounded(audio: bytes, sampling_rate: int, max_samples: int) -> Any:
+    import av
+    import numpy as np
+
+    resampler = av.audio.resampler.AudioResampler(format="s16", layout="mono", rate=sampling_rate)
+    fifo = av.audio.fifo.AudioFifo()
+    pieces: list[Any] = []
+    total = 0
+
+    def take(group: Any) -> None:
+        nonlocal total
+        for frame in resampler.resample(group):
+            piece = frame.to_ndarray().reshape(-1)
+            total += piece.size
+            if max_samples and total > max_samples:
+                raise AudioError(f"the audio is longer than the limit of {max_samples / sampling_rate:.0f} s "
+                                 "(the model's whisper.max_audio_s)", code="audio_too_long")
+            pieces.append(piece)
+
+    with av.open(io.BytesIO(audio), mode="r", metadata_errors="ignore") as container:
+        frames = iter(container.decode(audio=0))
+        while True:
+            try:
+                frame = next(frames)
+            except StopIteration:
+                break
+            except av.error.InvalidDataError:  # (a damaged frame is skipped, as faster-whisper does)
+                continue
+            frame.pts = None
+            fifo.write(frame)
+            if fifo.samples >= GROUP_SAMPLES:
+                take(fifo.read())
+        if fifo.samples:
+            take(fifo.read())
+        take(None)  # (the resampler's last samples)
+    if not pieces:
+        return np.zeros(0, dtype=np.float32)
+    return np.concatenate(pieces).astype(np.float32) / 32768.0
 
 
 def temperatures(temperature: float | None) -> tuple[float, ...]:
@@ -140,7 +194,7 @@ def transcribe(model: Any, job: TranscribeJob, params: WhisperParams, emit: Call
         raise BadLanguage(f"this model transcribes English only, not {job.language!r} (use a multilingual "
                           "whisper model, one without '.en')")
     sampling_rate = getattr(getattr(model, "feature_extractor", None), "sampling_rate", 16000)
-    samples = decode(job.audio, sampling_rate)
+    samples = decode(job.audio, sampling_rate, params.max_audio_s)
     if cancelled():
         raise Cancelled
     segments, info = model.transcribe(samples, **transcribe_options(job, params))

@@ -189,10 +189,8 @@ class WhisperWorker(WorkerBus):
                 self.send_item(j.ident, j.fail)
         except engine.AudioError as exc:  # (the client's: not counted in errors_total, 5xx ones only)
             status, outcome = 400, "error"
-            bad_language = isinstance(exc, engine.BadLanguage)
-            self.send_item(j.ident, Fail(request_id=rid, status=400, message=str(exc),
-                                         code="unsupported_language" if bad_language else "invalid_audio",
-                                         param="language" if bad_language else ""))
+            self.send_item(j.ident, Fail(request_id=rid, status=400, message=str(exc), code=exc.code,
+                                         param=exc.param))
         except Exception as exc:  # never let one request take the worker down
             self.errors_total += 1
             status, outcome = 500, "error"

@@ -85,6 +85,47 @@ def test_decode_resamples_wav() -> None:
     assert samples.dtype.name == "float32" and abs(samples.size - 8000) < 200  # 0.5 s at 16 kHz
 
 
+def tone_wav(seconds: float, rate: int) -> bytes:
+    import math
+
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(2)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        frames = bytearray()
+        for i in range(int(seconds * rate)):
+            v = int(8000 * math.sin(2 * math.pi * 440 * i / rate)).to_bytes(2, "little", signed=True)
+            frames += v + v
+        w.writeframes(bytes(frames))
+    return buf.getvalue()
+
+
+def test_decode_gives_what_faster_whispers_own_decode_gives() -> None:
+    """The decode counts the audio's length as it goes (below): it must still hand the model the same samples."""
+    import numpy as np
+    from faster_whisper import decode_audio
+
+    for seconds, rate in ((3.0, 44100), (0.4, 8000), (31.0, 48000)):  # (31 s at 48 kHz: more than one group)
+        audio = tone_wav(seconds, rate)
+        ours, theirs = engine.decode(audio), decode_audio(io.BytesIO(audio), sampling_rate=16000)
+        assert ours.dtype == theirs.dtype and ours.shape == theirs.shape and np.array_equal(ours, theirs)
+
+
+def test_audio_longer_than_the_models_limit_is_refused_as_it_is_decoded() -> None:
+    """Memory followed the audio's length, not the file's: an hour of silence in 656 KB of FLAC took a worker to
+    3.2 GB; 25 MB of it would have asked for ~120 GB. Longer than max_audio_s: a 400 before it is all decoded."""
+    audio = tone_wav(31.0, 48000)
+    with pytest.raises(engine.AudioError) as err:
+        engine.decode(audio, max_seconds=10)
+    assert err.value.code == "audio_too_long" and err.value.param == "file" and "10 s" in str(err.value)
+    assert engine.decode(audio, max_seconds=40).size == 31 * 16000
+    assert WhisperParams().max_audio_s == 3600
+    with pytest.raises(engine.AudioError) as err:
+        engine.transcribe(FakeModel(1), job(audio), WhisperParams(max_audio_s=5), lambda _line: None, lambda: False)
+    assert err.value.code == "audio_too_long"
+
+
 # --------------------------------------------------------------------------- options and streaming
 def test_options_use_job_then_model_defaults() -> None:
     params = WhisperParams(beam_size=3, language="en")
