@@ -15,7 +15,7 @@ import zmq.asyncio
 
 from bus import endpoints
 from bus.codec import COMMANDS, REPLIES, BusDecodeError
-from bus.protocol import Command, Reply
+from bus.protocol import Command, ErrorReply, Reply
 
 log = structlog.get_logger()
 
@@ -57,6 +57,13 @@ class ControlClient:
             raise ControlTimeout(f"no answer from the supervisor within {timeout:.0f}s") from None
         finally:
             self._pending.pop(rid, None)
+
+    def fail_pending(self, status: int, code: str, message: str) -> None:
+        """Answer every request still waiting for the supervisor with this error (a shutdown: a supervisor killed
+        with -9 answers nothing, and a request waiting for a model to load had no answer at all)."""
+        for rid, fut in list(self._pending.items()):
+            if not fut.done():
+                fut.set_result(ErrorReply(request_id=rid, code=code, message=message, status=status))
 
     def notify(self, cmd: Command) -> None:
         """Send without waiting for the reply (it is dropped): releases, cancels."""

@@ -356,6 +356,10 @@ def make_app(launch: GatewayLaunch, shape: ErrorShape,
         if cut:  # (aiohttp's cleanup sends the signal again)
             return
         cut_s = drain_times(launch.shutdown_grace_s)[0]
+        # requests still waiting for a model (to load, or for room) are answered now: the supervisor refuses them
+        # at its own stop, but one killed with -9 answers nothing (their connections were cut with no answer)
+        bus.control.fail_pending(503, "shutting_down", "llama-runner is shutting down: the model was not ready for "
+                                 "this request")
         cut.append(asyncio.get_running_loop().call_later(
             cut_s, bus.fail_all, 503, "shutting_down",
             "llama-runner is shutting down: this request was cut short (limits.shutdown_grace_s)"))

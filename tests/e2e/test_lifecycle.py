@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -248,6 +249,47 @@ def test_a_request_waiting_for_room_to_load_gets_a_503_at_a_shutdown(tmp_path) -
     finally:
         if sysm.proc.poll() is None:
             stop_system(sysm)
+
+
+def test_a_request_waiting_for_a_model_gets_a_503_when_the_supervisor_is_killed(tmp_path) -> None:
+    """kill -9 of the supervisor: a request waiting for room to load its model got no answer at all (its
+    connection cut when the gateway stopped: "Server disconnected without sending a response")."""
+    import concurrent.futures
+    import threading
+
+    import httpx
+
+    from tests.e2e.test_faults import A, B, two_model_config
+
+    sysm = start_system(two_model_config(max_loaded_models=1, shutdown_grace_s=3))
+    try:
+        flowing = threading.Event()
+
+        def busy() -> None:
+            body = {"model": A, "prompt": "Tell a long story.", "options": {"num_predict": 100000, "temperature": 0}}
+            with contextlib.suppress(httpx.HTTPError), \
+                    httpx.stream("POST", sysm.ollama_url + "/api/generate", json=body, timeout=60) as r:
+                for line in r.iter_lines():
+                    if line:
+                        flowing.set()
+
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            pool.submit(busy)
+            assert flowing.wait(60), "A streaming"
+            ollama = pool.submit(httpx.post, sysm.ollama_url + "/api/generate",
+                                 json={"model": B, "prompt": "Hi", "stream": False}, timeout=60)
+            openai_ = pool.submit(httpx.post, sysm.openai_url + "/chat/completions",
+                                  json={"model": B, "messages": [{"role": "user", "content": "Hi"}]}, timeout=60)
+            time.sleep(1.5)  # (both wait for room: A is busy)
+            assert not ollama.done() and not openai_.done()
+            sysm.proc.kill()
+            o, a = ollama.result(30), openai_.result(30)
+        assert o.status_code == 503 and "shutting down" in o.json()["error"], o.text
+        assert a.status_code == 503 and "shutting down" in a.json()["error"]["message"], a.text
+    finally:
+        if sysm.proc.poll() is None:
+            stop_system(sysm)
+        wait_for(lambda: not alive(sysm.seen_pids), 15, "no process of the instance left")
 
 
 def test_a_dashboard_page_left_open_does_not_hold_up_a_shutdown() -> None:
