@@ -31,6 +31,11 @@ LIVE = ("starting", "ready", "stopping")  # a worker's states with a process
 PROCESS_GAUGES = ("pid", "backend_pid", "cpu_percent", "rss_bytes", "in_flight", "queued", "tokens_per_s",
                   "requests_per_s", "uptime_s")
 
+# worker_metrics counters: each process counts from 0, the totals kept here go on across a model's processes (a
+# Prometheus rate over a model that loads and unloads often read ~1/6 of its requests)
+COUNTERS = ("requests_total", "errors_total", "tokens_total")
+
+
 class Hub:
     def __init__(self, run_dir: str) -> None:
         self.run_dir = run_dir
@@ -42,6 +47,8 @@ class Hub:
         self.ready = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._requests_on = False
+        self._counted: dict[str, tuple[Any, dict[str, float]]] = {}  # model -> (its process' pid, its counts)
+        self._before: dict[str, dict[str, float]] = {}  # model -> counts of its earlier processes
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -96,6 +103,8 @@ class Hub:
             name = str(event.get("name", ""))
             w = self.workers.setdefault(name, {"name": name})
             w.update({k: v for k, v in event.items() if k not in ("type", "v")})
+            if kind == "worker_metrics":
+                self._count_on(name, w, event)
             if w.get("state") not in LIVE:  # a process gone (a kill sends no last figures): none of its gauges
                 for gauge in PROCESS_GAUGES:
                     if gauge in w:
@@ -106,6 +115,20 @@ class Hub:
             self.processes[str(event.get("name", ""))] = event
         elif kind == "system_metrics":
             self.system = event
+
+    def _count_on(self, name: str, w: dict[str, Any], event: dict[str, Any]) -> None:
+        """The model's counters as totals over its processes: a new process (another pid) adds the last counts of
+        the one before to what is carried."""
+        pid = event.get("pid")
+        counts = {f: float(event.get(f) or 0) for f in COUNTERS}
+        before = self._before.setdefault(name, dict.fromkeys(COUNTERS, 0.0))
+        last = self._counted.get(name)
+        if last is not None and last[0] != pid:
+            for f in COUNTERS:
+                before[f] += last[1][f]
+        self._counted[name] = (pid, counts)
+        for f in COUNTERS:
+            w[f] = before[f] + counts[f]
 
     def apply_status(self, status: dict[str, Any]) -> None:
         """Merge a Status reply (the supervisor's authoritative list of workers and processes)."""

@@ -222,6 +222,27 @@ def test_a_worker_gone_keeps_its_totals_but_no_process_figures() -> None:
     assert a["tokens_total"] == 42 and a["restarts"] == 1
 
 
+def test_a_models_counters_go_on_across_its_processes() -> None:
+    """Each worker process counts from 0: /metrics' *_total of a model that loads and unloads often went back to
+    0 at each load (a Prometheus rate read ~1/6 of its requests)."""
+    hub = Hub("/nonexistent")
+
+    def figures(pid: int, requests: int, tokens: int) -> None:
+        hub.apply({"type": "worker_metrics", "name": "a", "state": "ready", "pid": pid, "requests_total": requests,
+                   "tokens_total": tokens, "errors_total": 0})
+
+    figures(5, 3, 30)
+    figures(5, 4, 40)
+    hub.apply({"type": "worker_state", "name": "a", "state": "stopped", "pid": 0})
+    assert hub.workers["a"]["requests_total"] == 4
+    figures(9, 1, 5)  # (the model loaded again: a new process)
+    figures(9, 2, 8)
+    a = hub.workers["a"]
+    assert (a["requests_total"], a["tokens_total"], a["errors_total"]) == (6, 48, 0)
+    text = prom.render(prom.registry(hub)).decode()
+    assert "llama_runner_worker_requests_total{model=\"a\"} 6.0" in text
+
+
 def test_a_responses_api_stream_counts_its_tokens() -> None:
     stats = WorkerStats("m")
     stats.queued("r", "/v1/responses", True)
