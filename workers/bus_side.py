@@ -127,6 +127,9 @@ class WorkerBus:
         # (a subscriber kept the last periodic one: "ready", its memory and uptime, for a model long stopped).
         self.publish_figures(self.figures(final=True))
         self.router.close(linger=0)
+        if self.endpoint.startswith("ipc://"):  # (libzmq leaves an ipc socket's file behind: one per process)
+            with contextlib.suppress(OSError):
+                os.unlink(self.endpoint.removeprefix("ipc://"))
         for sock in (self.control, self.pub):  # (a last hello, e.g. why it failed, and the last figures)
             sock.close(linger=FINAL_LINGER_MS)
         self.ctx.term()

@@ -452,3 +452,15 @@ def test_the_dashboards_unload_leaves_a_busy_model_alone_by_any_of_its_names(sys
         assert answer.result(120).status_code == 503
     r = httpx.post(f"{dash}/{MODEL}/unload", timeout=30)
     assert r.status_code == 200, r.text
+
+
+def test_a_worker_that_stops_takes_its_job_socket_file_with_it(system: System) -> None:
+    """libzmq leaves an ipc socket's file behind: every worker process that stopped left its w-...-PID.sock in the
+    run dir (a new start of the model swept only the files of dead pids)."""
+    ask(system)
+    pid = system.worker(MODEL)["pid"]
+    assert pid in {p for _, p in endpoints.worker_sockets(system.run_dir, MODEL)}
+    assert system.cli("stop", MODEL).returncode == 0
+    wait_for(lambda: system.worker(MODEL)["state"] == "stopped", 30, "stopped")
+    wait_for(lambda: not psutil.pid_exists(pid), 10, "the worker gone")
+    assert pid not in {p for _, p in endpoints.worker_sockets(system.run_dir, MODEL)}
