@@ -154,8 +154,9 @@ def parse_request(up: Upload, task: str) -> AudioRequest:
                     raise ApiError(400, f"timestamp_granularities: {g!r} is not 'word' or 'segment'",
                                    code="invalid_value", param="timestamp_granularities")
                 grans.append(g)
-    if grans and fmt != "verbose_json":  # (OpenAI's rule: only verbose_json carries timestamps)
-        raise ApiError(400, f"timestamp_granularities need response_format verbose_json (not {fmt!r})",
+    if "word" in grans and fmt != "verbose_json":  # (OpenAI's rule: only verbose_json carries word timestamps;
+        # "segment" with another format is accepted there, and libraries send it always)
+        raise ApiError(400, f"word timestamps need response_format verbose_json (not {fmt!r})",
                        code="invalid_value", param="timestamp_granularities")
     return AudioRequest(
         model=(up.get("model") or "").strip(), audio=up.file, task=task, response_format=fmt, language=language,

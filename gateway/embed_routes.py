@@ -6,6 +6,7 @@ inputs are then tokenized by llama-server, cut to the context length, and embedd
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import msgspec
@@ -127,6 +128,8 @@ def _default_embedding_model(config: Any) -> str | None:
 async def openai_embeddings(request: web.Request) -> web.Response:
     req = await read_json(request)
     ereq = tr.openai_embeddings_request(req)
+    if request.app[LAUNCH].protocol == "ollama":  # (Ollama's /v1 truncates an input too long, as its /api/embed)
+        ereq = dataclasses.replace(ereq, truncate=True)
     model = req.get("model")
     if model is None and request.app[LAUNCH].protocol == "openai":  # LM Studio: the default (embedding) model
         model = _default_embedding_model(request.app[CONFIG])

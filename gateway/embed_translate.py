@@ -50,10 +50,10 @@ class EmbedRequest:
         return body
 
 
-def _dimensions(req: dict[str, Any]) -> int | None:
+def _dimensions(req: dict[str, Any], zero_is_unset: bool = False) -> int | None:
     value = req.get("dimensions")
-    if value is None:
-        return None
+    if value is None or (zero_is_unset and value == 0 and not isinstance(value, bool)):
+        return None  # (Ollama's /api/embed reads 0 as not set: the model's own vector)
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ApiError(400, "invalid dimensions: must be a positive integer", param="dimensions")
     return value
@@ -87,7 +87,7 @@ def ollama_embed_request(req: Any) -> EmbedRequest:
     options = req.get("options")
     if options is not None and not isinstance(options, dict):
         raise ApiError(400, "invalid options: must be an object", param="options")
-    return EmbedRequest(inputs, truncate is not False, _dimensions(req))
+    return EmbedRequest(inputs, truncate is not False, _dimensions(req, zero_is_unset=True))
 
 
 def ollama_embeddings_request(req: Any) -> EmbedRequest:

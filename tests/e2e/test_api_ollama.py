@@ -117,6 +117,14 @@ def test_embed_truncate(system: System) -> None:
     with pytest.raises(ollama.ResponseError) as err:
         c.embed(model=EMBED, input=long, truncate=False)
     assert err.value.status_code == 400 and "context length" in err.value.error
+    # Ollama's /v1/embeddings truncates too (its /v1 runs through the same handler; here it was a 400); the LM
+    # Studio port keeps OpenAI's 400. dimensions 0 on /api/embed is Ollama's "not set" (it was a 400)
+    status, doc, _ = http("POST", system.ollama_url + "/v1/embeddings", {"model": EMBED, "input": long})
+    assert status == 200 and len(doc["data"][0]["embedding"]) == 576, doc
+    status, doc, _ = http("POST", f"http://127.0.0.1:{system.openai_port}/v1/embeddings",
+                          {"model": EMBED, "input": long})
+    assert status == 400 and doc["error"]["code"] == "context_length_exceeded", doc
+    assert len(c.embed(model=EMBED, input="hi", dimensions=0).embeddings[0]) == 576
 
 
 def test_a_client_leaving_a_big_embed_batch_frees_the_model_within_one_chunk(system: System) -> None:

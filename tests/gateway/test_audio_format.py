@@ -170,6 +170,14 @@ def test_parse_defaults() -> None:
         "whisper-1", "json", None, None, False, False)
 
 
+def test_segment_timestamps_with_a_plain_format_are_accepted_as_openai_does() -> None:
+    """Only word timestamps need verbose_json at OpenAI; libraries that always send ["segment"] got a 400."""
+    for fmt in ("json", "text", "srt"):
+        req = parse_request(up(model="m", response_format=fmt, **{"timestamp_granularities[]": "segment"}),
+                            "transcribe")
+        assert req.response_format == fmt and not req.word_timestamps
+
+
 def test_parse_all_fields() -> None:
     req = parse_request(up(model="m", language="English", prompt="names: Zoë", response_format="VERBOSE_JSON",
                            temperature="0.4", stream="true",
