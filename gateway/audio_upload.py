@@ -18,6 +18,8 @@ from gateway.errors import ApiError
 
 CHUNK = 64 * 1024
 FIELD_MAX = 64 * 1024  # any non-file field (a prompt is at most a few hundred tokens)
+FIELDS_MAX = 256 * 1024  # all non-file fields together (3,000 fields of 60 KB each took a gateway to 364 MB)
+PARTS_MAX = 64  # parts of one form (the API has fewer than a dozen fields)
 FORM_OVERHEAD = 64 * 1024  # room for boundaries and the small fields when checking Content-Length
 
 
@@ -60,12 +62,16 @@ async def read_upload(request: web.Request, max_bytes: int) -> Upload:
     if length is not None and length > max_bytes + FORM_OVERHEAD:
         raise _too_large(max_bytes)
     up = Upload()
+    fields_size = parts = 0
     try:
         reader = await request.multipart()
         while True:
             part = await reader.next()
             if part is None:
                 break
+            parts += 1
+            if parts > PARTS_MAX:
+                raise ApiError(400, f"the form has more than {PARTS_MAX} parts", code="invalid_request")
             if isinstance(part, MultipartReader):  # nested multipart/mixed: not part of this API
                 raise ApiError(400, "nested multipart bodies are not supported", code="invalid_request")
             if part.name == "file":
@@ -78,6 +84,10 @@ async def read_upload(request: web.Request, max_bytes: int) -> Upload:
                 over = ApiError(400, f"form field `{part.name}` is longer than {FIELD_MAX} bytes",
                                 code="invalid_request", param=part.name)
                 raw = await _read_capped(part, FIELD_MAX, over)
+                fields_size += len(raw)
+                if fields_size > FIELDS_MAX:
+                    raise ApiError(413, f"the form's fields other than `file` are larger than {FIELDS_MAX} bytes "
+                                   "together", code="upload_too_large")
                 up.fields.setdefault(part.name, []).append(raw.decode("utf-8", errors="replace"))
             else:
                 await part.release()

@@ -172,10 +172,10 @@ def test_parse_defaults() -> None:
 
 def test_segment_timestamps_with_a_plain_format_are_accepted_as_openai_does() -> None:
     """Only word timestamps need verbose_json at OpenAI; libraries that always send ["segment"] got a 400."""
-    for fmt in ("json", "text", "srt"):
-        req = parse_request(up(model="m", response_format=fmt, **{"timestamp_granularities[]": "segment"}),
+    for kind in ("json", "text", "srt"):
+        req = parse_request(up(model="m", response_format=kind, **{"timestamp_granularities[]": "segment"}),
                             "transcribe")
-        assert req.response_format == fmt and not req.word_timestamps
+        assert req.response_format == kind and not req.word_timestamps
 
 
 def test_parse_all_fields() -> None:
