@@ -35,7 +35,7 @@ def test_ollama_embed_string_list_and_empty() -> None:
     ({"model": "m", "input": 3}, "input"),
     ({"model": "m", "input": ["a", 1]}, "input"),
     ({"model": "m", "input": "a", "truncate": "yes"}, "truncate"),
-    ({"model": "m", "input": "a", "dimensions": 0}, "dimensions"),
+    ({"model": "m", "input": "a", "dimensions": -1}, "dimensions"),  # (0: Ollama's "not set")
     ({"model": "m", "input": "a", "dimensions": True}, "dimensions"),
     ({"model": "m", "input": "a", "options": []}, "options"),
 ])
