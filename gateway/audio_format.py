@@ -134,8 +134,10 @@ def delta_event(seg: Segment, first: bool) -> bytes:
     """One decoded segment as OpenAI's ``transcript.text.delta`` (deltas join to the done event's text);
     ``segment`` carries its id and timing (an extra field clients ignore)."""
     text = str(seg.get("text", ""))
+    sid = seg.get("id")  # (faster-whisper counts from 1; verbose_json's segments, as OpenAI's, from 0)
     return sse({"type": "transcript.text.delta", "delta": text.lstrip() if first else text, "logprobs": None,
-                "segment": {"id": seg.get("id"), "start": seg.get("start"), "end": seg.get("end")}})
+                "segment": {"id": sid - 1 if isinstance(sid, int) else sid, "start": seg.get("start"),
+                            "end": seg.get("end")}})
 
 
 def done_event(t: Transcript) -> bytes:

@@ -140,7 +140,9 @@ def test_stream_events_join_to_the_final_text() -> None:
     deltas = [_event(fmt.delta_event(s, first=i == 0)) for i, s in enumerate(t.segments)]
     assert all(d["type"] == "transcript.text.delta" for d in deltas)
     assert "".join(str(d["delta"]) for d in deltas) == t.text
-    assert deltas[1]["segment"] == {"id": 2, "start": 1.62, "end": 3661.005}
+    assert deltas[1]["segment"] == {"id": 1, "start": 1.62, "end": 3661.005}  # (as verbose_json numbers them)
+    verbose = json.loads(fmt.render(t, "verbose_json", "transcribe")[0])
+    assert [d["segment"]["id"] for d in deltas] == [s["id"] for s in verbose["segments"]]
     done = _event(fmt.done_event(t))
     assert done == {"type": "transcript.text.done", "text": t.text, "logprobs": None}
 
