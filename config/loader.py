@@ -125,6 +125,32 @@ def load_config(config_dir: Path | str | None = None) -> Config:
     return config
 
 
+ACCEPTED_DIR = "config"  # in the run dir: the config the supervisor runs on, as it accepted it
+
+
+def write_accepted(config: Config, run_dir: Path | str) -> None:
+    """Keep the config the supervisor runs on in ``run_dir`` (private to this user): the gateways read it there,
+    not in the user's files, which may have changed since (a file broken and refused by a reload stopped a gateway
+    from starting again after a crash)."""
+    target = Path(run_dir) / ACCEPTED_DIR
+    target.mkdir(mode=0o700, exist_ok=True)
+    for name, doc in ((APP_FILE, config.app), (MODELS_FILE, config.models)):
+        tmp = target / (name + ".tmp")
+        tmp.write_bytes(msgspec.json.encode(doc))
+        os.chmod(tmp, 0o600)  # (API keys)
+        os.replace(tmp, target / name)
+
+
+def load_accepted(run_dir: Path | str, config_dir: Path | str | None) -> Config:
+    """The config the supervisor runs on (``write_accepted``), else the user's files (a run dir without it)."""
+    accepted = Path(run_dir) / ACCEPTED_DIR
+    if (accepted / MODELS_FILE).is_file() and (accepted / APP_FILE).is_file():
+        config = load_config(accepted)
+        config.config_dir = Path(config_dir).expanduser() if config_dir else DEFAULT_CONFIG_DIR
+        return config
+    return load_config(config_dir)
+
+
 def _check_models(path: Path, models: ModelsConfig, app: AppConfig) -> None:
     seen: dict[str, tuple[str, str]] = {}  # a name as clients' names match it -> (model, the name as written)
     for name, model in models.models.items():

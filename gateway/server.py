@@ -15,7 +15,7 @@ import zmq.asyncio
 from aiohttp import web
 
 from bus.protocol import GatewayLaunch, HttpJob, Job
-from config.loader import Config, ConfigError, load_config
+from config.loader import Config, ConfigError, load_accepted
 from config.schema import ProxyConfig
 from gateway import metrics as gateway_metrics
 from gateway import request_limits, security
@@ -305,7 +305,7 @@ def proxy_config(config: Config, protocol: str) -> ProxyConfig:
 def make_app(launch: GatewayLaunch, shape: ErrorShape,
              path_shapes: dict[str, ErrorShape] | None = None) -> web.Application:
     try:
-        config = load_config(launch.config_dir or None)
+        config = load_accepted(launch.run_dir, launch.config_dir or None)
     except ConfigError as exc:
         raise SystemExit(f"config error: {exc}") from None
     shape_for = shape_resolver(shape, path_shapes)
@@ -338,7 +338,7 @@ def make_app(launch: GatewayLaunch, shape: ErrorShape,
 
     def reload_config() -> None:
         try:
-            app[CONFIG].update_from(load_config(launch.config_dir or None))
+            app[CONFIG].update_from(load_accepted(launch.run_dir, launch.config_dir or None))
         except ConfigError as exc:
             log.error("config_reload_failed", error=str(exc))
 

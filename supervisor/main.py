@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import stat
 import threading
 import time
@@ -48,7 +49,7 @@ from bus.protocol import (
     WorkerStateEvent,
 )
 from config import runtime
-from config.loader import Config, ConfigError, load_config, model_size
+from config.loader import ACCEPTED_DIR, Config, ConfigError, load_config, model_size, write_accepted
 from supervisor.logs import log_limits
 from supervisor.metrics_tcp import TcpMetrics, proxy_events
 from supervisor.processes import EXIT_CANNOT_LISTEN, python_module, spawn, terminate
@@ -235,6 +236,7 @@ class Supervisor:
         new_launches = {n: self._launch(new, n) for n in new.models.models}
         plan = reload_plan(self.config, new, old_launches, new_launches)
         self.config = new
+        write_accepted(new, self.run_dir)
         assert self.scheduler is not None
         self.scheduler.max_loaded = new.app.limits.max_loaded_models
         self.scheduler.max_keep_alive = new.app.limits.max_keep_alive_s
@@ -356,6 +358,7 @@ class Supervisor:
 
     # ------------------------------------------------------------------ run
     async def run(self) -> int:
+        write_accepted(self.config, self.run_dir)  # (what the gateways run on: see config/loader.py)
         self._bind()
         self._make_workers()
         self._make_processes()
@@ -424,6 +427,7 @@ class Supervisor:
         for path in self.run_dir.glob("k-*.key"):  # (llama-servers' API keys: workers killed left theirs)
             with contextlib.suppress(OSError):
                 path.unlink()
+        shutil.rmtree(self.run_dir / ACCEPTED_DIR, ignore_errors=True)  # (the config it ran on)
         log.info("supervisor_stopped")
 
     # ------------------------------------------------------------------ control socket

@@ -4,6 +4,7 @@ are drained, then stopped."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import time
 from collections.abc import Iterator
@@ -144,8 +145,25 @@ def test_bad_config_is_refused_and_the_old_one_kept(reloadable: tuple[System, di
     out = system.cli("reload")
     assert out.returncode == 1 and "models_config.json" in out.stderr and "threads" in out.stderr
     assert A in names(system)
+    # a gateway that dies meanwhile starts again on the config the supervisor runs on (it read the user's file,
+    # refused by the reload: it exited at every restart, its port down until the file was fixed)
+    old_pid = next(p["pid"] for p in system.status()["processes"] if p["name"] == "gateway-ollama")
+    os.kill(old_pid, signal.SIGKILL)
+    wait_for(lambda: any(p["name"] == "gateway-ollama" and p["pid"] not in (0, old_pid) and p["state"] == "running"
+                         for p in system.status()["processes"]), 30, "the gateway started again")
+    wait_for(lambda: _answers(system.ollama_url + "/api/tags"), 30, "the gateway answering")
+    assert A in names(system)
     write_models(system, {A: base})
     assert system.cli("reload").returncode == 0
+
+
+def _answers(url: str) -> bool:
+    import httpx
+
+    try:
+        return httpx.get(url, timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
 
 
 def test_sighup_reloads(reloadable: tuple[System, dict[str, Any]]) -> None:
