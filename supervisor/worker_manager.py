@@ -254,6 +254,9 @@ class WorkerManager:
         self._proc = None
         if self.backend_pid:
             kill_tree(self.backend_pid)  # never leave a llama-server behind its dead worker
+        if self.pid and self.launch.run_dir:  # (a worker killed leaves its llama-server's key file)
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(self.launch.run_dir, f"k-{self.pid}.key"))
         self.pid = self.backend_pid = 0
         self.endpoint = ""
         ready_at, self.ready_at = self.ready_at, 0.0

@@ -273,6 +273,7 @@ class LlamaServer:
         llama-server heeds SIGTERM only once it serves: a load given up on held its model for the whole grace)."""
         proc = self.proc
         if proc is None or proc.returncode is not None:
+            self._remove_files()  # (it died first: its socket and key file stayed in the run dir)
             return
         if not self.serving:
             grace = 0.0
@@ -287,6 +288,9 @@ class LlamaServer:
         if self._pump:
             with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
                 await asyncio.wait_for(self._pump, 1.0)
+        self._remove_files()
+
+    def _remove_files(self) -> None:
         for path in (self.socket_path, self.key_file):
             if path:
                 with contextlib.suppress(FileNotFoundError):

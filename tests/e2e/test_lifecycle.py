@@ -66,6 +66,8 @@ def test_killed_worker_is_restarted_and_serves_again(system: System) -> None:
     assert system.worker(MODEL)["restarts"] >= 1
     assert new_pid and ask(system) is not None
     assert listens_on_its_unix_socket(system)  # (the dead llama-server's socket file was taken over)
+    # (its llama-server's key file goes with it: they piled up in the run dir until a shutdown)
+    assert not (system.run_dir / f"k-{w['pid']}.key").exists() and (system.run_dir / f"k-{new_pid}.key").exists()
 
 
 def test_killed_llama_server_is_noticed_and_restarted(system: System) -> None:
