@@ -523,6 +523,9 @@ class Supervisor:
             if busy:
                 return ErrorReply(request_id=rid, code="busy", status=409, message=(
                     f"{mgr.name} is serving {busy} request(s); stop it to cut them off"))
+            if not cmd.when_idle:  # (an operator's stop: what waits for room to load it is refused too)
+                self.scheduler.refuse_waiting(WorkerUnavailable("stopped", f"model {mgr.name!r} was stopped", 503),
+                                              mgr.name)
             stopping = await self.scheduler.unload_when_idle(mgr.name) if cmd.when_idle else mgr.stop()
             if stopping is None:
                 return Ok(request_id=rid, message=f"{cmd.name} unloads once its requests under way are done")

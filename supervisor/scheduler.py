@@ -290,11 +290,13 @@ class Scheduler:
             self._expires.pop(name, None)
         self._retry()
 
-    def refuse_waiting(self, error: WorkerUnavailable) -> None:
-        """Every request waiting for room gets ``error`` now (a shutdown: nothing loads any more, and they got no
-        answer at all: their clients' connections were dropped)."""
-        pending, self._pending = self._pending, []
-        for p in pending:
+    def refuse_waiting(self, error: WorkerUnavailable, name: str | None = None) -> None:
+        """Every request waiting for room (for model ``name``, or any) gets ``error`` now: a shutdown (nothing loads
+        any more, and they got no answer at all: their clients' connections were dropped), or an operator's stop
+        of that model (it loaded anyway for them once room was made, and stayed: "stopped" did not hold)."""
+        refused = [p for p in self._pending if name is None or p.mgr.name == name]
+        self._pending = [p for p in self._pending if p not in refused]
+        for p in refused:
             if not p.fut.done():
                 p.fut.set_exception(error)
 

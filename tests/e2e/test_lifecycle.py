@@ -294,6 +294,45 @@ def test_a_request_waiting_for_a_model_gets_a_503_when_the_supervisor_is_killed(
         wait_for(lambda: not alive(sysm.seen_pids), 15, "no process of the instance left")
 
 
+def test_a_stop_refuses_the_requests_waiting_for_room_to_load_that_model(tmp_path) -> None:
+    """A request waiting for room to load B; `stop B`: it said "stopped", then B loaded anyway for the request once
+    room was made, and stayed (the README: queued requests end with a 503, the model stays stopped)."""
+    import concurrent.futures
+    import threading
+
+    import httpx
+
+    from tests.e2e.test_faults import A, B, two_model_config
+
+    sysm = start_system(two_model_config(max_loaded_models=1))
+    try:
+        flowing = threading.Event()
+        body = {"model": A, "prompt": "Tell a long story.", "options": {"num_predict": 400, "temperature": 0},
+                "stream": True}
+
+        def busy() -> None:
+            with httpx.stream("POST", sysm.ollama_url + "/api/generate", json=body, timeout=60) as r:
+                for line in r.iter_lines():
+                    if line:
+                        flowing.set()
+
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            first = pool.submit(busy)
+            assert flowing.wait(60), "A streaming"
+            waiting = pool.submit(httpx.post, sysm.ollama_url + "/api/generate",
+                                  json={"model": B, "prompt": "Hi", "stream": False}, timeout=60)
+            time.sleep(0.5)
+            assert not waiting.done()
+            assert sysm.cli("stop", B).returncode == 0
+            r = waiting.result(30)
+            first.result(60)
+        assert r.status_code == 503 and "stopped" in r.json()["error"], r.text
+        time.sleep(1)
+        assert sysm.worker(B)["state"] == "stopped", sysm.worker(B)
+    finally:
+        stop_system(sysm)
+
+
 def test_a_dashboard_page_left_open_does_not_hold_up_a_shutdown() -> None:
     """The live event stream and a log tail never end by themselves: a stop ends them (it waited for them until
     the supervisor killed the dashboard after its grace, and a dashboard orphaned by a supervisor killed -9
