@@ -287,7 +287,11 @@ class Supervisor:
     async def _drain_and_remove(self, name: str) -> None:
         mgr = self.workers[name]
         await self._drain(name)
+        if name in self.config.models.models:  # added back by a reload meanwhile (it said "no change"): it stays
+            return
         await mgr.stop()
+        if name in self.config.models.models:
+            return
         if self.workers.get(name) is mgr:
             del self.workers[name]
             if mgr.task is not None:

@@ -111,6 +111,27 @@ def test_a_removed_model_is_refused_at_once_while_its_last_stream_drains(
     assert s.error is None and s.done, s.error
 
 
+def test_a_model_removed_then_added_back_while_it_drains_stays(reloadable: tuple[System, dict[str, Any]]) -> None:
+    """Removed while a stream ran, added back before it ended ("no change": it was still there): the end of the
+    drain took it away all the same, a 404 for a model in the config until a later reload."""
+    system, base = reloadable
+    write_models(system, {A: base, C: base})
+    assert system.cli("reload").returncode == 0
+    s = Stream(system, C, "ollama", 400)
+    s.start()
+    s.wait_streaming()
+    write_models(system, {A: base})
+    assert "removed: " + C in system.cli("reload").stdout
+    write_models(system, {A: base, C: base})
+    assert system.cli("reload").returncode == 0
+    s.join(120)
+    assert s.error is None and s.done, s.error
+    time.sleep(1)  # (the drain's end)
+    assert C in [w["name"] for w in system.status()["workers"]]
+    assert ollama.Client(system.ollama_url, timeout=120).generate(model=C, prompt="Hi",
+                                                                  options={"num_predict": 2}).done
+
+
 def test_a_changed_model_finishes_its_stream_then_restarts(reloadable: tuple[System, dict[str, Any]]) -> None:
     system, base = reloadable
     write_models(system, {A: base, B: base})
