@@ -261,6 +261,7 @@ class WorkerManager:
         self.endpoint = ""
         ready_at, self.ready_at = self.ready_at, 0.0
         if self.state == S.STOPPING:
+            self.failures = 0  # (a clean stop, an unload or an eviction, ends a row of crashes)
             self._set(S.STOPPED, "")
             futs, self._stop_futs = self._stop_futs, []
             for fut in futs:

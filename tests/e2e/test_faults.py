@@ -392,3 +392,18 @@ def test_a_model_that_crashes_soon_after_each_load_ends_fatal(faulty: System) ->
     assert faulty.cli("start", B).returncode == 0  # (an operator's start clears it)
     wait_for(lambda: faulty.worker(B)["state"] == "ready", 60, f"{B} started again")
     assert faulty.cli("stop", B).returncode == 0
+
+
+def test_crashes_between_clean_unloads_do_not_add_up_to_fatal(faulty: System) -> None:
+    """A model loaded and unloaded often, its llama-server killed now and then (an OOM kill on a busy machine):
+    five such crashes over many clean unload/load cycles made it fatal for good. A clean stop ends a row."""
+    c = ollama.Client(faulty.ollama_url, timeout=120)
+    for _ in range(6):
+        c.generate(model=B, prompt="", keep_alive="10m")
+        w = faulty.worker(B)
+        os.kill(w["backend_pid"], signal.SIGKILL)
+        wait_for(lambda: (x := faulty.worker(B))["state"] == "ready" and x["pid"] != w["pid"], 60, "B back")
+        c.generate(model=B, prompt="", keep_alive=0)  # (a clean unload)
+        wait_for(lambda: faulty.worker(B)["state"] == "stopped", 30, "B unloaded")
+    assert c.generate(model=B, prompt="Hi", options={"num_predict": 2}).done
+    assert faulty.worker(B)["state"] == "ready"
