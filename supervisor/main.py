@@ -236,7 +236,10 @@ class Supervisor:
         new_launches = {n: self._launch(new, n) for n in new.models.models}
         plan = reload_plan(self.config, new, old_launches, new_launches)
         self.config = new
-        write_accepted(new, self.run_dir)
+        try:
+            write_accepted(new, self.run_dir)
+        except OSError as exc:  # (the gateways then read the files as they are, as before: not worth a failed reload)
+            log.error("accepted_config_not_written", error=str(exc))
         assert self.scheduler is not None
         self.scheduler.max_loaded = new.app.limits.max_loaded_models
         self.scheduler.max_keep_alive = new.app.limits.max_keep_alive_s

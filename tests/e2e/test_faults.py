@@ -402,7 +402,8 @@ def test_crashes_between_clean_unloads_do_not_add_up_to_fatal(faulty: System) ->
         c.generate(model=B, prompt="", keep_alive="10m")
         w = faulty.worker(B)
         os.kill(w["backend_pid"], signal.SIGKILL)
-        wait_for(lambda: (x := faulty.worker(B))["state"] == "ready" and x["pid"] != w["pid"], 60, "B back")
+        gone = w["pid"]
+        wait_for(lambda gone=gone: (x := faulty.worker(B))["state"] == "ready" and x["pid"] != gone, 60, "B back")
         c.generate(model=B, prompt="", keep_alive=0)  # (a clean unload)
         wait_for(lambda: faulty.worker(B)["state"] == "stopped", 30, "B unloaded")
     assert c.generate(model=B, prompt="Hi", options={"num_predict": 2}).done
