@@ -33,7 +33,7 @@ from bus.protocol import (
     StatusReply,
     StopWorker,
 )
-from config.loader import Config, ConfigError, load_config
+from config.loader import Config, ConfigError, load_accepted, load_config
 from config.schema import ModelConfig
 from dashboard import auth, logtail
 from dashboard.hub import Hub
@@ -129,8 +129,8 @@ async def status(request: web.Request) -> web.Response:
 async def info(request: web.Request) -> web.Response:
     launch = request.app[LAUNCH]
     token = request.app[TOKEN]
-    try:  # (the config on disk: api_keys apply at a reload)
-        keys = bool(load_config(launch.config_dir or None).app.proxies.lmstudio.api_keys)
+    try:  # (the config the supervisor runs on: api_keys apply at a reload)
+        keys = bool(load_accepted(launch.run_dir, launch.config_dir or None).app.proxies.lmstudio.api_keys)
     except ConfigError:
         keys = False
     return web.json_response({"token_required": token is not None, "token_ok": auth.check(request, token),
@@ -213,9 +213,12 @@ async def metrics(request: web.Request) -> web.Response:
 
 # --------------------------------------------------------------------------- models and chat
 def _config(request: web.Request) -> Config:
-    """The config as it is on disk now; a broken one is a 500 with the loader's message."""
+    """The config the supervisor runs on (the Models tab showed the files on disk: a model added there but not
+    reloaded was offered, and a change not applied was shown as if it were); its ``config_dir`` is the user's
+    (discovery writes there). A broken one is a 500 with the loader's message."""
+    launch = request.app[LAUNCH]
     try:
-        return load_config(request.app[LAUNCH].config_dir or None)
+        return load_accepted(launch.run_dir, launch.config_dir or None)
     except ConfigError as exc:
         raise web.HTTPInternalServerError(body=msgspec.json.encode({"error": f"config error: {exc}"}),
                                           content_type="application/json") from None

@@ -274,3 +274,22 @@ def test_a_loaded_model_a_reload_removes_leaves_the_page(page: Any, two_models: 
         for name in (MODEL_A, MODEL_B):  # (one was evicted for it: the package's other tests find both loaded)
             two_models.cli("start", name)
         wait_for(lambda: all(w["state"] == "ready" for w in two_models.status()["workers"]), 120, "both loaded")
+
+
+def test_the_models_tab_shows_the_config_the_supervisor_runs_on(two_models: System) -> None:
+    """It read the files on disk: a model written there but not reloaded was listed (and offered in the chat, a
+    404 there), and a changed setting was shown as if it applied."""
+    cfg = two_models.config_dir / "models_config.json"
+    original = cfg.read_text()
+    doc = json.loads(original)
+    doc["models"]["zzz-unreloaded"] = dict(doc["models"][MODEL_A])
+    doc["models"][MODEL_B] = {**doc["models"][MODEL_B], "parameters": {"ctx_size": 512}}
+    url = f"http://127.0.0.1:{two_models.dashboard_port}/api/models"
+    try:
+        cfg.write_text(json.dumps(doc))
+        with urllib.request.urlopen(url, timeout=30) as r:
+            listed = {m["name"]: m for m in json.loads(r.read())["models"]}
+        assert "zzz-unreloaded" not in listed and listed[MODEL_B]["parameters"]["ctx_size"] != 512, listed
+        assert str(listed[MODEL_A]["model_path"])  # (the running config's paths)
+    finally:
+        cfg.write_text(original)
