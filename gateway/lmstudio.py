@@ -133,7 +133,7 @@ async def _completion(request: web.Request, chat: bool) -> web.StreamResponse:
     catalog.require_capability(config, name, "chat")
     if breq.media:
         catalog.require_media(config, name, breq.media)
-    await openai_app.require_tools(request, name, breq.body)
+    await openai_app.require_asked_features(request, name, breq.body)
     e = await catalog.entry(config, name)
     extras = V0Extras(e)
     if chat:  # (a chat continuing an assistant's words answers the new words only)

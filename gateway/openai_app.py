@@ -81,13 +81,13 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     model = request_model(request, req)
     if breq.media:
         require_media(request.app[CONFIG], model, breq.media)
-    await require_tools(request, model, breq.body)
+    await require_asked_features(request, model, breq.body)
     echo = tr.prefill(req)
     return await relay_openai(request, model, breq.path, breq.body, breq.stream,
                               tr.Unecho(echo).convert if echo else None)
 
 
-async def require_tools(request: web.Request, model: str, body: dict[str, Any]) -> None:
+async def require_asked_features(request: web.Request, model: str, body: dict[str, Any]) -> None:
     """Tools (or functions) for a model whose chat template takes none are a 400: llama-server ignores them (a
     plain answer where a tool call was asked for, "required" or not); Ollama refuses so, on its /v1 too. So is a
     completion's ``suffix`` (fill-in-the-middle) for a model that cannot insert (llama-server ignored it), and a
@@ -112,7 +112,7 @@ async def responses(request: web.Request) -> web.StreamResponse:
     model = request_model(request, req)
     if breq.media:
         require_media(request.app[CONFIG], model, breq.media, param="input")
-    await require_tools(request, model, breq.body)
+    await require_asked_features(request, model, breq.body)
     store = request.app[RESPONSES]
     previous, keep = breq.body.pop("previous_response_id", None), breq.body.pop("store", True)
     conversation = own = input_items(breq.body["input"])
@@ -153,7 +153,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
     req = with_default_model(request, await read_json(request))
     breq = tr.completions_to_backend(req)
     model = request_model(request, req)
-    await require_tools(request, model, breq.body)
+    await require_asked_features(request, model, breq.body)
     legacy = tr.LegacyCompletion(req)
     return await relay_openai(request, model, breq.path, breq.body, breq.stream,
                               legacy.stream_chunks if breq.stream else legacy.convert)
