@@ -199,10 +199,8 @@ def _common(req: dict[str, Any], body: dict[str, Any], *, tools: bool) -> bool:
         raise _bad("stream", "must be a boolean")
     parse_keep_alive(req.get("keep_alive"))  # validated here; the gateway reads it for the scheduler
     think = thinking_asked(req)
-    if isinstance(think, bool):  # (a template without the switch ignores it; one whose default is off needs it on)
-        body["chat_template_kwargs"] = {"enable_thinking": think}
-    elif isinstance(think, str):  # gpt-oss's levels (its template reads the effort; others the switch)
-        body["chat_template_kwargs"] = {"enable_thinking": True, "reasoning_effort": think}
+    if think is not None:
+        body["chat_template_kwargs"] = thinking_kwargs(think)
     body["stream"] = stream
     if stream:
         body["stream_options"] = {"include_usage": True}
@@ -289,6 +287,14 @@ def fit_to_context(body: dict[str, Any], prompt_tokens: int, ctx: int) -> dict[s
 
 
 THINK_LEVELS = ("high", "medium", "low")
+
+
+def thinking_kwargs(think: bool | str) -> dict[str, Any]:
+    """The chat template's arguments for thinking on or off, or at a level: the switch (a template without it
+    ignores it; one whose default is off needs it on), and a level's effort (gpt-oss's template reads that)."""
+    if isinstance(think, bool):
+        return {"enable_thinking": think}
+    return {"enable_thinking": True, "reasoning_effort": think}
 
 
 def thinking_asked(req: dict[str, Any]) -> bool | str | None:

@@ -16,7 +16,14 @@ from typing import Any
 import msgspec
 
 from gateway.errors import ApiError
-from gateway.ollama_translate import CHAT_PATH, COMPLETIONS_PATH, BackendRequest, Unecho, prefill
+from gateway.ollama_translate import (
+    CHAT_PATH,
+    COMPLETIONS_PATH,
+    BackendRequest,
+    Unecho,
+    prefill,
+    thinking_kwargs,
+)
 
 __all__ = ["RESPONSES_PATH", "BackendRequest", "ChoiceStream", "LegacyCompletion", "ResponsesStream", "Unecho",
            "chat_to_backend", "completions_to_backend", "prefill", "fill_response", "response_fields",
@@ -82,16 +89,15 @@ REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh")
 
 
 def _reasoning_effort(body: dict[str, Any]) -> None:
-    """OpenAI's ``reasoning_effort`` (in place): checked, and given to the chat template as Ollama gives its
-    ``think`` (llama-server ignored it: any value, a model that does not think included, was a 200)."""
+    """OpenAI's ``reasoning_effort`` (in place): checked, and given to the chat template as Ollama's ``think`` is
+    (llama-server ignored it: any value, a model that does not think included, was a 200)."""
     effort = body.get("reasoning_effort")
     if effort is None:
         return
     if effort not in REASONING_EFFORTS:
         raise _bad("reasoning_effort", f"must be one of {', '.join(REASONING_EFFORTS)}, not {effort!r}")
     if "chat_template_kwargs" not in body:  # (llama.cpp's own field, given: it wins)
-        body["chat_template_kwargs"] = ({"enable_thinking": False} if effort == "none" else
-                                        {"enable_thinking": True, "reasoning_effort": effort})
+        body["chat_template_kwargs"] = thinking_kwargs(False if effort == "none" else effort)
 
 
 def thinking_asked(body: dict[str, Any]) -> bool:

@@ -248,15 +248,16 @@ async def open_fitting(request: web.Request, model: str, path: str, body: dict[s
                        keep_alive: float | None = None, fit: Fit | None = None) -> Relay:
     """``open_job``; an input too long for the model's context is shortened by ``fit`` (Ollama's truncation: a
     chat's oldest messages go, then the beginning of its latest one; a prompt's beginning) and sent again."""
-    for _ in range(TRUNCATE_TRIES if fit is not None else 0):
-        try:
-            return await open_job(request, model, path, body, stream, keep_alive)
-        except ContextOverflow as err:
-            shorter = fit(body, err.prompt_tokens, err.ctx) if fit is not None else None
-            if shorter is None:
-                raise
-            log.info("input_truncated", model=model, prompt_tokens=err.prompt_tokens, ctx=err.ctx)
-            body = shorter
+    if fit is not None:
+        for _ in range(TRUNCATE_TRIES):
+            try:
+                return await open_job(request, model, path, body, stream, keep_alive)
+            except ContextOverflow as err:
+                shorter = fit(body, err.prompt_tokens, err.ctx)
+                if shorter is None:
+                    raise
+                log.info("input_truncated", model=model, prompt_tokens=err.prompt_tokens, ctx=err.ctx)
+                body = shorter
     return await open_job(request, model, path, body, stream, keep_alive)
 
 
