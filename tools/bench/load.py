@@ -35,10 +35,11 @@ class Target:
     model: str
     session: aiohttp.ClientSession | None = field(default=None, compare=False)  # its own (e.g. over a unix socket)
     key: str = ""  # llama-server's API key (a worker's llama-server wants the one its worker gave it)
+    # the request headers, made once (not on every measured request)
+    headers: dict[str, str] = field(init=False, compare=False, repr=False)
 
-    @property
-    def headers(self) -> dict[str, str]:
-        return {**JSON, "Authorization": f"Bearer {self.key}"} if self.key else JSON
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "headers", {**JSON, "Authorization": f"Bearer {self.key}"} if self.key else JSON)
 
     def body(self, tokens: int, stream: bool) -> bytes:
         if self.name == "ollama":
